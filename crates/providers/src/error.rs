@@ -1,0 +1,135 @@
+//! The error every sender returns, already classified.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mail_dispatch_domain::{ErrorCode, FailureClass, JobError};
+
+/// A failed send attempt, classified where it entered.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SendError {
+    pub class: FailureClass,
+    /// The provider's message (or ours), safe to show to the organization's admin.
+    pub message: String,
+    pub provider_status: Option<u16>,
+    pub provider_code: Option<String>,
+}
+
+impl SendError {
+    pub fn new(class: FailureClass, message: impl Into<String>) -> Self {
+        SendError {
+            class,
+            message: message.into(),
+            provider_status: None,
+            provider_code: None,
+        }
+    }
+
+    pub fn permanent(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::new(FailureClass::Permanent(code), message)
+    }
+
+    pub(crate) fn with_provider(mut self, status: u16, code: Option<String>) -> Self {
+        self.provider_status = Some(status);
+        self.provider_code = code;
+        self
+    }
+
+    /// An error of the HTTP client itself: the request may not have reached the
+    /// provider, or its answer was lost. Always transient.
+    pub(crate) fn transport(e: &reqwest::Error) -> Self {
+        let what = if e.is_timeout() {
+            "request timed out"
+        } else if e.is_connect() {
+            "could not connect"
+        } else {
+            "request failed"
+        };
+        Self::new(
+            FailureClass::unavailable(None),
+            format!("{what}: {}", without_url(e)),
+        )
+    }
+
+    /// The error object of a failed result, with `code` the final code chosen by the caller.
+    pub fn to_job_error(&self, code: ErrorCode) -> JobError {
+        JobError {
+            code,
+            message: self.message.clone(),
+            provider_status: self.provider_status,
+            provider_code: self.provider_code.clone(),
+        }
+    }
+
+    /// The contract code this error means if it is final.
+    pub fn final_code(&self) -> ErrorCode {
+        match self.class {
+            FailureClass::Permanent(code) | FailureClass::Transient { code, .. } => code,
+            FailureClass::Unauthorized => ErrorCode::AuthRevoked,
+        }
+    }
+}
+
+fn without_url(e: &reqwest::Error) -> String {
+    // reqwest's Display includes the URL, which can carry a mailbox address.
+    let s = e.to_string();
+    match s.find(" for url (") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+/// Parses an HTTP `Retry-After` value: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let at: DateTime<Utc> = at.into();
+    Some((at - now).to_std().unwrap_or_default())
+}
+
+/// Gmail puts the time to retry at in the 429 message: "User-rate limit exceeded.
+/// Retry after 2026-11-28T10:15:03.120Z" (developers.google.com/gmail/api/guides/handle-errors).
+pub fn parse_gmail_retry_after(message: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let rest = &message[message.find("Retry after ")? + "Retry after ".len()..];
+    let stamp = rest.split_whitespace().next()?;
+    let at = DateTime::parse_from_rfc3339(stamp.trim_end_matches(['.', ','])).ok()?;
+    Some((at.with_timezone(&Utc) - now).to_std().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn retry_after_in_seconds_or_http_date() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 28, 10, 0, 0).unwrap();
+        assert_eq!(parse_retry_after("30", now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after("Sat, 28 Nov 2026 10:00:45 GMT", now),
+            Some(Duration::from_secs(45))
+        );
+        assert_eq!(
+            parse_retry_after("Sat, 28 Nov 2026 09:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn gmail_retry_after_comes_from_the_message() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 28, 10, 0, 0).unwrap();
+        assert_eq!(
+            parse_gmail_retry_after(
+                "User-rate limit exceeded.  Retry after 2026-11-28T10:00:12.500Z",
+                now
+            ),
+            Some(Duration::from_millis(12_500))
+        );
+        assert_eq!(parse_gmail_retry_after("Rate Limit Exceeded", now), None);
+    }
+}

@@ -1,0 +1,344 @@
+//! Microsoft Graph `sendMail`, JSON form.
+//!
+//! Request and answer shapes follow learn.microsoft.com/en-us/graph/api/user-sendmail:
+//! `POST /v1.0/me/sendMail` with `{"message": {...}, "saveToSentItems": bool}`;
+//! success is `202 Accepted` with an empty body (accepted for delivery, not
+//! delivered: non-delivery reports arrive later in the sender's mailbox).
+//! A 2xx is never retried, even with a `Retry-After`: that would send duplicates.
+//! A 504 is ambiguous (the mail may have gone); it is retried like other 5xx,
+//! which is the one case where a duplicate can reach a recipient from here.
+
+use base64::Engine as _;
+use chrono::Utc;
+use mail_dispatch_domain::{ErrorCode, FailureClass, Mailbox, OutgoingMessage};
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use url::Url;
+
+use crate::error::parse_retry_after;
+use crate::{Accepted, SendError};
+
+/// Graph refuses requests over 4 MB (graph/throttling-limits#outlook-service-limits).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Sends through Microsoft Graph.
+#[derive(Clone, Debug)]
+pub struct GraphSender {
+    http: reqwest::Client,
+    send_url: Url,
+    me_url: Url,
+    save_to_sent_items: bool,
+}
+
+impl GraphSender {
+    /// `base` is the Graph root, e.g. `https://graph.microsoft.com`.
+    pub fn new(http: reqwest::Client, base: &Url, save_to_sent_items: bool) -> Self {
+        GraphSender {
+            http,
+            send_url: join(base, "v1.0/me/sendMail"),
+            me_url: join(base, "v1.0/me"),
+            save_to_sent_items,
+        }
+    }
+
+    /// The JSON body of a `sendMail` request.
+    pub fn request_body(&self, msg: &OutgoingMessage) -> Value {
+        let (content_type, content) = match (&msg.html, &msg.text) {
+            // The JSON form carries one body; HTML wins when the job has both.
+            (Some(html), _) => ("HTML", html.as_str()),
+            (None, Some(text)) => ("Text", text.as_str()),
+            (None, None) => ("Text", ""),
+        };
+        let mut message = json!({
+            "subject": msg.subject,
+            "body": {"contentType": content_type, "content": content},
+            "from": recipient(&msg.from),
+            "toRecipients": msg.to.iter().map(recipient).collect::<Vec<_>>(),
+        });
+        let m = message.as_object_mut().expect("object literal");
+        if !msg.cc.is_empty() {
+            m.insert(
+                "ccRecipients".into(),
+                msg.cc.iter().map(recipient).collect(),
+            );
+        }
+        if !msg.bcc.is_empty() {
+            m.insert(
+                "bccRecipients".into(),
+                msg.bcc.iter().map(recipient).collect(),
+            );
+        }
+        if let Some(r) = &msg.reply_to {
+            m.insert("replyTo".into(), json!([recipient(r)]));
+        }
+        if !msg.attachments.is_empty() {
+            let attachments = msg
+                .attachments
+                .iter()
+                .map(|a| {
+                    json!({
+                        "@odata.type": "#microsoft.graph.fileAttachment",
+                        "name": a.filename,
+                        "contentType": a.content_type,
+                        "contentBytes": base64::engine::general_purpose::STANDARD.encode(&a.content),
+                    })
+                })
+                .collect();
+            m.insert("attachments".into(), attachments);
+        }
+        // An empty internetMessageHeaders array is refused by Graph: omit it.
+        if !msg.headers.is_empty() {
+            let headers = msg
+                .headers
+                .iter()
+                .map(|(name, value)| json!({"name": name, "value": value}))
+                .collect();
+            m.insert("internetMessageHeaders".into(), headers);
+        }
+        json!({"message": message, "saveToSentItems": self.save_to_sent_items})
+    }
+
+    /// Sends `msg` with the mailbox's access token.
+    pub async fn send(
+        &self,
+        token: &SecretString,
+        msg: &OutgoingMessage,
+    ) -> Result<Accepted, SendError> {
+        let body = serde_json::to_vec(&self.request_body(msg)).expect("JSON values serialize");
+        if body.len() > MAX_REQUEST_BYTES {
+            return Err(SendError::permanent(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "message is {} bytes as a Graph request; Microsoft Graph accepts at most {MAX_REQUEST_BYTES}",
+                    body.len()
+                ),
+            ));
+        }
+        let response = self
+            .http
+            .post(self.send_url.clone())
+            .bearer_auth(token.expose_secret())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SendError::transport(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            let request_id = response
+                .headers()
+                .get("request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            return Ok(Accepted {
+                provider_message_id: request_id,
+            });
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, Utc::now()));
+        let text = response.text().await.unwrap_or_default();
+        Err(classify(status, &text, retry_after))
+    }
+
+    /// The connected account's address, from `GET /v1.0/me` (`mail`, else `userPrincipalName`).
+    pub async fn account_email(&self, token: &SecretString) -> Result<String, SendError> {
+        let response = self
+            .http
+            .get(self.me_url.clone())
+            .bearer_auth(token.expose_secret())
+            .send()
+            .await
+            .map_err(|e| SendError::transport(&e))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(classify(status, &text, None));
+        }
+        let me: Value = serde_json::from_str(&text).map_err(|_| {
+            SendError::new(
+                FailureClass::unavailable(None),
+                "Graph /me answered with invalid JSON",
+            )
+        })?;
+        me.get("mail")
+            .and_then(Value::as_str)
+            .or_else(|| me.get("userPrincipalName").and_then(Value::as_str))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                SendError::permanent(
+                    ErrorCode::SenderNotAllowed,
+                    "the Microsoft account has no mailbox address",
+                )
+            })
+    }
+}
+
+fn join(base: &Url, path: &str) -> Url {
+    let mut s = base.as_str().trim_end_matches('/').to_owned();
+    s.push('/');
+    s.push_str(path);
+    Url::parse(&s).expect("a valid base joined with a constant path is valid")
+}
+
+fn recipient(m: &Mailbox) -> Value {
+    match &m.name {
+        Some(name) => json!({"emailAddress": {"address": m.email.as_str(), "name": name}}),
+        None => json!({"emailAddress": {"address": m.email.as_str()}}),
+    }
+}
+
+/// Graph's error body: `{"error": {"code", "message", "innerError": {...}}}`.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// Maps a Graph error answer to a failure class and contract code.
+pub fn classify(
+    status: StatusCode,
+    body: &str,
+    retry_after: Option<std::time::Duration>,
+) -> SendError {
+    let detail = serde_json::from_str::<ErrorBody>(body)
+        .ok()
+        .map(|b| b.error);
+    let code = detail.as_ref().and_then(|d| d.code.clone());
+    let message = detail
+        .as_ref()
+        .and_then(|d| d.message.clone())
+        .unwrap_or_else(|| format!("Microsoft Graph answered {status}"));
+    let class = match (status.as_u16(), code.as_deref()) {
+        (401, _) => FailureClass::Unauthorized,
+        (429, _) => FailureClass::throttled(retry_after),
+        (
+            _,
+            Some(
+                "ErrorSendAsDenied"
+                | "ErrorAccessDenied"
+                | "MailboxNotEnabledForRESTAPI"
+                | "ErrorInvalidUser",
+            ),
+        ) => FailureClass::Permanent(ErrorCode::SenderNotAllowed),
+        (_, Some("ErrorInvalidRecipients" | "ErrorInvalidRecipientsSmtpAddress")) => {
+            FailureClass::Permanent(ErrorCode::RecipientRejected)
+        }
+        (_, Some("ErrorMessageSizeExceeded")) | (413, _) => {
+            FailureClass::Permanent(ErrorCode::MessageTooLarge)
+        }
+        (_, Some("ErrorQuotaExceeded" | "ErrorSubmissionQuotaExceeded")) => {
+            FailureClass::Permanent(ErrorCode::QuotaExceeded)
+        }
+        (_, Some("InvalidInternetMessageHeader")) => FailureClass::Permanent(ErrorCode::InvalidJob),
+        (500 | 502 | 503 | 504, _) => FailureClass::unavailable(retry_after),
+        (403 | 404, _) => FailureClass::Permanent(ErrorCode::SenderNotAllowed),
+        (400 | 422, _) => FailureClass::Permanent(ErrorCode::InvalidJob),
+        (408, _) => FailureClass::unavailable(retry_after),
+        _ => FailureClass::Permanent(ErrorCode::ProviderUnavailable),
+    };
+    SendError::new(class, message).with_provider(status.as_u16(), code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn body(code: &str) -> String {
+        json!({"error": {"code": code, "message": format!("{code} message"),
+            "innerError": {"date": "2026-11-28T10:15:03", "request-id": "r", "client-request-id": "c"}}})
+        .to_string()
+    }
+
+    /// Every documented sendMail error maps to its contract code (facts.md; graph/errors).
+    #[test]
+    fn error_table() {
+        let s = |n| StatusCode::from_u16(n).unwrap();
+        let after = Some(Duration::from_secs(7));
+        let table: &[(u16, &str, FailureClass)] = &[
+            (
+                403,
+                "ErrorSendAsDenied",
+                FailureClass::Permanent(ErrorCode::SenderNotAllowed),
+            ),
+            (
+                403,
+                "ErrorAccessDenied",
+                FailureClass::Permanent(ErrorCode::SenderNotAllowed),
+            ),
+            (
+                404,
+                "MailboxNotEnabledForRESTAPI",
+                FailureClass::Permanent(ErrorCode::SenderNotAllowed),
+            ),
+            (
+                404,
+                "ErrorInvalidUser",
+                FailureClass::Permanent(ErrorCode::SenderNotAllowed),
+            ),
+            (
+                400,
+                "ErrorInvalidRecipients",
+                FailureClass::Permanent(ErrorCode::RecipientRejected),
+            ),
+            (
+                400,
+                "InvalidInternetMessageHeader",
+                FailureClass::Permanent(ErrorCode::InvalidJob),
+            ),
+            (
+                400,
+                "ErrorMessageSizeExceeded",
+                FailureClass::Permanent(ErrorCode::MessageTooLarge),
+            ),
+            (
+                413,
+                "RequestEntityTooLarge",
+                FailureClass::Permanent(ErrorCode::MessageTooLarge),
+            ),
+            (
+                403,
+                "ErrorQuotaExceeded",
+                FailureClass::Permanent(ErrorCode::QuotaExceeded),
+            ),
+            (
+                401,
+                "InvalidAuthenticationToken",
+                FailureClass::Unauthorized,
+            ),
+            (429, "ApplicationThrottled", FailureClass::throttled(after)),
+            (500, "generalException", FailureClass::unavailable(after)),
+            (502, "", FailureClass::unavailable(after)),
+            (503, "serviceNotAvailable", FailureClass::unavailable(after)),
+            (504, "", FailureClass::unavailable(after)),
+            (
+                400,
+                "BadRequest",
+                FailureClass::Permanent(ErrorCode::InvalidJob),
+            ),
+        ];
+        for (status, code, expected) in table {
+            let e = classify(s(*status), &body(code), after);
+            assert_eq!(e.class, *expected, "{status} {code}");
+            assert_eq!(e.provider_status, Some(*status));
+        }
+        let e = classify(s(403), &body("ErrorSendAsDenied"), None);
+        assert_eq!(e.provider_code.as_deref(), Some("ErrorSendAsDenied"));
+        assert_eq!(e.message, "ErrorSendAsDenied message");
+        // A body that is not Graph's error shape still classifies by status.
+        assert_eq!(
+            classify(s(503), "<html>", None).class,
+            FailureClass::unavailable(None)
+        );
+    }
+}

@@ -1,0 +1,433 @@
+//! Organization integrations and their encrypted tokens.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use mail_dispatch_domain::ProviderKind;
+use secrecy::SecretString;
+use tokio_postgres::Row;
+
+use crate::{Store, StoreError};
+
+/// Lifecycle of an integration (contract §5). `not_configured` is the absence of a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntegrationStatus {
+    /// Connected through OAuth; the sender is not saved and tested yet.
+    PendingSender,
+    /// Sender tested: the organization's mail goes through its provider.
+    Active,
+    /// The provider refused the stored grant: an admin must reconnect.
+    NeedsReauth,
+}
+
+impl IntegrationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntegrationStatus::PendingSender => "pending_sender",
+            IntegrationStatus::Active => "active",
+            IntegrationStatus::NeedsReauth => "needs_reauth",
+        }
+    }
+
+    fn parse(raw: &str) -> Self {
+        match raw {
+            "active" => IntegrationStatus::Active,
+            "needs_reauth" => IntegrationStatus::NeedsReauth,
+            _ => IntegrationStatus::PendingSender,
+        }
+    }
+}
+
+/// What happens to an organization's mail when its grant stops working.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// Jobs fail with `auth_revoked`.
+    None,
+    /// Jobs go out from the platform sender, replies pointed at the organization's sender.
+    PlatformSender,
+}
+
+impl Fallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::None => "none",
+            Fallback::PlatformSender => "platform_sender",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "none" => Some(Fallback::None),
+            "platform_sender" => Some(Fallback::PlatformSender),
+            _ => None,
+        }
+    }
+}
+
+/// An integration as operators and the worker see it: never a token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Integration {
+    pub organization_id: String,
+    pub provider: ProviderKind,
+    pub status: IntegrationStatus,
+    pub account_email: Option<String>,
+    pub sender_email: Option<String>,
+    pub sender_name: Option<String>,
+    pub fallback: Fallback,
+    pub ever_active: bool,
+    pub connected_at: DateTime<Utc>,
+    pub last_test_at: Option<DateTime<Utc>>,
+    pub last_test: Option<serde_json::Value>,
+    pub last_error: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Integration {
+    fn from_row(row: &Row) -> Self {
+        let provider: String = row.get("provider");
+        Integration {
+            organization_id: row.get("organization_id"),
+            provider: ProviderKind::parse(&provider).unwrap_or(ProviderKind::Default),
+            status: IntegrationStatus::parse(row.get("status")),
+            account_email: row.get("account_email"),
+            sender_email: row.get("sender_email"),
+            sender_name: row.get("sender_name"),
+            fallback: Fallback::parse(row.get("fallback")).unwrap_or(Fallback::None),
+            ever_active: row.get("ever_active"),
+            connected_at: row.get("connected_at"),
+            last_test_at: row.get("last_test_at"),
+            last_test: row.get("last_test"),
+            last_error: row.get("last_error"),
+            updated_at: row.get("updated_at"),
+        }
+    }
+}
+
+const INTEGRATION_COLUMNS: &str = "organization_id, provider, status, account_email, sender_email, \
+     sender_name, fallback, ever_active, connected_at, last_test_at, last_test, last_error, updated_at";
+
+/// The outcome of an OAuth connection, to be stored.
+#[derive(Debug)]
+pub struct NewConnection {
+    pub organization_id: String,
+    pub provider: ProviderKind,
+    pub account_email: String,
+    pub refresh_token: SecretString,
+    pub access_token: Option<(SecretString, DateTime<Utc>)>,
+}
+
+/// The decrypted tokens of an integration, seen while its row is locked.
+#[derive(Debug)]
+pub struct StoredTokens {
+    pub provider: ProviderKind,
+    pub refresh_token: Option<SecretString>,
+    pub access_token: Option<(SecretString, DateTime<Utc>)>,
+}
+
+/// What a refresh decided, applied to the locked row before the lock is released.
+#[derive(Debug)]
+pub enum RefreshDecision {
+    /// Leave the row as it is (another replica refreshed it, or the call failed transiently).
+    Keep,
+    /// Store a new access token, and the rotated refresh token when the provider sent one.
+    Store {
+        access_token: SecretString,
+        expires_at: DateTime<Utc>,
+        refresh_token: Option<SecretString>,
+    },
+    /// The provider refused the grant: mark the integration `needs_reauth` and
+    /// drop its tokens (a refused refresh token is of no further use; later jobs
+    /// then fail fast without asking the provider again).
+    Revoked { reason: String },
+}
+
+fn ctx(org: &str, column: &str) -> String {
+    format!("{org}/{column}")
+}
+
+impl Store {
+    /// The integration of an organization, if it connected one.
+    pub async fn integration(
+        &self,
+        organization_id: &str,
+    ) -> Result<Option<Integration>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT {INTEGRATION_COLUMNS} FROM integrations WHERE organization_id = $1"
+                ),
+                &[&organization_id],
+            )
+            .await?;
+        Ok(row.as_ref().map(Integration::from_row))
+    }
+
+    /// Every integration, ordered by organization.
+    pub async fn list_integrations(&self) -> Result<Vec<Integration>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {INTEGRATION_COLUMNS} FROM integrations ORDER BY organization_id"),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(Integration::from_row).collect())
+    }
+
+    /// Counts of integrations by status (for the `integrations` gauge).
+    pub async fn count_integrations_by_status(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT status, count(*) FROM integrations GROUP BY status",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Stores a new OAuth connection. A reconnect to the same provider keeps the
+    /// saved sender; a connection to another provider starts over.
+    pub async fn save_connection(&self, c: &NewConnection) -> Result<Integration, StoreError> {
+        let org = &c.organization_id;
+        let cipher = self.cipher();
+        let refresh = cipher.encrypt(&ctx(org, "refresh_token"), &c.refresh_token);
+        let (access, expires) = match &c.access_token {
+            Some((token, at)) => (
+                Some(cipher.encrypt(&ctx(org, "access_token"), token)),
+                Some(*at),
+            ),
+            None => (None, None),
+        };
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "INSERT INTO integrations (organization_id, provider, status, account_email,
+                         refresh_token, access_token, access_token_expires_at, token_key_id)
+                     VALUES ($1, $2, 'pending_sender', $3, $4, $5, $6, $7)
+                     ON CONFLICT (organization_id) DO UPDATE SET
+                         status = 'pending_sender',
+                         account_email = EXCLUDED.account_email,
+                         refresh_token = EXCLUDED.refresh_token,
+                         access_token = EXCLUDED.access_token,
+                         access_token_expires_at = EXCLUDED.access_token_expires_at,
+                         token_key_id = EXCLUDED.token_key_id,
+                         sender_email = CASE WHEN integrations.provider = EXCLUDED.provider
+                                             THEN integrations.sender_email END,
+                         sender_name = CASE WHEN integrations.provider = EXCLUDED.provider
+                                            THEN integrations.sender_name END,
+                         provider = EXCLUDED.provider,
+                         connected_at = now(),
+                         last_error = NULL,
+                         updated_at = now()
+                     RETURNING {INTEGRATION_COLUMNS}"
+                ),
+                &[
+                    org,
+                    &c.provider.as_str(),
+                    &c.account_email,
+                    &refresh,
+                    &access,
+                    &expires,
+                    &cipher.key_id(),
+                ],
+            )
+            .await?;
+        Ok(Integration::from_row(&row))
+    }
+
+    /// Saves the sender of an integration (before its test send).
+    pub async fn save_sender(
+        &self,
+        organization_id: &str,
+        email: &str,
+        name: Option<&str>,
+        fallback: Fallback,
+    ) -> Result<Option<Integration>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE integrations SET sender_email = $2, sender_name = $3, fallback = $4, updated_at = now()
+                     WHERE organization_id = $1 RETURNING {INTEGRATION_COLUMNS}"
+                ),
+                &[&organization_id, &email, &name, &fallback.as_str()],
+            )
+            .await?;
+        Ok(row.as_ref().map(Integration::from_row))
+    }
+
+    /// Records a test send; `activate` makes the integration active (the test was sent).
+    pub async fn record_test(
+        &self,
+        organization_id: &str,
+        outcome: &serde_json::Value,
+        activate: bool,
+    ) -> Result<Option<Integration>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE integrations SET last_test = $2, last_test_at = now(), updated_at = now(),
+                         status = CASE WHEN $3 THEN 'active' ELSE status END,
+                         ever_active = ever_active OR $3,
+                         last_error = CASE WHEN $3 THEN NULL ELSE last_error END
+                     WHERE organization_id = $1 RETURNING {INTEGRATION_COLUMNS}"
+                ),
+                &[&organization_id, outcome, &activate],
+            )
+            .await?;
+        Ok(row.as_ref().map(Integration::from_row))
+    }
+
+    /// Marks an integration `needs_reauth` and drops its tokens. Returns whether it
+    /// changed (so that the event is published once, not once per job).
+    pub async fn mark_needs_reauth(
+        &self,
+        organization_id: &str,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE integrations SET status = 'needs_reauth', last_error = $2,
+                     access_token = NULL, access_token_expires_at = NULL, updated_at = now()
+                 WHERE organization_id = $1 AND status <> 'needs_reauth'",
+                &[&organization_id, &reason],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Deletes an integration and its tokens. Returns the decrypted refresh token
+    /// (for revocation at the provider) when there was one.
+    pub async fn delete_integration(
+        &self,
+        organization_id: &str,
+    ) -> Result<Option<(ProviderKind, Option<SecretString>)>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "DELETE FROM integrations WHERE organization_id = $1 RETURNING provider, refresh_token",
+                &[&organization_id],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let provider = ProviderKind::parse(row.get("provider")).unwrap_or(ProviderKind::Default);
+        let refresh: Option<Vec<u8>> = row.get("refresh_token");
+        let refresh = refresh
+            .map(|b| {
+                self.cipher()
+                    .decrypt(&ctx(organization_id, "refresh_token"), &b)
+            })
+            .transpose()?;
+        Ok(Some((provider, refresh)))
+    }
+
+    /// The stored access token and its expiry, decrypted, if there is one.
+    pub async fn access_token(
+        &self,
+        organization_id: &str,
+    ) -> Result<Option<(SecretString, DateTime<Utc>)>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT access_token, access_token_expires_at FROM integrations WHERE organization_id = $1",
+                &[&organization_id],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        self.decrypt_access(organization_id, &row)
+    }
+
+    fn decrypt_access(
+        &self,
+        organization_id: &str,
+        row: &Row,
+    ) -> Result<Option<(SecretString, DateTime<Utc>)>, StoreError> {
+        let token: Option<Vec<u8>> = row.get("access_token");
+        let expires: Option<DateTime<Utc>> = row.get("access_token_expires_at");
+        match (token, expires) {
+            (Some(t), Some(at)) => Ok(Some((
+                self.cipher()
+                    .decrypt(&ctx(organization_id, "access_token"), &t)?,
+                at,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Runs `refresh` with the integration's row locked (`SELECT … FOR UPDATE`), so
+    /// that across all replicas at most one refresh of an integration runs at a
+    /// time, then applies its decision in the same transaction: a rotated refresh
+    /// token is stored atomically with the access token it came with.
+    /// Returns `None` when the organization has no integration.
+    pub async fn refresh_locked<F, Fut, T>(
+        &self,
+        organization_id: &str,
+        refresh: F,
+    ) -> Result<Option<T>, StoreError>
+    where
+        F: FnOnce(StoredTokens) -> Fut,
+        Fut: Future<Output = (RefreshDecision, T)>,
+    {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT provider, refresh_token, access_token, access_token_expires_at
+                 FROM integrations WHERE organization_id = $1 FOR UPDATE",
+                &[&organization_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let refresh_token: Option<Vec<u8>> = row.get("refresh_token");
+        let tokens = StoredTokens {
+            provider: ProviderKind::parse(row.get("provider")).unwrap_or(ProviderKind::Default),
+            refresh_token: refresh_token
+                .map(|b| {
+                    self.cipher()
+                        .decrypt(&ctx(organization_id, "refresh_token"), &b)
+                })
+                .transpose()?,
+            access_token: self.decrypt_access(organization_id, &row)?,
+        };
+        let (decision, value) = refresh(tokens).await;
+        match decision {
+            RefreshDecision::Keep => {}
+            RefreshDecision::Store {
+                access_token,
+                expires_at,
+                refresh_token,
+            } => {
+                let cipher = self.cipher();
+                let access = cipher.encrypt(&ctx(organization_id, "access_token"), &access_token);
+                let rotated = refresh_token
+                    .map(|t| cipher.encrypt(&ctx(organization_id, "refresh_token"), &t));
+                tx.execute(
+                    "UPDATE integrations SET access_token = $2, access_token_expires_at = $3,
+                         refresh_token = COALESCE($4, refresh_token), token_key_id = $5, updated_at = now()
+                     WHERE organization_id = $1",
+                    &[&organization_id, &access, &expires_at, &rotated, &cipher.key_id()],
+                )
+                .await?;
+            }
+            RefreshDecision::Revoked { reason } => {
+                tx.execute(
+                    "UPDATE integrations SET status = 'needs_reauth', last_error = $2,
+                         refresh_token = NULL, access_token = NULL, access_token_expires_at = NULL,
+                         updated_at = now()
+                     WHERE organization_id = $1",
+                    &[&organization_id, &reason],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(Some(value))
+    }
+}

@@ -1,0 +1,154 @@
+//! The idempotency ledger: a job id is claimed before sending, completed with its
+//! result after, and marked published once the broker confirmed the result.
+
+use std::time::Duration;
+
+use crate::{Store, StoreError};
+
+/// What claiming a job id found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Claim {
+    /// This worker may send the job. `claims` counts how many times it was claimed
+    /// (more than one after a retry or a crash take-over).
+    Acquired { claims: i32 },
+    /// Another worker holds a live claim on it: do not send now.
+    Busy,
+    /// The outcome is known but its result was not confirmed published: publish
+    /// this stored result, without sending again.
+    Completed(serde_json::Value),
+    /// Finished and its result published: nothing to do.
+    Published,
+}
+
+impl Store {
+    /// Claims `job_id` for `lease`. A claim whose lease expired (its worker
+    /// crashed) is taken over; a job waiting for a retry is claimable again.
+    pub async fn claim_job(
+        &self,
+        job_id: &str,
+        organization_id: &str,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let client = self.client().await?;
+        let lease_secs = lease.as_secs_f64();
+        let claimed = client
+            .query_opt(
+                "INSERT INTO job_ledger (job_id, organization_id, state, lease_until)
+                 VALUES ($1, $2, 'claimed', now() + make_interval(secs => $3::float8))
+                 ON CONFLICT (job_id) DO UPDATE SET
+                     state = 'claimed',
+                     lease_until = EXCLUDED.lease_until,
+                     claims = job_ledger.claims + 1,
+                     updated_at = now()
+                 WHERE job_ledger.state = 'retrying'
+                    OR (job_ledger.state = 'claimed' AND job_ledger.lease_until < now())
+                 RETURNING claims",
+                &[&job_id, &organization_id, &lease_secs],
+            )
+            .await?;
+        if let Some(row) = claimed {
+            return Ok(Claim::Acquired { claims: row.get(0) });
+        }
+        let row = client
+            .query_one(
+                "SELECT state, result FROM job_ledger WHERE job_id = $1",
+                &[&job_id],
+            )
+            .await?;
+        let state: &str = row.get(0);
+        Ok(match state {
+            "completed" => Claim::Completed(row.get(1)),
+            "published" => Claim::Published,
+            _ => Claim::Busy,
+        })
+    }
+
+    /// Records the outcome of a claimed job (before its result is published).
+    pub async fn complete_job(
+        &self,
+        job_id: &str,
+        result: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE job_ledger SET state = 'completed', result = $2, lease_until = NULL, updated_at = now()
+                 WHERE job_id = $1",
+                &[&job_id, result],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records an outcome for a job id that was never claimed (an invalid job whose
+    /// id was readable), unless that id already has one.
+    pub async fn complete_unclaimed_job(
+        &self,
+        job_id: &str,
+        organization_id: &str,
+        result: &serde_json::Value,
+    ) -> Result<Claim, StoreError> {
+        let client = self.client().await?;
+        let inserted = client
+            .execute(
+                "INSERT INTO job_ledger (job_id, organization_id, state, result)
+                 VALUES ($1, $2, 'completed', $3) ON CONFLICT (job_id) DO NOTHING",
+                &[&job_id, &organization_id, result],
+            )
+            .await?;
+        if inserted == 1 {
+            return Ok(Claim::Acquired { claims: 1 });
+        }
+        let row = client
+            .query_one(
+                "SELECT state, result FROM job_ledger WHERE job_id = $1",
+                &[&job_id],
+            )
+            .await?;
+        let state: &str = row.get(0);
+        Ok(match state {
+            "completed" => Claim::Completed(row.get(1)),
+            "published" => Claim::Published,
+            _ => Claim::Busy,
+        })
+    }
+
+    /// The result of a job was confirmed by the broker.
+    pub async fn mark_published(&self, job_id: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE job_ledger SET state = 'published', updated_at = now() WHERE job_id = $1",
+                &[&job_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Releases a claim: the job waits in a delay queue (or was handed back at
+    /// shutdown) and its next delivery may claim it again.
+    pub async fn release_job(&self, job_id: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE job_ledger SET state = 'retrying', lease_until = NULL, updated_at = now()
+                 WHERE job_id = $1 AND state = 'claimed'",
+                &[&job_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Makes a finished job id claimable again (dead-letter replay with a fresh budget).
+    pub async fn reopen_job(&self, job_id: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE job_ledger SET state = 'retrying', result = NULL, lease_until = NULL, updated_at = now()
+                 WHERE job_id = $1",
+                &[&job_id],
+            )
+            .await?;
+        Ok(())
+    }
+}

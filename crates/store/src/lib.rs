@@ -1,0 +1,230 @@
+#![doc = include_str!("../README.md")]
+
+mod cipher;
+mod integrations;
+mod ledger;
+mod listener;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+pub use cipher::{CipherError, TokenCipher};
+pub use integrations::{
+    Fallback, Integration, IntegrationStatus, NewConnection, RefreshDecision, StoredTokens,
+};
+pub use ledger::Claim;
+pub use listener::{IntegrationChange, spawn_change_listener};
+
+/// Errors of the store. Callers branch on `Unavailable` (retry later, do not ack).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be reached or did not answer in time.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Cipher(#[from] CipherError),
+    #[error("invalid database URL: {0}")]
+    Config(String),
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::Query(e),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether the failure is the database being unreachable, as opposed to a
+    /// query the database refused.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Query(e) => e.is_closed() || e.code().is_none(),
+            _ => false,
+        }
+    }
+}
+
+/// Pool limits. deadpool has no timeouts by default: without them a database
+/// outage would hang every worker forever.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    pub max_size: usize,
+    pub timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            max_size: 16,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    cipher: std::sync::Arc<TokenCipher>,
+    pg_config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// The embedded migrations, in order.
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+/// Arbitrary constant taken with `pg_advisory_lock` while migrating.
+const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;
+
+impl Store {
+    /// Creates the pool. Connections are opened lazily; call [`Store::ping`] to check.
+    pub fn connect(
+        database_url: &str,
+        cipher: TokenCipher,
+        pool: PoolSettings,
+    ) -> Result<Self, StoreError> {
+        let pg_config: tokio_postgres::Config = database_url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool.max_size)
+            .wait_timeout(Some(pool.timeout))
+            .create_timeout(Some(pool.timeout))
+            .recycle_timeout(Some(pool.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        Ok(Store {
+            pool,
+            cipher: std::sync::Arc::new(cipher),
+            pg_config,
+        })
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub fn cipher(&self) -> &TokenCipher {
+        &self.cipher
+    }
+
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.pg_config
+    }
+
+    /// Creates the database named in the URL if it does not exist and the role
+    /// may create it. Connects to the `postgres` maintenance database to do so.
+    pub async fn ensure_database(database_url: &str) -> Result<(), StoreError> {
+        let config: tokio_postgres::Config = database_url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
+        let Some(name) = config.get_dbname().map(str::to_owned) else {
+            return Ok(());
+        };
+        let mut admin = config.clone();
+        admin.dbname("postgres");
+        admin.connect_timeout(Duration::from_secs(5));
+        let (client, conn) = admin
+            .connect(NoTls)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let conn = tokio::spawn(conn);
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+            .await?
+            .is_some();
+        if !exists {
+            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+            match client
+                .batch_execute(&format!("CREATE DATABASE {quoted}"))
+                .await
+            {
+                Ok(()) => tracing::info!(database = %name, "created database"),
+                // Another replica created it at the same moment.
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        drop(client);
+        let _ = conn.await;
+        Ok(())
+    }
+
+    /// Applies the migrations not yet applied. Safe to run from several replicas at once.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        let result = async {
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (
+                        version integer PRIMARY KEY,
+                        name text NOT NULL,
+                        applied_at timestamptz NOT NULL DEFAULT now())",
+                )
+                .await?;
+            for (version, name, sql) in MIGRATIONS {
+                let applied = client
+                    .query_opt(
+                        "SELECT 1 FROM schema_migrations WHERE version = $1",
+                        &[version],
+                    )
+                    .await?
+                    .is_some();
+                if applied {
+                    continue;
+                }
+                let tx = client.transaction().await?;
+                tx.batch_execute(sql).await?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    &[version, name],
+                )
+                .await?;
+                tx.commit().await?;
+                tracing::info!(version, name, "applied migration");
+            }
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        result
+    }
+
+    /// Whether the database answers and every migration is applied (for `/readyz`).
+    pub async fn ping(&self) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let latest: Option<i32> = client
+            .query_one("SELECT max(version) FROM schema_migrations", &[])
+            .await?
+            .get(0);
+        Ok(latest == MIGRATIONS.last().map(|m| m.0))
+    }
+}

@@ -1,0 +1,86 @@
+//! Integration changes pushed by PostgreSQL (`LISTEN`/`NOTIFY`), so that every
+//! replica's cache follows a configuration change within moments.
+
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+/// The notification channel the integrations trigger sends on.
+pub const CHANNEL: &str = "mail_dispatch_integration";
+
+/// A change to forward to caches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IntegrationChange {
+    /// This organization's integration changed.
+    Organization(String),
+    /// Notifications may have been missed (the listener reconnected): forget everything.
+    All,
+}
+
+/// Listens for integration changes until `changes` is closed, reconnecting with
+/// backoff when the connection drops. Every (re)connection first sends
+/// [`IntegrationChange::All`], because changes made while disconnected were missed.
+pub fn spawn_change_listener(
+    config: tokio_postgres::Config,
+    changes: mpsc::UnboundedSender<IntegrationChange>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        while !changes.is_closed() {
+            match listen(&config, &changes).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "integration change listener disconnected");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    })
+}
+
+async fn listen(
+    config: &tokio_postgres::Config,
+    changes: &mpsc::UnboundedSender<IntegrationChange>,
+) -> Result<(), String> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(Ok(n.payload().to_owned()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = changes.send(IntegrationChange::All);
+    let result = loop {
+        tokio::select! {
+            message = rx.recv() => match message {
+                Some(Ok(org)) => {
+                    if changes.send(IntegrationChange::Organization(org)).is_err() {
+                        break Ok(());
+                    }
+                }
+                Some(Err(e)) => break Err(e.to_string()),
+                None => break Err("connection closed".to_owned()),
+            },
+            () = changes.closed() => break Ok(()),
+        }
+    };
+    driver.abort();
+    result
+}

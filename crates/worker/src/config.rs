@@ -1,0 +1,53 @@
+//! Settings of the worker (mapped from the environment by the binary).
+
+use std::time::Duration;
+
+use mail_dispatch_broker::Topology;
+use mail_dispatch_domain::{Mailbox, RetryPolicy};
+
+/// Default number of jobs processed at once (contract §6).
+pub const DEFAULT_CONCURRENCY: usize = 64;
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub amqp_url: String,
+    pub topology: Topology,
+    /// Jobs processed at once; also the consumer prefetch.
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    /// Waits up to this long are slept in-process; longer ones go to a delay queue.
+    pub max_in_process_wait: Duration,
+    /// In-process attempts per delivery before handing the job to a delay queue.
+    pub in_process_attempts: u32,
+    /// How long a claim on a job id protects it from other workers.
+    pub claim_lease: Duration,
+    /// How long to let in-flight jobs finish on shutdown.
+    pub shutdown_grace: Duration,
+    /// The platform sender's address and name.
+    pub default_sender: Mailbox,
+    /// An access token is refreshed when it expires within this margin.
+    pub token_refresh_margin: Duration,
+    /// Longest time a resolved configuration is trusted without a notification.
+    pub config_cache_ttl: Duration,
+    /// Name of this worker in AMQP connection names and consumer tags.
+    pub instance: String,
+}
+
+impl WorkerConfig {
+    pub fn new(amqp_url: String, default_sender: Mailbox) -> Self {
+        WorkerConfig {
+            amqp_url,
+            topology: Topology::default(),
+            concurrency: DEFAULT_CONCURRENCY,
+            retry: RetryPolicy::default(),
+            max_in_process_wait: Duration::from_secs(2),
+            in_process_attempts: 3,
+            claim_lease: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(25),
+            default_sender,
+            token_refresh_margin: Duration::from_secs(120),
+            config_cache_ttl: Duration::from_secs(300),
+            instance: format!("mail-dispatch-{}", std::process::id()),
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! One delivery in, one decision out.
+//!
+//! `Dispatcher::handle` does the reading and writing that deciding needs
+//! (PostgreSQL ledger, provider send) and returns a [`Decision`]; the runner applies
+//! it on the broker. Tests drive `handle` directly and the whole loop end to end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mail_dispatch_domain::retry::RetryDecision;
+use mail_dispatch_domain::{
+    ErrorCode, FailureClass, Job, JobError, JobResult, Mailbox, NeedsReauthEvent, OutgoingMessage,
+    ProviderKind, ResultStatus,
+};
+use mail_dispatch_providers::Accepted;
+use mail_dispatch_store::{Claim, Store, StoreError};
+use tracing::Instrument as _;
+
+use crate::config::WorkerConfig;
+use crate::resolver::{Resolver, Route};
+use crate::sender::{InProcessRetry, SendFailure, Senders};
+
+/// A delivery as the dispatcher sees it.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub body: Vec<u8>,
+    /// The AMQP `message_id` property (the job id of last resort for invalid jobs).
+    pub message_id: Option<String>,
+    /// Send attempts made by earlier deliveries of this job.
+    pub attempts: u32,
+    /// When the job was first seen (or published).
+    pub first_seen: DateTime<Utc>,
+    /// Not to be attempted before this instant (set when it was delayed).
+    pub not_before: Option<DateTime<Utc>>,
+    /// Short record of earlier failed attempts, kept for dead letters.
+    pub history: String,
+}
+
+impl Incoming {
+    pub fn new(body: Vec<u8>) -> Self {
+        Incoming {
+            body,
+            message_id: None,
+            attempts: 0,
+            first_seen: Utc::now(),
+            not_before: None,
+            history: String::new(),
+        }
+    }
+}
+
+/// Why a job is dead-lettered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub reason: ErrorCode,
+    pub detail: String,
+}
+
+/// A final outcome to publish.
+#[derive(Clone, Debug)]
+pub struct Finish {
+    pub result: JobResult,
+    pub dead_letter: Option<DeadLetter>,
+    /// Events to publish before the result (`integration.needs_reauth`).
+    pub events: Vec<NeedsReauthEvent>,
+    /// The ledger row to mark published once the broker confirmed the result.
+    pub ledger_job_id: Option<String>,
+}
+
+/// What the runner does with a delivery.
+#[derive(Clone, Debug)]
+pub enum Decision {
+    /// Publish events, dead letter and result (each confirmed), then ack.
+    Finish(Box<Finish>),
+    /// Re-publish to a delay queue (confirmed), then ack. Holds no consumer slot.
+    Delay {
+        wait: Duration,
+        attempts: u32,
+        reason: &'static str,
+        history: String,
+    },
+    /// The job id already has a published result: ack and do nothing else.
+    Duplicate,
+}
+
+/// A waiting period used when the job cannot be handled now for a reason that
+/// is not the job's (database unreachable, claim held by another worker).
+const BACKOFF_WHEN_BLOCKED: Duration = Duration::from_secs(5);
+const HISTORY_MAX_CHARS: usize = 1000;
+
+/// The dispatch use case.
+pub struct Dispatcher {
+    pub store: Store,
+    pub resolver: Arc<Resolver>,
+    pub senders: Arc<Senders>,
+    pub config: WorkerConfig,
+}
+
+impl Dispatcher {
+    fn in_process_retry(&self) -> InProcessRetry {
+        InProcessRetry {
+            attempts: self.config.in_process_attempts.max(1),
+            max_wait: self.config.max_in_process_wait,
+            backoff: mail_dispatch_domain::Backoff {
+                base: Duration::from_millis(100),
+                max: self.config.max_in_process_wait,
+            },
+        }
+    }
+
+    /// Decides what to do with one delivery.
+    pub async fn handle(&self, incoming: &Incoming) -> Decision {
+        let now = Utc::now();
+        if let Some(not_before) = incoming.not_before {
+            let remaining = (not_before - now).to_std().unwrap_or_default();
+            if remaining > Duration::from_millis(500) {
+                // Came back from a shorter tier than its wait: wait the rest.
+                return Decision::Delay {
+                    wait: remaining,
+                    attempts: incoming.attempts,
+                    reason: "remaining_wait",
+                    history: incoming.history.clone(),
+                };
+            }
+        }
+        let job = match Job::decode(&incoming.body) {
+            Ok(job) => job,
+            Err(invalid) => return self.invalid(&invalid, incoming, now).await,
+        };
+        let span = tracing::info_span!(
+            "job",
+            job.id = %job.id,
+            org.id = %job.organization_id,
+            category = %job.category,
+            provider = tracing::field::Empty,
+            attempt = incoming.attempts + 1,
+        );
+        self.handle_valid(job, incoming).instrument(span).await
+    }
+
+    async fn handle_valid(&self, job: Job, incoming: &Incoming) -> Decision {
+        let blocked = |e: &StoreError| {
+            tracing::warn!(error = %e, "database unavailable; job delayed, not acked until its copy is confirmed");
+            Decision::Delay {
+                wait: BACKOFF_WHEN_BLOCKED,
+                attempts: incoming.attempts,
+                reason: "database_unavailable",
+                history: incoming.history.clone(),
+            }
+        };
+        match self
+            .store
+            .claim_job(&job.id, &job.organization_id, self.config.claim_lease)
+            .await
+        {
+            Ok(Claim::Acquired { .. }) => {}
+            Ok(Claim::Published) => {
+                tracing::info!("job id already has a published result; not sending again");
+                metrics::counter!(crate::metrics::DUPLICATES_SKIPPED).increment(1);
+                return Decision::Duplicate;
+            }
+            Ok(Claim::Completed(stored)) => {
+                // Outcome known, result not confirmed published: publish it, send nothing.
+                return match serde_json::from_value::<JobResult>(stored) {
+                    Ok(result) => Decision::Finish(Box::new(Finish {
+                        result,
+                        dead_letter: None,
+                        events: vec![],
+                        ledger_job_id: Some(job.id.clone()),
+                    })),
+                    Err(_) => Decision::Duplicate,
+                };
+            }
+            Ok(Claim::Busy) => {
+                tracing::info!("another worker holds this job id; delaying");
+                return Decision::Delay {
+                    wait: BACKOFF_WHEN_BLOCKED,
+                    attempts: incoming.attempts,
+                    reason: "claimed_elsewhere",
+                    history: incoming.history.clone(),
+                };
+            }
+            Err(e) => return blocked(&e),
+        }
+
+        let now = Utc::now();
+        let mut result = JobResult::for_job(&job, now);
+        if job.is_expired(now) {
+            result.attempts = incoming.attempts;
+            result.error = Some(JobError::new(
+                ErrorCode::Expired,
+                format!(
+                    "not sent before not_after ({})",
+                    job.not_after.map(|t| t.to_rfc3339()).unwrap_or_default()
+                ),
+            ));
+            return self.finish(&job.id, result, None, vec![]).await;
+        }
+
+        let route = match self.resolver.resolve(&job.organization_id).await {
+            Ok(route) => route,
+            Err(e) => {
+                let _ = self.store.release_job(&job.id).await;
+                return blocked(&e);
+            }
+        };
+        let (provider, message, fallback) = match &route {
+            Route::Revoked { provider } => {
+                result.provider = Some(*provider);
+                result.attempts = incoming.attempts;
+                result.error = Some(JobError::new(
+                    ErrorCode::AuthRevoked,
+                    "the organization's provider grant no longer works; an admin must reconnect it",
+                ));
+                return self.finish(&job.id, result, None, vec![]).await;
+            }
+            Route::Provider { provider, sender } => (
+                *provider,
+                OutgoingMessage::from_job(&job, sender.clone(), None),
+                false,
+            ),
+            Route::Platform { on_behalf_of } => {
+                let default = &self.config.default_sender;
+                match on_behalf_of {
+                    None => (
+                        ProviderKind::Default,
+                        OutgoingMessage::from_job(&job, default.clone(), None),
+                        false,
+                    ),
+                    Some(org_sender) => {
+                        let from = Mailbox::new(
+                            default.email.clone(),
+                            org_sender.name.clone().or(default.name.clone()),
+                        );
+                        let reply_to =
+                            Mailbox::new(org_sender.email.clone(), org_sender.name.clone());
+                        (
+                            ProviderKind::Default,
+                            OutgoingMessage::from_job(&job, from, Some(reply_to)),
+                            true,
+                        )
+                    }
+                }
+            }
+        };
+        tracing::Span::current().record("provider", provider.as_str());
+        result.provider = Some(provider);
+        result.fallback = fallback;
+        result.sender = Some(message.from.clone());
+
+        let (outcome, made) = self
+            .senders
+            .send(
+                provider,
+                &job.organization_id,
+                &message,
+                self.in_process_retry(),
+            )
+            .await;
+        let attempts = incoming.attempts + made;
+        result.attempts = attempts;
+        result.completed_at = Utc::now();
+        match outcome {
+            Ok(Accepted {
+                provider_message_id,
+            }) => {
+                tracing::info!(attempts, "accepted by the provider");
+                result.status = ResultStatus::Sent;
+                result.provider_message_id = provider_message_id;
+                self.finish(&job.id, result, None, vec![]).await
+            }
+            Err(SendFailure::Store(e)) => {
+                // Nothing was sent (tokens could not be read): try again later.
+                let _ = self.store.release_job(&job.id).await;
+                blocked(&e)
+            }
+            Err(SendFailure::Revoked { reason, newly }) => {
+                let events = if newly {
+                    vec![NeedsReauthEvent::new(
+                        &job.organization_id,
+                        provider,
+                        &reason,
+                        Utc::now(),
+                    )]
+                } else {
+                    vec![]
+                };
+                result.error = Some(JobError::new(
+                    ErrorCode::AuthRevoked,
+                    format!(
+                        "the provider refused the organization's grant ({reason}); an admin must reconnect"
+                    ),
+                ));
+                self.finish(&job.id, result, None, events).await
+            }
+            Err(SendFailure::Send(e)) => {
+                let history = append_history(&incoming.history, attempts, &e);
+                let age = (Utc::now() - incoming.first_seen)
+                    .to_std()
+                    .unwrap_or_default();
+                match self
+                    .config
+                    .retry
+                    .decide(e.class, attempts, age, rand::random::<f64>())
+                {
+                    RetryDecision::RetryAfter(wait) => {
+                        if job.not_after.is_some_and(|limit| Utc::now() + wait > limit) {
+                            result.error = Some(JobError {
+                                code: ErrorCode::Expired,
+                                message: format!(
+                                    "{}; the next attempt would be after not_after",
+                                    e.message
+                                ),
+                                ..e.to_job_error(ErrorCode::Expired)
+                            });
+                            return self.finish(&job.id, result, None, vec![]).await;
+                        }
+                        tracing::info!(attempts, wait_ms = wait.as_millis() as u64, error = %e, "transient failure; job delayed");
+                        if let Err(err) = self.store.release_job(&job.id).await {
+                            tracing::warn!(error = %err, "could not release the claim; the delayed copy waits for its lease");
+                        }
+                        Decision::Delay {
+                            wait,
+                            attempts,
+                            reason: match e.class {
+                                FailureClass::Transient {
+                                    code: ErrorCode::Throttled,
+                                    ..
+                                } => "throttled",
+                                _ => "provider_unavailable",
+                            },
+                            history,
+                        }
+                    }
+                    RetryDecision::GiveUp(code) => {
+                        let exhausted = e.class.is_transient();
+                        tracing::warn!(attempts, %code, error = %e, "job failed");
+                        result.error = Some(e.to_job_error(code));
+                        let dead_letter = exhausted.then(|| DeadLetter {
+                            reason: code,
+                            detail: format!(
+                                "retries exhausted after {attempts} attempts: {history}"
+                            ),
+                        });
+                        self.finish(&job.id, result, dead_letter, vec![]).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records the outcome in the ledger, then hands it to the runner to publish.
+    async fn finish(
+        &self,
+        job_id: &str,
+        result: JobResult,
+        dead_letter: Option<DeadLetter>,
+        events: Vec<NeedsReauthEvent>,
+    ) -> Decision {
+        let value = serde_json::to_value(&result).expect("results serialize");
+        // The outcome is known: record it, retrying briefly through a database
+        // blip. If it still fails, publish anyway — the result matters more, and
+        // the claim's lease keeps a redelivery from sending again meanwhile.
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..6 {
+            match self.store.complete_job(job_id, &value).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record the outcome; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        Decision::Finish(Box::new(Finish {
+            result,
+            dead_letter,
+            events,
+            ledger_job_id: Some(job_id.to_owned()),
+        }))
+    }
+
+    async fn invalid(
+        &self,
+        invalid: &mail_dispatch_domain::InvalidJob,
+        incoming: &Incoming,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        let result = JobResult::invalid(invalid, incoming.message_id.as_deref(), now);
+        tracing::warn!(
+            job.id = result.job_id.as_deref().unwrap_or("-"),
+            rule = invalid.rule,
+            "invalid job; dead-lettered"
+        );
+        let dead_letter = Some(DeadLetter {
+            reason: ErrorCode::InvalidJob,
+            detail: invalid.to_string(),
+        });
+        // With a readable id, the ledger keeps a redelivery from publishing a second result.
+        let ledger_job_id = match (&invalid.job_id, &invalid.organization_id) {
+            (Some(id), Some(org)) => {
+                let value = serde_json::to_value(&result).expect("results serialize");
+                match self.store.complete_unclaimed_job(id, org, &value).await {
+                    Ok(Claim::Published) => return Decision::Duplicate,
+                    Ok(Claim::Acquired { .. } | Claim::Completed(_) | Claim::Busy) => {
+                        Some(id.clone())
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not record the invalid job in the ledger");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Decision::Finish(Box::new(Finish {
+            result,
+            dead_letter,
+            events: vec![],
+            ledger_job_id,
+        }))
+    }
+}
+
+fn append_history(history: &str, attempt: u32, e: &mail_dispatch_providers::SendError) -> String {
+    let entry = format!(
+        "#{attempt} {} {}{}",
+        Utc::now().format("%H:%M:%S"),
+        e.final_code(),
+        e.provider_status
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default()
+    );
+    let mut out = if history.is_empty() {
+        entry
+    } else {
+        format!("{history}; {entry}")
+    };
+    if out.len() > HISTORY_MAX_CHARS {
+        out = out[out.len() - HISTORY_MAX_CHARS..].to_owned();
+    }
+    out
+}

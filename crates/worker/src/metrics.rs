@@ -1,0 +1,112 @@
+//! Every metric mail-dispatch records, named `mail_dispatch_<name>_<unit>[_total]`.
+//! Label values are bounded: providers, statuses, error codes, categories,
+//! reasons — never an organization id, an address or a raw message.
+
+use std::time::Duration;
+
+use mail_dispatch_domain::{ErrorCode, JobResult, ProviderKind, ResultStatus};
+
+pub const JOBS_RECEIVED: &str = "mail_dispatch_jobs_received_total";
+pub const JOBS_COMPLETED: &str = "mail_dispatch_jobs_completed_total";
+pub const SEND_ATTEMPTS: &str = "mail_dispatch_send_attempts_total";
+pub const SEND_DURATION: &str = "mail_dispatch_send_duration_seconds";
+pub const RETRIES_SCHEDULED: &str = "mail_dispatch_retries_scheduled_total";
+pub const DEAD_LETTERS: &str = "mail_dispatch_dead_letters_total";
+pub const JOB_LATENCY: &str = "mail_dispatch_job_latency_seconds";
+pub const JOBS_IN_FLIGHT: &str = "mail_dispatch_jobs_in_flight";
+pub const DUPLICATES_SKIPPED: &str = "mail_dispatch_duplicates_skipped_total";
+pub const TOKEN_REFRESHES: &str = "mail_dispatch_token_refreshes_total";
+pub const PROVIDER_THROTTLED: &str = "mail_dispatch_provider_throttled_total";
+pub const AMQP_CONNECTED: &str = "mail_dispatch_amqp_connected";
+pub const DATABASE_UP: &str = "mail_dispatch_database_up";
+pub const INTEGRATIONS: &str = "mail_dispatch_integrations";
+pub const CONFIG_CACHE_EVICTIONS: &str = "mail_dispatch_config_cache_evictions_total";
+
+/// Histogram buckets (seconds), so replicas' histograms aggregate (summaries do not).
+pub const SEND_DURATION_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+pub const JOB_LATENCY_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// Describes every metric (help texts in `/metrics`).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(JOBS_RECEIVED, "Job deliveries taken from the jobs queue.");
+    describe_counter!(
+        JOBS_COMPLETED,
+        "Final outcomes published, by provider, status and error code."
+    );
+    describe_counter!(
+        SEND_ATTEMPTS,
+        "Send attempts made to a provider, by provider and outcome."
+    );
+    describe_histogram!(
+        SEND_DURATION,
+        metrics::Unit::Seconds,
+        "Duration of one send attempt, by provider."
+    );
+    describe_counter!(RETRIES_SCHEDULED, "Jobs sent to a delay queue, by reason.");
+    describe_counter!(DEAD_LETTERS, "Jobs dead-lettered, by reason.");
+    describe_histogram!(
+        JOB_LATENCY,
+        metrics::Unit::Seconds,
+        "From job publish (or first seen) to its result."
+    );
+    describe_gauge!(JOBS_IN_FLIGHT, "Jobs being processed by this worker.");
+    describe_counter!(
+        DUPLICATES_SKIPPED,
+        "Deliveries of job ids that already had a result."
+    );
+    describe_counter!(
+        TOKEN_REFRESHES,
+        "Access token refreshes, by provider and outcome."
+    );
+    describe_counter!(
+        PROVIDER_THROTTLED,
+        "Throttling answers (429) seen from providers."
+    );
+    describe_gauge!(AMQP_CONNECTED, "1 when the AMQP connection is open.");
+    describe_gauge!(DATABASE_UP, "1 when PostgreSQL answered the last check.");
+    describe_gauge!(INTEGRATIONS, "Integrations by status.");
+    describe_counter!(
+        CONFIG_CACHE_EVICTIONS,
+        "Cached organization configurations evicted by change notifications."
+    );
+}
+
+pub(crate) fn send_attempt(provider: ProviderKind, outcome: &'static str, took: Duration) {
+    metrics::counter!(SEND_ATTEMPTS, "provider" => provider.as_str(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(SEND_DURATION, "provider" => provider.as_str()).record(took.as_secs_f64());
+}
+
+pub(crate) fn completed(result: &JobResult, latency: Duration) {
+    let provider = result.provider.map(ProviderKind::as_str).unwrap_or("none");
+    let status = match result.status {
+        ResultStatus::Sent => "sent",
+        ResultStatus::Failed => "failed",
+    };
+    let code = result
+        .error
+        .as_ref()
+        .map(|e| e.code.as_str())
+        .unwrap_or("none");
+    metrics::counter!(JOBS_COMPLETED, "provider" => provider, "status" => status, "code" => code)
+        .increment(1);
+    metrics::histogram!(JOB_LATENCY, "provider" => provider, "status" => status)
+        .record(latency.as_secs_f64());
+}
+
+pub(crate) fn retry_scheduled(reason: &'static str) {
+    metrics::counter!(RETRIES_SCHEDULED, "reason" => reason).increment(1);
+}
+
+pub(crate) fn dead_letter(reason: ErrorCode) {
+    metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+}
+
+pub(crate) fn token_refresh(provider: ProviderKind, outcome: &'static str) {
+    metrics::counter!(TOKEN_REFRESHES, "provider" => provider.as_str(), "outcome" => outcome)
+        .increment(1);
+}

@@ -1,0 +1,183 @@
+//! Which sender an organization's jobs use, cached in memory.
+//!
+//! A steady stream of jobs must not query PostgreSQL for configuration on every
+//! message: resolutions (including "no integration") are cached, evicted when
+//! PostgreSQL notifies a change (`spawn_change_listener`), and expire after a TTL
+//! as a safety net. The cache is bounded: past `max_entries` the oldest half is dropped.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mail_dispatch_domain::{EmailAddress, Mailbox, ProviderKind};
+use mail_dispatch_store::{
+    Fallback, Integration, IntegrationChange, IntegrationStatus, Store, StoreError,
+};
+
+/// How an organization's jobs are sent right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Through the organization's active integration, from its sender.
+    Provider {
+        provider: ProviderKind,
+        sender: Mailbox,
+    },
+    /// Through the platform sender. `on_behalf_of` is set when the platform
+    /// sender stands in for an organization whose grant stopped working
+    /// (`fallback: platform_sender`): its name and, as Reply-To, its address.
+    Platform { on_behalf_of: Option<Mailbox> },
+    /// The organization's grant stopped working and it chose no fallback.
+    Revoked { provider: ProviderKind },
+}
+
+impl Route {
+    /// Contract §5: platform sender until first active; never a silent fallback after.
+    pub fn for_integration(integration: Option<&Integration>) -> Route {
+        let Some(i) = integration else {
+            return Route::Platform { on_behalf_of: None };
+        };
+        let sender = i
+            .sender_email
+            .as_deref()
+            .and_then(|e| EmailAddress::parse(e).ok())
+            .map(|email| Mailbox::new(email, i.sender_name.clone()));
+        match (i.status, sender) {
+            (IntegrationStatus::Active, Some(sender)) => Route::Provider {
+                provider: i.provider,
+                sender,
+            },
+            _ if !i.ever_active => Route::Platform { on_behalf_of: None },
+            (_, sender) => match (i.fallback, sender) {
+                (Fallback::PlatformSender, Some(sender)) => Route::Platform {
+                    on_behalf_of: Some(sender),
+                },
+                _ => Route::Revoked {
+                    provider: i.provider,
+                },
+            },
+        }
+    }
+}
+
+/// The cached resolver.
+pub struct Resolver {
+    store: Store,
+    ttl: Duration,
+    max_entries: usize,
+    cache: Mutex<HashMap<String, (Route, Instant)>>,
+}
+
+impl Resolver {
+    pub fn new(store: Store, ttl: Duration) -> Self {
+        Resolver {
+            store,
+            ttl,
+            max_entries: 100_000,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The route of an organization: from memory, or from PostgreSQL once.
+    pub async fn resolve(&self, organization_id: &str) -> Result<Route, StoreError> {
+        if let Some((route, at)) = self.cache.lock().expect("poisoned").get(organization_id)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(route.clone());
+        }
+        let loaded_at = Instant::now();
+        let integration = self.store.integration(organization_id).await?;
+        let route = Route::for_integration(integration.as_ref());
+        let mut cache = self.cache.lock().expect("poisoned");
+        if cache.len() >= self.max_entries {
+            let mut ages: Vec<_> = cache.values().map(|(_, at)| *at).collect();
+            ages.sort();
+            let cutoff = ages[ages.len() / 2];
+            cache.retain(|_, (_, at)| *at > cutoff);
+        }
+        cache.insert(organization_id.to_owned(), (route.clone(), loaded_at));
+        Ok(route)
+    }
+
+    /// Applies a change notification.
+    pub fn apply(&self, change: &IntegrationChange) {
+        let mut cache = self.cache.lock().expect("poisoned");
+        match change {
+            IntegrationChange::Organization(org) => {
+                if cache.remove(org).is_some() {
+                    metrics::counter!(crate::metrics::CONFIG_CACHE_EVICTIONS).increment(1);
+                }
+            }
+            IntegrationChange::All => cache.clear(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn integration(
+        status: IntegrationStatus,
+        ever_active: bool,
+        fallback: Fallback,
+    ) -> Integration {
+        Integration {
+            organization_id: "org".into(),
+            provider: ProviderKind::Microsoft,
+            status,
+            account_email: Some("admin@customer.com".into()),
+            sender_email: Some("notifications@customer.com".into()),
+            sender_name: Some("Compliance".into()),
+            fallback,
+            ever_active,
+            connected_at: Utc::now(),
+            last_test_at: None,
+            last_test: None,
+            last_error: None,
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn routes_follow_contract_section_5() {
+        use Fallback::*;
+        use IntegrationStatus::*;
+        let sender = Mailbox::new(
+            EmailAddress::parse("notifications@customer.com").unwrap(),
+            Some("Compliance".into()),
+        );
+        let platform = Route::Platform { on_behalf_of: None };
+        assert_eq!(Route::for_integration(None), platform);
+        assert_eq!(
+            Route::for_integration(Some(&integration(PendingSender, false, None))),
+            platform
+        );
+        assert_eq!(
+            Route::for_integration(Some(&integration(Active, true, None))),
+            Route::Provider {
+                provider: ProviderKind::Microsoft,
+                sender: sender.clone()
+            }
+        );
+        assert_eq!(
+            Route::for_integration(Some(&integration(NeedsReauth, true, None))),
+            Route::Revoked {
+                provider: ProviderKind::Microsoft
+            }
+        );
+        assert_eq!(
+            Route::for_integration(Some(&integration(NeedsReauth, true, PlatformSender))),
+            Route::Platform {
+                on_behalf_of: Some(sender)
+            }
+        );
+        // A reconnect whose test has not passed yet does not silently fall back either.
+        assert_eq!(
+            Route::for_integration(Some(&integration(PendingSender, true, None))),
+            Route::Revoked {
+                provider: ProviderKind::Microsoft
+            }
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! One send, through the provider a route names: the path shared by worker jobs
+//! and the admin API's test send.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use backon::Retryable as _;
+use mail_dispatch_domain::{Backoff, ErrorCode, FailureClass, OutgoingMessage, ProviderKind};
+use mail_dispatch_providers::{Accepted, GmailSender, GraphSender, PlatformSender, SendError};
+use mail_dispatch_store::StoreError;
+
+use crate::tokens::{TokenError, Tokens};
+
+/// Why a send did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SendFailure {
+    /// The provider (or the token endpoint) refused or failed, classified.
+    #[error(transparent)]
+    Send(SendError),
+    /// The grant was refused. `newly`: this call marked the integration `needs_reauth`.
+    #[error("grant refused: {reason}")]
+    Revoked { reason: String, newly: bool },
+    /// PostgreSQL could not be used (tokens live there): nothing was sent.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl SendFailure {
+    pub fn class(&self) -> Option<FailureClass> {
+        match self {
+            SendFailure::Send(e) => Some(e.class),
+            SendFailure::Revoked { .. } => Some(FailureClass::Permanent(ErrorCode::AuthRevoked)),
+            SendFailure::Store(_) => None,
+        }
+    }
+}
+
+fn from_token_error(e: TokenError) -> SendFailure {
+    match e {
+        TokenError::Revoked { reason, newly } => SendFailure::Revoked { reason, newly },
+        TokenError::Store(e) => SendFailure::Store(e),
+        TokenError::NotConnected => SendFailure::Send(SendError::permanent(
+            ErrorCode::NotConfigured,
+            "the organization has no connected provider",
+        )),
+        TokenError::Refresh(e) => SendFailure::Send(SendError::new(
+            FailureClass::unavailable(None),
+            format!("could not obtain an access token: {e}"),
+        )),
+    }
+}
+
+/// Short in-process retries of transient failures.
+#[derive(Clone, Copy, Debug)]
+pub struct InProcessRetry {
+    /// Attempts at most in one go (the first included).
+    pub attempts: u32,
+    /// A wait longer than this is not slept here: the caller delays the job instead.
+    pub max_wait: Duration,
+    pub backoff: Backoff,
+}
+
+/// Full-jitter delays for `backon`, from the domain's backoff math.
+struct FullJitter {
+    backoff: Backoff,
+    made: u32,
+}
+
+impl Iterator for FullJitter {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        self.made += 1;
+        Some(self.backoff.delay(self.made, rand::random::<f64>()))
+    }
+}
+
+/// The three senders and the tokens they need.
+pub struct Senders {
+    pub graph: GraphSender,
+    pub gmail: GmailSender,
+    pub platform: PlatformSender,
+    pub tokens: Arc<Tokens>,
+}
+
+impl Senders {
+    /// One attempt. For Microsoft and Google, a 401 refreshes the token once and
+    /// sends again; a second 401 means the grant itself is refused.
+    pub async fn attempt(
+        &self,
+        provider: ProviderKind,
+        org: &str,
+        msg: &OutgoingMessage,
+    ) -> Result<Accepted, SendFailure> {
+        let started = Instant::now();
+        let result = self.attempt_inner(provider, org, msg).await;
+        let outcome = match &result {
+            Ok(_) => "accepted",
+            Err(SendFailure::Send(e)) => match e.class {
+                FailureClass::Transient {
+                    code: ErrorCode::Throttled,
+                    ..
+                } => {
+                    metrics::counter!(crate::metrics::PROVIDER_THROTTLED, "provider" => provider.as_str()).increment(1);
+                    "throttled"
+                }
+                FailureClass::Transient { .. } => "transient",
+                FailureClass::Unauthorized => "unauthorized",
+                FailureClass::Permanent(_) => "rejected",
+            },
+            Err(SendFailure::Revoked { .. }) => "revoked",
+            Err(SendFailure::Store(_)) => "store_unavailable",
+        };
+        crate::metrics::send_attempt(provider, outcome, started.elapsed());
+        result
+    }
+
+    async fn attempt_inner(
+        &self,
+        provider: ProviderKind,
+        org: &str,
+        msg: &OutgoingMessage,
+    ) -> Result<Accepted, SendFailure> {
+        if provider == ProviderKind::Default {
+            return self.platform.send(msg).await.map_err(SendFailure::Send);
+        }
+        let token = self
+            .tokens
+            .access_token(org, provider, None)
+            .await
+            .map_err(from_token_error)?;
+        match self.send_with(provider, &token, msg).await {
+            Err(e) if e.class == FailureClass::Unauthorized => {
+                tracing::info!(org.id = org, %provider, "access token refused (401); refreshing once");
+                let fresh = self
+                    .tokens
+                    .access_token(org, provider, Some(&token))
+                    .await
+                    .map_err(from_token_error)?;
+                self.send_with(provider, &fresh, msg).await.map_err(|e| {
+                    if e.class == FailureClass::Unauthorized {
+                        SendFailure::Send(SendError {
+                            class: FailureClass::Permanent(ErrorCode::AuthRevoked),
+                            ..e
+                        })
+                    } else {
+                        SendFailure::Send(e)
+                    }
+                })
+            }
+            other => other.map_err(SendFailure::Send),
+        }
+    }
+
+    async fn send_with(
+        &self,
+        provider: ProviderKind,
+        token: &secrecy::SecretString,
+        msg: &OutgoingMessage,
+    ) -> Result<Accepted, SendError> {
+        match provider {
+            ProviderKind::Microsoft => self.graph.send(token, msg).await,
+            ProviderKind::Google => self.gmail.send(token, msg).await,
+            ProviderKind::Default => self.platform.send(msg).await,
+        }
+    }
+
+    /// Attempts with short in-process retries of transient failures whose wait
+    /// fits `retry.max_wait`. Returns the outcome and the number of attempts made.
+    pub async fn send(
+        &self,
+        provider: ProviderKind,
+        org: &str,
+        msg: &OutgoingMessage,
+        retry: InProcessRetry,
+    ) -> (Result<Accepted, SendFailure>, u32) {
+        let attempts = AtomicU32::new(0);
+        let backoff = FullJitter {
+            backoff: retry.backoff,
+            made: 0,
+        }
+        .take(retry.attempts.saturating_sub(1) as usize);
+        let result = (|| async {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            self.attempt(provider, org, msg).await
+        })
+        .retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(|e: &SendFailure| match e.class() {
+            Some(FailureClass::Transient { retry_after, .. }) => retry_after.is_none_or(|d| d <= retry.max_wait),
+            _ => false,
+        })
+        .adjust(|e: &SendFailure, planned| match (e.class(), planned) {
+            (Some(FailureClass::Transient { retry_after: Some(after), .. }), Some(planned)) => Some(after.max(planned)),
+            (_, planned) => planned.map(|d| d.min(retry.max_wait)),
+        })
+        .notify(|e: &SendFailure, wait| {
+            tracing::info!(org.id = org, %provider, error = %e, wait_ms = wait.as_millis() as u64, "transient failure; retrying in process");
+        })
+        .await;
+        (result, attempts.load(Ordering::Relaxed))
+    }
+}

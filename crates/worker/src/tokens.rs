@@ -1,0 +1,193 @@
+//! Access tokens: cached in memory, shared through PostgreSQL, refreshed once.
+//!
+//! Lookup order: this process's memory; then the token stored in PostgreSQL (another
+//! replica may have refreshed it); then a refresh, done with the integration's row
+//! locked so that across every replica at most one refresh of an integration runs
+//! at a time. Within this process a per-organization async mutex makes concurrent
+//! jobs of one organization wait for a single refresh instead of queueing on the
+//! row lock — 50 jobs with an expired token cause one call to the token endpoint.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mail_dispatch_domain::ProviderKind;
+use mail_dispatch_providers::{RefreshError, TokenService};
+use mail_dispatch_store::{RefreshDecision, Store, StoreError};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Why no usable access token could be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// The provider refused the grant. `newly` is true for the one caller that
+    /// saw the refusal and marked the integration `needs_reauth` (it publishes the event).
+    #[error("grant refused: {reason}")]
+    Revoked { reason: String, newly: bool },
+    #[error(transparent)]
+    Refresh(RefreshError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("organization has no integration")]
+    NotConnected,
+}
+
+#[derive(Clone)]
+struct Cached {
+    token: SecretString,
+    expires_at: DateTime<Utc>,
+}
+
+/// The token cache of one process.
+pub struct Tokens {
+    store: Store,
+    service: TokenService,
+    margin: chrono::Duration,
+    cache: Mutex<HashMap<String, Cached>>,
+    refresh_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Tokens {
+    pub fn new(store: Store, service: TokenService, margin: Duration) -> Self {
+        Tokens {
+            store,
+            service,
+            margin: chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::minutes(2)),
+            cache: Mutex::new(HashMap::new()),
+            refresh_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn service(&self) -> &TokenService {
+        &self.service
+    }
+
+    fn usable(&self, expires_at: DateTime<Utc>) -> bool {
+        expires_at - self.margin > Utc::now()
+    }
+
+    fn cached(&self, org: &str, rejected: Option<&SecretString>) -> Option<SecretString> {
+        let cache = self.cache.lock().expect("poisoned");
+        let c = cache.get(org)?;
+        let is_rejected = rejected.is_some_and(|r| r.expose_secret() == c.token.expose_secret());
+        (self.usable(c.expires_at) && !is_rejected).then(|| c.token.clone())
+    }
+
+    /// Forgets an organization's token (its integration changed).
+    pub fn forget(&self, org: &str) {
+        self.cache.lock().expect("poisoned").remove(org);
+    }
+
+    /// Forgets every token.
+    pub fn forget_all(&self) {
+        self.cache.lock().expect("poisoned").clear();
+    }
+
+    /// A usable access token for the organization. `rejected` is a token the
+    /// provider just refused with 401: it is refreshed even if not yet expired.
+    pub async fn access_token(
+        &self,
+        org: &str,
+        provider: ProviderKind,
+        rejected: Option<&SecretString>,
+    ) -> Result<SecretString, TokenError> {
+        if let Some(t) = self.cached(org, rejected) {
+            return Ok(t);
+        }
+        let lock = self
+            .refresh_locks
+            .lock()
+            .expect("poisoned")
+            .entry(org.to_owned())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        // Another task of this process may have refreshed while we waited.
+        if let Some(t) = self.cached(org, rejected) {
+            return Ok(t);
+        }
+        let is_rejected =
+            |t: &SecretString| rejected.is_some_and(|r| r.expose_secret() == t.expose_secret());
+        // Another replica may have refreshed it: the shared copy in PostgreSQL.
+        if let Some((token, expires_at)) = self.store.access_token(org).await?
+            && self.usable(expires_at)
+            && !is_rejected(&token)
+        {
+            self.remember(org, &token, expires_at);
+            return Ok(token);
+        }
+        let outcome = self
+            .store
+            .refresh_locked(org, |stored| async move {
+                if let Some((token, expires_at)) = stored.access_token
+                    && self.usable(expires_at)
+                    && !is_rejected(&token)
+                {
+                    return (RefreshDecision::Keep, Ok((token, expires_at)));
+                }
+                let Some(refresh_token) = stored.refresh_token else {
+                    return (
+                        RefreshDecision::Keep,
+                        Err(TokenError::Revoked {
+                            reason: "no refresh token stored (integration needs reauthorization)".into(),
+                            newly: false,
+                        }),
+                    );
+                };
+                match self.service.refresh(provider, &refresh_token).await {
+                    Ok(grant) => {
+                        crate::metrics::token_refresh(provider, "ok");
+                        tracing::info!(org.id = org, %provider, rotated = grant.refresh_token.is_some(), "access token refreshed");
+                        let value = Ok((grant.access_token.clone(), grant.expires_at));
+                        (
+                            RefreshDecision::Store {
+                                access_token: grant.access_token,
+                                expires_at: grant.expires_at,
+                                refresh_token: grant.refresh_token,
+                            },
+                            value,
+                        )
+                    }
+                    Err(RefreshError::Revoked { reason }) => {
+                        crate::metrics::token_refresh(provider, "revoked");
+                        tracing::warn!(org.id = org, %provider, %reason, "grant refused; integration needs reauthorization");
+                        (
+                            RefreshDecision::Revoked { reason: reason.clone() },
+                            Err(TokenError::Revoked { reason, newly: true }),
+                        )
+                    }
+                    Err(e) => {
+                        let outcome = if matches!(e, RefreshError::Misconfigured { .. }) {
+                            tracing::error!(%provider, error = %e, "OAuth client misconfigured: an operator must fix it");
+                            "misconfigured"
+                        } else {
+                            tracing::warn!(org.id = org, %provider, error = %e, "token refresh failed");
+                            "error"
+                        };
+                        crate::metrics::token_refresh(provider, outcome);
+                        (RefreshDecision::Keep, Err(TokenError::Refresh(e)))
+                    }
+                }
+            })
+            .await?;
+        match outcome {
+            None => Err(TokenError::NotConnected),
+            Some(Ok((token, expires_at))) => {
+                self.remember(org, &token, expires_at);
+                Ok(token)
+            }
+            Some(Err(e)) => Err(e),
+        }
+    }
+
+    fn remember(&self, org: &str, token: &SecretString, expires_at: DateTime<Utc>) {
+        self.cache.lock().expect("poisoned").insert(
+            org.to_owned(),
+            Cached {
+                token: token.clone(),
+                expires_at,
+            },
+        );
+    }
+}
