@@ -1,1 +1,8 @@
-mod placeholder {}
+//! End-to-end suite: real RabbitMQ and PostgreSQL, in-process workers, local
+//! stand-ins of Microsoft and Google. One test binary (`cargo test --workspace`).
+
+mod config_changes;
+mod invalid_jobs;
+mod pipeline;
+mod support;
+mod tokens;

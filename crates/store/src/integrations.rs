@@ -331,6 +331,7 @@ impl Store {
         &self,
         organization_id: &str,
     ) -> Result<Option<(SecretString, DateTime<Utc>)>, StoreError> {
+        crate::QueryCounts::bump(&self.counts().token_reads);
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -373,6 +374,7 @@ impl Store {
         F: FnOnce(StoredTokens) -> Fut,
         Fut: Future<Output = (RefreshDecision, T)>,
     {
+        crate::QueryCounts::bump(&self.counts().token_refreshes);
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let Some(row) = tx

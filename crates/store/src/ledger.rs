@@ -22,13 +22,15 @@ pub enum Claim {
 
 impl Store {
     /// Claims `job_id` for `lease`. A claim whose lease expired (its worker
-    /// crashed) is taken over; a job waiting for a retry is claimable again.
+    /// crashed) is taken over; a job waiting for a retry is claimable again; a
+    /// completed job whose publisher's lease expired is handed over for publishing.
     pub async fn claim_job(
         &self,
         job_id: &str,
         organization_id: &str,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.client().await?;
         let lease_secs = lease.as_secs_f64();
         let claimed = client
@@ -36,85 +38,85 @@ impl Store {
                 "INSERT INTO job_ledger (job_id, organization_id, state, lease_until)
                  VALUES ($1, $2, 'claimed', now() + make_interval(secs => $3::float8))
                  ON CONFLICT (job_id) DO UPDATE SET
-                     state = 'claimed',
+                     state = CASE WHEN job_ledger.state = 'completed' THEN 'completed' ELSE 'claimed' END,
                      lease_until = EXCLUDED.lease_until,
                      claims = job_ledger.claims + 1,
                      updated_at = now()
                  WHERE job_ledger.state = 'retrying'
-                    OR (job_ledger.state = 'claimed' AND job_ledger.lease_until < now())
-                 RETURNING claims",
+                    OR (job_ledger.state IN ('claimed', 'completed') AND job_ledger.lease_until < now())
+                 RETURNING state, claims, result",
                 &[&job_id, &organization_id, &lease_secs],
             )
             .await?;
         if let Some(row) = claimed {
-            return Ok(Claim::Acquired { claims: row.get(0) });
+            let state: &str = row.get(0);
+            return Ok(if state == "completed" {
+                Claim::Completed(row.get(2))
+            } else {
+                Claim::Acquired { claims: row.get(1) }
+            });
         }
         let row = client
-            .query_one(
-                "SELECT state, result FROM job_ledger WHERE job_id = $1",
-                &[&job_id],
-            )
+            .query_one("SELECT state FROM job_ledger WHERE job_id = $1", &[&job_id])
             .await?;
         let state: &str = row.get(0);
-        Ok(match state {
-            "completed" => Claim::Completed(row.get(1)),
-            "published" => Claim::Published,
-            _ => Claim::Busy,
+        Ok(if state == "published" {
+            Claim::Published
+        } else {
+            Claim::Busy
         })
     }
 
     /// Records the outcome of a claimed job (before its result is published).
+    /// `lease` protects the publishing that follows from a concurrent redelivery.
     pub async fn complete_job(
         &self,
         job_id: &str,
         result: &serde_json::Value,
+        lease: Duration,
     ) -> Result<(), StoreError> {
+        crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE job_ledger SET state = 'completed', result = $2, lease_until = NULL, updated_at = now()
-                 WHERE job_id = $1",
-                &[&job_id, result],
+                "UPDATE job_ledger SET state = 'completed', result = $2,
+                     lease_until = now() + make_interval(secs => $3::float8), updated_at = now()
+                 WHERE job_id = $1 AND state <> 'published'",
+                &[&job_id, result, &lease.as_secs_f64()],
             )
             .await?;
         Ok(())
     }
 
     /// Records an outcome for a job id that was never claimed (an invalid job whose
-    /// id was readable), unless that id already has one.
+    /// id was readable). `Acquired` means this caller publishes it.
     pub async fn complete_unclaimed_job(
         &self,
         job_id: &str,
         organization_id: &str,
         result: &serde_json::Value,
+        lease: Duration,
     ) -> Result<Claim, StoreError> {
+        crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.client().await?;
         let inserted = client
             .execute(
-                "INSERT INTO job_ledger (job_id, organization_id, state, result)
-                 VALUES ($1, $2, 'completed', $3) ON CONFLICT (job_id) DO NOTHING",
-                &[&job_id, &organization_id, result],
+                "INSERT INTO job_ledger (job_id, organization_id, state, result, lease_until)
+                 VALUES ($1, $2, 'completed', $3, now() + make_interval(secs => $4::float8))
+                 ON CONFLICT (job_id) DO NOTHING",
+                &[&job_id, &organization_id, result, &lease.as_secs_f64()],
             )
             .await?;
         if inserted == 1 {
             return Ok(Claim::Acquired { claims: 1 });
         }
-        let row = client
-            .query_one(
-                "SELECT state, result FROM job_ledger WHERE job_id = $1",
-                &[&job_id],
-            )
-            .await?;
-        let state: &str = row.get(0);
-        Ok(match state {
-            "completed" => Claim::Completed(row.get(1)),
-            "published" => Claim::Published,
-            _ => Claim::Busy,
-        })
+        drop(client);
+        self.claim_job(job_id, organization_id, lease).await
     }
 
     /// The result of a job was confirmed by the broker.
     pub async fn mark_published(&self, job_id: &str) -> Result<(), StoreError> {
+        crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.client().await?;
         client
             .execute(
@@ -128,6 +130,7 @@ impl Store {
     /// Releases a claim: the job waits in a delay queue (or was handed back at
     /// shutdown) and its next delivery may claim it again.
     pub async fn release_job(&self, job_id: &str) -> Result<(), StoreError> {
+        crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.client().await?;
         client
             .execute(
@@ -141,6 +144,7 @@ impl Store {
 
     /// Makes a finished job id claimable again (dead-letter replay with a fresh budget).
     pub async fn reopen_job(&self, job_id: &str) -> Result<(), StoreError> {
+        crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.client().await?;
         client
             .execute(

@@ -70,10 +70,38 @@ impl Default for PoolSettings {
     }
 }
 
+/// Statements run by this process, by purpose (benchmarks report them per job;
+/// tests check that steady traffic reads configuration from memory).
+#[derive(Debug, Default)]
+pub struct QueryCounts {
+    pub config_reads: std::sync::atomic::AtomicU64,
+    pub token_reads: std::sync::atomic::AtomicU64,
+    pub token_refreshes: std::sync::atomic::AtomicU64,
+    pub ledger_writes: std::sync::atomic::AtomicU64,
+}
+
+impl QueryCounts {
+    pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (config reads, token reads, token refreshes, ledger writes) so far.
+    pub fn snapshot(&self) -> [u64; 4] {
+        use std::sync::atomic::Ordering::Relaxed;
+        [
+            self.config_reads.load(Relaxed),
+            self.token_reads.load(Relaxed),
+            self.token_refreshes.load(Relaxed),
+            self.ledger_writes.load(Relaxed),
+        ]
+    }
+}
+
 /// The PostgreSQL store.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    counts: std::sync::Arc<QueryCounts>,
     cipher: std::sync::Arc<TokenCipher>,
     pg_config: tokio_postgres::Config,
 }
@@ -117,6 +145,7 @@ impl Store {
             .map_err(|e| StoreError::Config(e.to_string()))?;
         Ok(Store {
             pool,
+            counts: Default::default(),
             cipher: std::sync::Arc::new(cipher),
             pg_config,
         })
@@ -124,6 +153,11 @@ impl Store {
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Statements run through this store (and its clones) so far.
+    pub fn counts(&self) -> &QueryCounts {
+        &self.counts
     }
 
     pub fn cipher(&self) -> &TokenCipher {

@@ -88,6 +88,9 @@ pub enum Decision {
 /// is not the job's (database unreachable, claim held by another worker).
 const BACKOFF_WHEN_BLOCKED: Duration = Duration::from_secs(5);
 const HISTORY_MAX_CHARS: usize = 1000;
+/// How long a completed job's publisher is protected from a concurrent
+/// redelivery publishing the same result.
+const PUBLISH_LEASE: Duration = Duration::from_secs(60);
 
 /// The dispatch use case.
 pub struct Dispatcher {
@@ -364,7 +367,7 @@ impl Dispatcher {
         // the claim's lease keeps a redelivery from sending again meanwhile.
         let mut delay = Duration::from_millis(100);
         for _ in 0..6 {
-            match self.store.complete_job(job_id, &value).await {
+            match self.store.complete_job(job_id, &value, PUBLISH_LEASE).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record the outcome; retrying");
@@ -401,10 +404,20 @@ impl Dispatcher {
         let ledger_job_id = match (&invalid.job_id, &invalid.organization_id) {
             (Some(id), Some(org)) => {
                 let value = serde_json::to_value(&result).expect("results serialize");
-                match self.store.complete_unclaimed_job(id, org, &value).await {
+                match self
+                    .store
+                    .complete_unclaimed_job(id, org, &value, PUBLISH_LEASE)
+                    .await
+                {
                     Ok(Claim::Published) => return Decision::Duplicate,
-                    Ok(Claim::Acquired { .. } | Claim::Completed(_) | Claim::Busy) => {
-                        Some(id.clone())
+                    Ok(Claim::Acquired { .. } | Claim::Completed(_)) => Some(id.clone()),
+                    Ok(Claim::Busy) => {
+                        return Decision::Delay {
+                            wait: BACKOFF_WHEN_BLOCKED,
+                            attempts: incoming.attempts,
+                            reason: "claimed_elsewhere",
+                            history: incoming.history.clone(),
+                        };
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "could not record the invalid job in the ledger");

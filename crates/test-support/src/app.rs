@@ -1,0 +1,289 @@
+//! A worker running in-process against a test database, a test prefix and the stand-ins.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mail_dispatch_domain::{EmailAddress, Mailbox, ProviderKind};
+use mail_dispatch_providers::OAuthApp;
+use mail_dispatch_store::{Fallback, NewConnection};
+use mail_dispatch_worker::{Dispatcher, Health, ProviderEndpoints, WorkerConfig};
+use secrecy::SecretString;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::standins::Vendor;
+use crate::{StandIns, TestAmqp, TestDb};
+
+/// Knobs a test may turn.
+#[derive(Clone, Debug)]
+pub struct TestAppOptions {
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    pub max_age: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub max_in_process_wait: Duration,
+    pub in_process_attempts: u32,
+    pub claim_lease: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for TestAppOptions {
+    fn default() -> Self {
+        TestAppOptions {
+            concurrency: 16,
+            max_attempts: 4,
+            max_age: Duration::from_secs(600),
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(2),
+            max_in_process_wait: Duration::from_secs(2),
+            in_process_attempts: 2,
+            claim_lease: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running worker.
+pub struct RunningWorker {
+    pub dispatcher: Arc<Dispatcher>,
+    pub health: Arc<Health>,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl RunningWorker {
+    /// Stops as on SIGTERM and waits for the worker to settle.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
+        self.follower.abort();
+    }
+}
+
+/// Test database + AMQP prefix + stand-ins + a worker.
+pub struct TestApp {
+    pub standins: StandIns,
+    pub outbox: PathBuf,
+    pub options: TestAppOptions,
+    pub worker: Option<RunningWorker>,
+    pub amqp: TestAmqp,
+    pub db: TestDb,
+}
+
+pub const PLATFORM_SENDER: &str = "no-reply@platform.test";
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(TestAppOptions::default()).await
+    }
+
+    pub async fn spawn_with(options: TestAppOptions) -> TestApp {
+        let (db, amqp, standins) = tokio::join!(TestDb::new(), TestAmqp::new(), StandIns::start());
+        let outbox = std::env::temp_dir().join(crate::unique("md-outbox-"));
+        let mut app = TestApp {
+            standins,
+            outbox,
+            options,
+            worker: None,
+            amqp,
+            db,
+        };
+        app.worker = Some(app.start_worker().await);
+        app
+    }
+
+    pub fn endpoints(&self) -> ProviderEndpoints {
+        let ms = self.standins.microsoft_login.uri();
+        let google = self.standins.google_oauth.uri();
+        ProviderEndpoints {
+            graph_url: Url::parse(&self.standins.graph.uri()).unwrap(),
+            gmail_url: Url::parse(&self.standins.gmail.uri()).unwrap(),
+            microsoft: Some(OAuthApp {
+                client_id: "ms-client-id".into(),
+                client_secret: Some(SecretString::from("ms-client-secret")),
+                auth_url: Url::parse(&format!("{ms}/common/oauth2/v2.0/authorize")).unwrap(),
+                token_url: Url::parse(&format!("{ms}/common/oauth2/v2.0/token")).unwrap(),
+                scopes: vec![
+                    "offline_access".into(),
+                    "https://graph.microsoft.com/Mail.Send".into(),
+                ],
+            }),
+            google: Some(OAuthApp {
+                client_id: "g-client-id.apps.googleusercontent.com".into(),
+                client_secret: Some(SecretString::from("g-client-secret")),
+                auth_url: Url::parse(&format!("{google}/o/oauth2/v2/auth")).unwrap(),
+                token_url: Url::parse(&format!("{google}/token")).unwrap(),
+                scopes: vec!["https://www.googleapis.com/auth/gmail.send".into()],
+            }),
+            platform_transport: format!("file://{}", self.outbox.display()),
+            http_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn worker_config(&self) -> WorkerConfig {
+        let o = &self.options;
+        let mut c = WorkerConfig::new(
+            crate::amqp_url(),
+            Mailbox::new(
+                EmailAddress::parse(PLATFORM_SENDER).unwrap(),
+                Some("Platform".into()),
+            ),
+        );
+        c.topology = self.amqp.topology.clone();
+        c.concurrency = o.concurrency;
+        c.retry.max_attempts = o.max_attempts;
+        c.retry.max_age = o.max_age;
+        c.retry.backoff.base = o.backoff_base;
+        c.retry.backoff.max = o.backoff_max;
+        c.max_in_process_wait = o.max_in_process_wait;
+        c.in_process_attempts = o.in_process_attempts;
+        c.claim_lease = o.claim_lease;
+        c.shutdown_grace = o.shutdown_grace;
+        c.instance = crate::unique("test-worker-");
+        c
+    }
+
+    /// Starts a worker (another replica when one already runs).
+    pub async fn start_worker(&self) -> RunningWorker {
+        let dispatcher = Arc::new(
+            Dispatcher::build(
+                self.db.store.clone(),
+                self.worker_config(),
+                &self.endpoints(),
+            )
+            .unwrap(),
+        );
+        let follower = dispatcher.follow_changes();
+        let health = Arc::new(Health::default());
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(mail_dispatch_worker::runner::run(
+            dispatcher.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
+        // Wait until it consumes, so tests do not race the consumer's start.
+        for _ in 0..100 {
+            if health.amqp() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(health.amqp(), "worker did not connect to RabbitMQ");
+        RunningWorker {
+            dispatcher,
+            health,
+            shutdown,
+            handle,
+            follower,
+        }
+    }
+
+    /// Stops the app's worker.
+    pub async fn stop_worker(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop().await;
+        }
+    }
+
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.worker.as_ref().expect("worker running").dispatcher
+    }
+
+    /// Connects `org` to a provider as a finished connect flow would (grant stored,
+    /// sender saved, test passed): its jobs go through the provider from now on.
+    /// Returns the (access, refresh) tokens the stand-in issued.
+    pub async fn connect(
+        &self,
+        org: &str,
+        vendor: Vendor,
+        account: &str,
+        sender: &str,
+        sender_name: &str,
+    ) -> (String, String) {
+        let (access, refresh) = self.standins.issue(vendor, account);
+        self.store_grant(
+            org,
+            vendor,
+            account,
+            &access,
+            &refresh,
+            chrono::Utc::now() + chrono::Duration::minutes(50),
+        )
+        .await;
+        let store = &self.db.store;
+        store
+            .save_sender(org, sender, Some(sender_name), Fallback::None)
+            .await
+            .unwrap();
+        store
+            .record_test(org, &serde_json::json!({"status": "sent"}), true)
+            .await
+            .unwrap();
+        (access, refresh)
+    }
+
+    /// Stores a grant with the access token expiring at `expires_at`.
+    pub async fn store_grant(
+        &self,
+        org: &str,
+        vendor: Vendor,
+        account: &str,
+        access: &str,
+        refresh: &str,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    ) {
+        self.db
+            .store
+            .save_connection(&NewConnection {
+                organization_id: org.into(),
+                provider: match vendor {
+                    Vendor::Microsoft => ProviderKind::Microsoft,
+                    Vendor::Google => ProviderKind::Google,
+                },
+                account_email: account.into(),
+                refresh_token: SecretString::from(refresh.to_owned()),
+                access_token: Some((SecretString::from(access.to_owned()), expires_at)),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// `.eml` files the platform sender wrote.
+    pub fn outbox_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.outbox)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+
+    /// A valid job for `org` with a fresh id.
+    pub fn job(&self, org: &str) -> Value {
+        serde_json::json!({
+            "id": uuid::Uuid::new_v4().to_string(),
+            "organization_id": org,
+            "to": [{"email": "alice@example.com", "name": "Alice Martin"}],
+            "subject": "Nouvelle tâche : revue du registre",
+            "text": "Bonjour Alice, une tâche vous a été assignée.",
+        })
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.shutdown.cancel();
+            w.follower.abort();
+            w.handle.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.outbox);
+    }
+}

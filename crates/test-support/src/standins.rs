@@ -1,0 +1,512 @@
+//! Local stand-ins of Microsoft and Google, answering as the official docs show.
+//!
+//! - Microsoft identity platform token endpoint, `POST /{tenant}/oauth2/v2.0/token`
+//!   (learn.microsoft.com/en-us/entra/identity-platform/v2-oauth2-auth-code-flow):
+//!   success `{"token_type":"Bearer","scope","expires_in","ext_expires_in","access_token","refresh_token"}`
+//!   — a new refresh token on every refresh; errors
+//!   `{"error","error_description","error_codes","timestamp","trace_id","correlation_id","error_uri"}`.
+//! - Microsoft Graph `POST /v1.0/me/sendMail` (learn.microsoft.com/en-us/graph/api/user-sendmail):
+//!   `202 Accepted`, empty body, `request-id` and `client-request-id` headers; errors
+//!   `{"error":{"code","message","innerError":{"date","request-id","client-request-id"}}}`.
+//! - Google token endpoint `POST /token` (developers.google.com/identity/protocols/oauth2/web-server):
+//!   success `{"access_token","expires_in","scope","token_type"}` (no new refresh token
+//!   on refresh); error `{"error":"invalid_grant","error_description":"Token has been expired or revoked."}`.
+//! - Gmail `POST /gmail/v1/users/me/messages/send` (developers.google.com/gmail/api/reference/rest/v1/users.messages/send):
+//!   `200` with a Message `{"id","threadId","labelIds":["SENT"]}`; errors
+//!   `{"error":{"code","message","errors":[{"message","domain","reason"}],"status"}}`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path, path_regex};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+/// Which stand-in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Vendor {
+    Microsoft,
+    Google,
+}
+
+#[derive(Default)]
+struct State {
+    counter: u64,
+    /// access token → (vendor, account)
+    access: HashMap<String, (Vendor, String)>,
+    /// refresh token → (vendor, account)
+    refresh: HashMap<String, (Vendor, String)>,
+    revoked_accounts: HashSet<String>,
+    token_requests: Vec<(Vendor, HashMap<String, String>)>,
+    revocations: Vec<String>,
+    graph_sends: Vec<Value>,
+    gmail_sends: Vec<Vec<u8>>,
+    send_attempts: HashMap<Vendor, u32>,
+    scripted: HashMap<Vendor, VecDeque<ResponseTemplate>>,
+    send_delay: Duration,
+    token_delay: Duration,
+}
+
+/// The four stand-ins and what they saw.
+#[derive(Clone)]
+pub struct StandIns {
+    pub microsoft_login: Arc<MockServer>,
+    pub graph: Arc<MockServer>,
+    pub google_oauth: Arc<MockServer>,
+    pub gmail: Arc<MockServer>,
+    state: Arc<Mutex<State>>,
+}
+
+fn bearer(request: &Request) -> Option<String> {
+    let h = request.headers.get("authorization")?.to_str().ok()?;
+    h.strip_prefix("Bearer ").map(str::to_owned)
+}
+
+fn form(request: &Request) -> HashMap<String, String> {
+    url::form_urlencoded::parse(&request.body)
+        .into_owned()
+        .collect()
+}
+
+fn graph_error(status: u16, code: &str, message: &str) -> ResponseTemplate {
+    let id = uuid::Uuid::new_v4().to_string();
+    ResponseTemplate::new(status)
+        .insert_header("request-id", id.as_str())
+        .insert_header("client-request-id", id.as_str())
+        .set_body_json(json!({"error": {"code": code, "message": message,
+            "innerError": {"date": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S").to_string(),
+                           "request-id": id, "client-request-id": id}}}))
+}
+
+fn google_error(status: u16, reason: &str, message: &str, state: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status)
+        .set_body_json(json!({"error": {"code": status, "message": message,
+        "errors": [{"message": message, "domain": "global", "reason": reason}], "status": state}}))
+}
+
+fn microsoft_token_error(aadsts: u32, error: &str, description: &str) -> ResponseTemplate {
+    let trace = uuid::Uuid::new_v4().to_string();
+    ResponseTemplate::new(400).set_body_json(json!({
+        "error": error,
+        "error_description": format!("AADSTS{aadsts}: {description}\r\nTrace ID: {trace}\r\nCorrelation ID: {trace}\r\nTimestamp: {}", chrono::Utc::now().format("%Y-%m-%d %H:%M:%SZ")),
+        "error_codes": [aadsts],
+        "timestamp": chrono::Utc::now().format("%Y-%m-%d %H:%M:%SZ").to_string(),
+        "trace_id": trace, "correlation_id": trace,
+        "error_uri": format!("https://login.microsoftonline.com/error?code={aadsts}"),
+    }))
+}
+
+/// Graph 429 as documented for ApplicationThrottled, with `Retry-After` in seconds.
+pub fn graph_throttled(retry_after_secs: u64) -> ResponseTemplate {
+    graph_error(
+        429,
+        "ApplicationThrottled",
+        "Application is over its MailboxConcurrency limit.",
+    )
+    .insert_header("Retry-After", retry_after_secs.to_string().as_str())
+}
+
+/// Graph 503 serviceNotAvailable.
+pub fn graph_unavailable() -> ResponseTemplate {
+    graph_error(
+        503,
+        "serviceNotAvailable",
+        "Service unavailable. Please try again later.",
+    )
+}
+
+/// Graph 403 ErrorSendAsDenied.
+pub fn graph_send_as_denied() -> ResponseTemplate {
+    graph_error(
+        403,
+        "ErrorSendAsDenied",
+        "The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account., Cannot submit message.",
+    )
+}
+
+/// Graph 400 ErrorInvalidRecipients.
+pub fn graph_invalid_recipients() -> ResponseTemplate {
+    graph_error(
+        400,
+        "ErrorInvalidRecipients",
+        "At least one recipient isn't valid., A message can't be sent because it contains no recipients.",
+    )
+}
+
+/// Gmail 429 whose message carries the time to retry at.
+pub fn gmail_rate_limited(retry_in: Duration) -> ResponseTemplate {
+    let at = chrono::Utc::now() + chrono::Duration::from_std(retry_in).unwrap();
+    let message = format!(
+        "User-rate limit exceeded.  Retry after {}",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
+    google_error(429, "rateLimitExceeded", &message, "RESOURCE_EXHAUSTED")
+}
+
+/// Gmail 503 backendError.
+pub fn gmail_unavailable() -> ResponseTemplate {
+    google_error(
+        503,
+        "backendError",
+        "The service is currently unavailable.",
+        "UNAVAILABLE",
+    )
+}
+
+/// Gmail 403 dailyLimitExceeded.
+pub fn gmail_daily_limit() -> ResponseTemplate {
+    google_error(
+        403,
+        "dailyLimitExceeded",
+        "Daily Limit Exceeded",
+        "PERMISSION_DENIED",
+    )
+}
+
+struct MicrosoftToken(Arc<Mutex<State>>);
+impl Respond for MicrosoftToken {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut s = self.0.lock().unwrap();
+        let f = form(request);
+        s.token_requests.push((Vendor::Microsoft, f.clone()));
+        let delay = s.token_delay;
+        let grant = f.get("grant_type").map(String::as_str);
+        let account = match grant {
+            Some("refresh_token") => f
+                .get("refresh_token")
+                .and_then(|t| s.refresh.get(t))
+                .cloned(),
+            _ => None,
+        };
+        let Some((Vendor::Microsoft, account)) = account else {
+            return microsoft_token_error(
+                9002313,
+                "invalid_grant",
+                "Invalid request. Request is malformed or invalid.",
+            );
+        };
+        if s.revoked_accounts.contains(&account) {
+            return microsoft_token_error(
+                70008,
+                "invalid_grant",
+                "The provided authorization code or refresh token has expired due to inactivity.",
+            );
+        }
+        s.counter += 1;
+        let (access, refresh) = (
+            format!("ms-at-{}", s.counter),
+            format!("ms-rt-{}", s.counter),
+        );
+        s.access
+            .insert(access.clone(), (Vendor::Microsoft, account.clone()));
+        s.refresh
+            .insert(refresh.clone(), (Vendor::Microsoft, account));
+        ResponseTemplate::new(200).set_delay(delay).set_body_json(json!({
+            "token_type": "Bearer",
+            "scope": "https://graph.microsoft.com/Mail.Send https://graph.microsoft.com/User.Read",
+            "expires_in": 3599, "ext_expires_in": 3599,
+            "access_token": access, "refresh_token": refresh,
+        }))
+    }
+}
+
+struct GoogleToken(Arc<Mutex<State>>);
+impl Respond for GoogleToken {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut s = self.0.lock().unwrap();
+        let f = form(request);
+        s.token_requests.push((Vendor::Google, f.clone()));
+        let delay = s.token_delay;
+        let account = f
+            .get("refresh_token")
+            .and_then(|t| s.refresh.get(t))
+            .cloned();
+        match account {
+            Some((Vendor::Google, account)) if !s.revoked_accounts.contains(&account) => {
+                s.counter += 1;
+                let access = format!("ya29.g-at-{}", s.counter);
+                s.access.insert(access.clone(), (Vendor::Google, account));
+                ResponseTemplate::new(200).set_delay(delay).set_body_json(json!({
+                    "access_token": access, "expires_in": 3599,
+                    "scope": "https://www.googleapis.com/auth/gmail.send", "token_type": "Bearer",
+                }))
+            }
+            _ => ResponseTemplate::new(400)
+                .set_body_json(json!({"error": "invalid_grant", "error_description": "Token has been expired or revoked."})),
+        }
+    }
+}
+
+struct GoogleRevoke(Arc<Mutex<State>>);
+impl Respond for GoogleRevoke {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut s = self.0.lock().unwrap();
+        let token = form(request).get("token").cloned().or_else(|| {
+            request
+                .url
+                .query_pairs()
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        });
+        match token {
+            Some(t) if s.refresh.contains_key(&t) || s.access.contains_key(&t) => {
+                s.revocations.push(t.clone());
+                if let Some((_, account)) = s.refresh.get(&t).cloned() {
+                    s.revoked_accounts.insert(account);
+                }
+                ResponseTemplate::new(200)
+            }
+            _ => ResponseTemplate::new(400).set_body_json(
+                json!({"error": "invalid_token", "error_description": "Token expired or revoked"}),
+            ),
+        }
+    }
+}
+
+struct GraphSend(Arc<Mutex<State>>);
+impl Respond for GraphSend {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut s = self.0.lock().unwrap();
+        *s.send_attempts.entry(Vendor::Microsoft).or_default() += 1;
+        let delay = s.send_delay;
+        match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
+            Some((Vendor::Microsoft, _)) => {}
+            _ => {
+                return graph_error(
+                    401,
+                    "InvalidAuthenticationToken",
+                    "Access token has expired or is not yet valid.",
+                )
+                .insert_header(
+                    "WWW-Authenticate",
+                    "Bearer realm=\"\", error=\"invalid_token\"",
+                );
+            }
+        }
+        if let Some(scripted) = s
+            .scripted
+            .get_mut(&Vendor::Microsoft)
+            .and_then(VecDeque::pop_front)
+        {
+            return scripted.set_delay(delay);
+        }
+        let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
+            return graph_error(400, "BadRequest", "Unable to read JSON request payload.");
+        };
+        // Graph refuses an empty internetMessageHeaders array and non-X- names.
+        if let Some(h) = body["message"].get("internetMessageHeaders") {
+            let ok = h.as_array().is_some_and(|a| {
+                !a.is_empty()
+                    && a.len() <= 5
+                    && a.iter().all(|x| {
+                        x["name"]
+                            .as_str()
+                            .is_some_and(|n| n.to_ascii_lowercase().starts_with("x-"))
+                    })
+            });
+            if !ok {
+                return graph_error(
+                    400,
+                    "InvalidInternetMessageHeader",
+                    "The internet message header name 'Subject' should start with 'x-' or 'X-'.",
+                );
+            }
+        }
+        s.graph_sends.push(body);
+        let id = uuid::Uuid::new_v4().to_string();
+        ResponseTemplate::new(202)
+            .set_delay(delay)
+            .insert_header("request-id", id.as_str())
+            .insert_header("client-request-id", id.as_str())
+    }
+}
+
+struct GmailSend(Arc<Mutex<State>>);
+impl Respond for GmailSend {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut s = self.0.lock().unwrap();
+        *s.send_attempts.entry(Vendor::Google).or_default() += 1;
+        let delay = s.send_delay;
+        match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
+            Some((Vendor::Google, _)) => {}
+            _ => {
+                return google_error(
+                    401,
+                    "authError",
+                    "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential.",
+                    "UNAUTHENTICATED",
+                )
+                .insert_header("WWW-Authenticate", "Bearer realm=\"https://accounts.google.com/\", error=\"invalid_token\"");
+            }
+        }
+        if let Some(scripted) = s
+            .scripted
+            .get_mut(&Vendor::Google)
+            .and_then(VecDeque::pop_front)
+        {
+            return scripted.set_delay(delay);
+        }
+        let raw = serde_json::from_slice::<Value>(&request.body)
+            .ok()
+            .and_then(|v| v["raw"].as_str().map(str::to_owned))
+            .and_then(|r| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(r.trim_end_matches('='))
+                    .ok()
+            });
+        let Some(raw) = raw else {
+            return google_error(
+                400,
+                "invalidArgument",
+                "'raw' RFC822 payload message string or uploading message via /upload/* URL required",
+                "INVALID_ARGUMENT",
+            );
+        };
+        s.gmail_sends.push(raw);
+        let id = format!("{:016x}", rand::random::<u64>());
+        ResponseTemplate::new(200)
+            .set_delay(delay)
+            .set_body_json(json!({"id": id, "threadId": id, "labelIds": ["SENT"]}))
+    }
+}
+
+impl StandIns {
+    pub async fn start() -> StandIns {
+        let state = Arc::new(Mutex::new(State::default()));
+        let (microsoft_login, graph, google_oauth, gmail) = tokio::join!(
+            MockServer::start(),
+            MockServer::start(),
+            MockServer::start(),
+            MockServer::start()
+        );
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/[^/]+/oauth2/v2\.0/token$"))
+            .respond_with(MicrosoftToken(state.clone()))
+            .mount(&microsoft_login)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/v1.0/me/sendMail"))
+            .respond_with(GraphSend(state.clone()))
+            .mount(&graph)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(GoogleToken(state.clone()))
+            .mount(&google_oauth)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/revoke"))
+            .respond_with(GoogleRevoke(state.clone()))
+            .mount(&google_oauth)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/gmail/v1/users/me/messages/send"))
+            .respond_with(GmailSend(state.clone()))
+            .mount(&gmail)
+            .await;
+        StandIns {
+            microsoft_login: Arc::new(microsoft_login),
+            graph: Arc::new(graph),
+            google_oauth: Arc::new(google_oauth),
+            gmail: Arc::new(gmail),
+            state,
+        }
+    }
+
+    /// Mints a grant for `account` as the provider's consent would:
+    /// (access token, refresh token).
+    pub fn issue(&self, vendor: Vendor, account: &str) -> (String, String) {
+        let mut s = self.state.lock().unwrap();
+        s.counter += 1;
+        let n = s.counter;
+        let (access, refresh) = match vendor {
+            Vendor::Microsoft => (format!("ms-at-{n}"), format!("ms-rt-{n}")),
+            Vendor::Google => (format!("ya29.g-at-{n}"), format!("1//g-rt-{n}")),
+        };
+        s.access
+            .insert(access.clone(), (vendor, account.to_owned()));
+        s.refresh
+            .insert(refresh.clone(), (vendor, account.to_owned()));
+        (access, refresh)
+    }
+
+    /// The provider stops accepting this access token (it expired or was revoked).
+    pub fn invalidate_access(&self, token: &str) {
+        self.state.lock().unwrap().access.remove(token);
+    }
+
+    /// The account's grant is revoked: refreshes get `invalid_grant`, access tokens 401.
+    pub fn revoke_account(&self, account: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.revoked_accounts.insert(account.to_owned());
+        s.access.retain(|_, (_, a)| a != account);
+    }
+
+    /// Answers the next send attempts to `vendor` with these responses, in order.
+    pub fn script(&self, vendor: Vendor, responses: impl IntoIterator<Item = ResponseTemplate>) {
+        self.state
+            .lock()
+            .unwrap()
+            .scripted
+            .entry(vendor)
+            .or_default()
+            .extend(responses);
+    }
+
+    /// Delays every send answer (a slow provider).
+    pub fn set_send_delay(&self, d: Duration) {
+        self.state.lock().unwrap().send_delay = d;
+    }
+
+    /// Delays every token answer.
+    pub fn set_token_delay(&self, d: Duration) {
+        self.state.lock().unwrap().token_delay = d;
+    }
+
+    /// Refresh-token grants received by `vendor`'s token endpoint.
+    pub fn refreshes(&self, vendor: Vendor) -> Vec<HashMap<String, String>> {
+        self.state
+            .lock()
+            .unwrap()
+            .token_requests
+            .iter()
+            .filter(|(v, f)| {
+                *v == vendor && f.get("grant_type").map(String::as_str) == Some("refresh_token")
+            })
+            .map(|(_, f)| f.clone())
+            .collect()
+    }
+
+    /// Send requests that reached `vendor`, whatever the answer.
+    pub fn send_attempts(&self, vendor: Vendor) -> u32 {
+        self.state
+            .lock()
+            .unwrap()
+            .send_attempts
+            .get(&vendor)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// `sendMail` bodies Graph accepted.
+    pub fn graph_messages(&self) -> Vec<Value> {
+        self.state.lock().unwrap().graph_sends.clone()
+    }
+
+    /// Raw RFC 5322 messages Gmail accepted.
+    pub fn gmail_messages(&self) -> Vec<Vec<u8>> {
+        self.state.lock().unwrap().gmail_sends.clone()
+    }
+
+    /// Tokens revoked at Google's revoke endpoint.
+    pub fn revocations(&self) -> Vec<String> {
+        self.state.lock().unwrap().revocations.clone()
+    }
+
+    /// Whether the stand-in currently accepts this access token.
+    pub fn accepts(&self, token: &str) -> bool {
+        self.state.lock().unwrap().access.contains_key(token)
+    }
+}

@@ -1,0 +1,313 @@
+//! A queued job becomes a message accepted by Graph, Gmail or the platform sender.
+
+use base64::Engine as _;
+use mail_dispatch_test_support::standins::Vendor;
+use mail_dispatch_test_support::{PLATFORM_SENDER, TestApp};
+use mail_parser::{MessageParser, MimeHeaders as _};
+use serde_json::{Value, json};
+
+use crate::support::{WAIT, assert_valid_result, job_schema_accepts};
+
+/// Bytes that survive only if the attachment path is binary-safe.
+fn pdf_bytes() -> Vec<u8> {
+    let mut b = b"%PDF-1.7\n".to_vec();
+    b.extend((0..=255u8).cycle().take(3000));
+    b
+}
+
+fn full_job(org: &str) -> Value {
+    json!({
+        "id": uuid::Uuid::new_v4().to_string(),
+        "organization_id": org,
+        "workspace_id": "ws_7",
+        "category": "task_assigned",
+        "to": [{"email": "alice@example.com", "name": "Alice Müller"}],
+        "cc": [{"email": "bob@example.com"}],
+        "bcc": [{"email": "audit@example.com", "name": "Audit"}],
+        "reply_to": {"email": "dpo@customer.com", "name": "Délégué à la protection des données"},
+        "subject": "Nouvelle tâche : revue du registre — échéance 30/11",
+        "text": "Bonjour Alice,\nune tâche vous a été assignée : revue du registre.",
+        "html": "<p>Bonjour Alice,</p><p>une tâche vous a été assignée : <b>revue du registre</b>.</p>",
+        "attachments": [{
+            "filename": "rapport d'activité été.pdf",
+            "content_type": "application/pdf",
+            "content_base64": base64::engine::general_purpose::STANDARD.encode(pdf_bytes()),
+        }],
+        "headers": {"X-Entity-Ref-ID": "task-991", "X-Workspace": "ws_7"},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_microsoft_job_reaches_graph_with_sender_recipients_body_attachment_and_headers() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "admin@customer.com",
+        "notifications@customer.com",
+        "Équipe Conformité",
+    )
+    .await;
+    let mut results = app.amqp.tap_results().await;
+    let job = full_job("org_ms");
+    assert!(job_schema_accepts(&job));
+    app.amqp.publish_job(&job).await;
+
+    let result = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&result);
+    assert_eq!(result["status"], "sent", "{result:#}");
+    assert_eq!(result["provider"], "microsoft");
+    assert_eq!(result["attempts"], 1);
+    assert_eq!(result["workspace_id"], "ws_7");
+    assert_eq!(result["category"], "task_assigned");
+    assert_eq!(
+        result["sender"],
+        json!({"email": "notifications@customer.com", "name": "Équipe Conformité"})
+    );
+    assert!(
+        result["provider_message_id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 36),
+        "request-id kept: {result:#}"
+    );
+
+    let sent = app.standins.graph_messages();
+    assert_eq!(sent.len(), 1);
+    let m = &sent[0]["message"];
+    assert_eq!(sent[0]["saveToSentItems"], false);
+    assert_eq!(
+        m["from"],
+        json!({"emailAddress": {"address": "notifications@customer.com", "name": "Équipe Conformité"}})
+    );
+    assert_eq!(
+        m["toRecipients"],
+        json!([{"emailAddress": {"address": "alice@example.com", "name": "Alice Müller"}}])
+    );
+    assert_eq!(
+        m["ccRecipients"],
+        json!([{"emailAddress": {"address": "bob@example.com"}}])
+    );
+    assert_eq!(
+        m["bccRecipients"],
+        json!([{"emailAddress": {"address": "audit@example.com", "name": "Audit"}}])
+    );
+    assert_eq!(
+        m["replyTo"],
+        json!([{"emailAddress": {"address": "dpo@customer.com", "name": "Délégué à la protection des données"}}])
+    );
+    assert_eq!(m["subject"], job["subject"]);
+    assert_eq!(
+        m["body"],
+        json!({"contentType": "HTML", "content": job["html"]})
+    );
+    let attachment = &m["attachments"][0];
+    assert_eq!(attachment["@odata.type"], "#microsoft.graph.fileAttachment");
+    assert_eq!(attachment["name"], "rapport d'activité été.pdf");
+    assert_eq!(attachment["contentType"], "application/pdf");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(attachment["contentBytes"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(bytes, pdf_bytes(), "attachment must arrive byte-identical");
+    let mut headers = m["internetMessageHeaders"].as_array().unwrap().clone();
+    headers.sort_by_key(|h| h["name"].as_str().unwrap().to_owned());
+    assert_eq!(
+        headers,
+        vec![
+            json!({"name": "X-Entity-Ref-ID", "value": "task-991"}),
+            json!({"name": "X-Workspace", "value": "ws_7"})
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graph_message_without_custom_headers_omits_internet_message_headers() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "admin@customer.com",
+        "admin@customer.com",
+        "Customer",
+    )
+    .await;
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    let result = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(result["status"], "sent");
+    let m = &app.standins.graph_messages()[0]["message"];
+    assert!(
+        m.get("internetMessageHeaders").is_none(),
+        "an empty array is refused by Graph: {m:#}"
+    );
+    assert_eq!(m["body"]["contentType"], "Text");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_google_job_reaches_gmail_as_a_well_formed_mime_message() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "ops@customer.com",
+        "ops@customer.com",
+        "Équipe Conformité",
+    )
+    .await;
+    let mut results = app.amqp.tap_results().await;
+    let job = full_job("org_g");
+    app.amqp.publish_job(&job).await;
+
+    let result = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&result);
+    assert_eq!(result["status"], "sent", "{result:#}");
+    assert_eq!(result["provider"], "google");
+    assert!(
+        result["provider_message_id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 16),
+        "Gmail id kept: {result:#}"
+    );
+
+    let raw = app
+        .standins
+        .gmail_messages()
+        .pop()
+        .expect("Gmail received the message");
+    let text = String::from_utf8(raw.clone()).expect("7-bit clean");
+    assert!(
+        text.is_ascii(),
+        "non-ASCII must be encoded (RFC 2047 / transfer encodings)"
+    );
+    let msg = MessageParser::default().parse(&raw).unwrap();
+    let from = msg.from().unwrap().first().unwrap();
+    assert_eq!(from.address(), Some("ops@customer.com"));
+    assert_eq!(from.name(), Some("Équipe Conformité"));
+    assert_eq!(
+        msg.to().unwrap().first().unwrap().name(),
+        Some("Alice Müller")
+    );
+    assert_eq!(
+        msg.cc().unwrap().first().unwrap().address(),
+        Some("bob@example.com")
+    );
+    assert_eq!(
+        msg.bcc().unwrap().first().unwrap().address(),
+        Some("audit@example.com"),
+        "Gmail reads Bcc from the header"
+    );
+    assert_eq!(
+        msg.reply_to().unwrap().first().unwrap().address(),
+        Some("dpo@customer.com")
+    );
+    assert_eq!(msg.subject(), job["subject"].as_str());
+    // MIME bodies travel with CRLF line ends (RFC 5322 §2.3).
+    assert_eq!(
+        msg.body_text(0).unwrap().trim_end().replace("\r\n", "\n"),
+        job["text"].as_str().unwrap()
+    );
+    assert_eq!(
+        msg.body_html(0).unwrap().trim_end(),
+        job["html"].as_str().unwrap()
+    );
+    assert_eq!(
+        msg.header_raw("X-Entity-Ref-ID").map(str::trim),
+        Some("task-991")
+    );
+    let attachment = msg.attachment(0).expect("one attachment");
+    assert_eq!(
+        attachment.attachment_name(),
+        Some("rapport d'activité été.pdf")
+    );
+    assert_eq!(
+        attachment.contents(),
+        pdf_bytes().as_slice(),
+        "attachment must arrive byte-identical"
+    );
+    let message_id = msg.message_id().unwrap();
+    assert!(
+        message_id.starts_with(&format!("job-{}", job["id"].as_str().unwrap())),
+        "Message-ID from the job id: {message_id}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_organization_without_integration_goes_out_from_the_platform_sender_as_an_eml_file() {
+    let app = TestApp::spawn().await;
+    let mut results = app.amqp.tap_results().await;
+    let job = full_job("org_plain");
+    app.amqp.publish_job(&job).await;
+
+    let result = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&result);
+    assert_eq!(result["status"], "sent", "{result:#}");
+    assert_eq!(result["provider"], "default");
+    assert_eq!(result["sender"]["email"], PLATFORM_SENDER);
+    assert!(result.get("fallback").is_none() || result["fallback"] == false);
+
+    let files = app.outbox_files();
+    assert_eq!(files.len(), 1);
+    let raw = std::fs::read(&files[0]).unwrap();
+    let msg = MessageParser::default()
+        .parse(&raw)
+        .expect("parseable .eml");
+    assert_eq!(
+        msg.from().unwrap().first().unwrap().address(),
+        Some(PLATFORM_SENDER)
+    );
+    assert_eq!(msg.subject(), job["subject"].as_str());
+    assert_eq!(
+        msg.to().unwrap().first().unwrap().address(),
+        Some("alice@example.com")
+    );
+    assert!(
+        msg.bcc().is_none(),
+        "Bcc is in the SMTP envelope, not the header"
+    );
+    assert_eq!(
+        msg.attachment(0).unwrap().contents(),
+        pdf_bytes().as_slice()
+    );
+    assert_eq!(
+        Some(result["provider_message_id"].as_str().unwrap()),
+        msg.message_id().map(|id| format!("<{id}>")).as_deref()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_of_several_organizations_each_go_through_their_own_provider() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@ms.example",
+        "a@ms.example",
+        "MS",
+    )
+    .await;
+    app.connect("org_g", Vendor::Google, "b@g.example", "b@g.example", "G")
+        .await;
+    app.standins
+        .set_send_delay(std::time::Duration::from_millis(200));
+    let mut results = app.amqp.tap_results().await;
+    let mut expected = std::collections::HashMap::new();
+    for i in 0..30 {
+        let org = ["org_ms", "org_g", "org_plain"][i % 3];
+        let job = app.job(org);
+        expected.insert(job["id"].as_str().unwrap().to_owned(), org);
+        app.amqp.publish_job(&job).await;
+    }
+    let all = results.results(30, WAIT).await;
+    for r in all {
+        assert_eq!(r["status"], "sent");
+        let provider = match expected[r["job_id"].as_str().unwrap()] {
+            "org_ms" => "microsoft",
+            "org_g" => "google",
+            _ => "default",
+        };
+        assert_eq!(r["provider"], provider);
+    }
+    assert_eq!(app.standins.graph_messages().len(), 10);
+    assert_eq!(app.standins.gmail_messages().len(), 10);
+    assert_eq!(app.outbox_files().len(), 10);
+}

@@ -1,0 +1,334 @@
+//! Access tokens: refreshed once, rotated refresh tokens stored, revoked grants reported.
+
+use std::time::Duration;
+
+use mail_dispatch_store::IntegrationStatus;
+use mail_dispatch_test_support::TestApp;
+use mail_dispatch_test_support::standins::Vendor;
+use secrecy::ExposeSecret as _;
+
+use crate::support::{WAIT, assert_valid_result};
+
+/// Stores a grant whose access token expired an hour ago (and that the provider no longer accepts).
+async fn expired_grant(
+    app: &TestApp,
+    org: &str,
+    vendor: Vendor,
+    account: &str,
+) -> (String, String) {
+    let (access, refresh) = app.standins.issue(vendor, account);
+    app.standins.invalidate_access(&access);
+    app.store_grant(
+        org,
+        vendor,
+        account,
+        &access,
+        &refresh,
+        chrono::Utc::now() - chrono::Duration::hours(1),
+    )
+    .await;
+    let store = &app.db.store;
+    store
+        .save_sender(
+            org,
+            account,
+            Some("Sender"),
+            mail_dispatch_store::Fallback::None,
+        )
+        .await
+        .unwrap();
+    store
+        .record_test(org, &serde_json::json!({"status": "sent"}), true)
+        .await
+        .unwrap();
+    (access, refresh)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_token_is_refreshed_once_for_fifty_jobs_in_flight() {
+    let app = TestApp::spawn_with(mail_dispatch_test_support::TestAppOptions {
+        concurrency: 64,
+        ..Default::default()
+    })
+    .await;
+    let (_, original_refresh) =
+        expired_grant(&app, "org_ms", Vendor::Microsoft, "admin@customer.com").await;
+    // A slow token endpoint widens the window in which 50 jobs want a token.
+    app.standins.set_token_delay(Duration::from_millis(500));
+    let mut results = app.amqp.tap_results().await;
+    for _ in 0..50 {
+        app.amqp.publish_job(&app.job("org_ms")).await;
+    }
+    for r in results.results(50, WAIT).await {
+        assert_eq!(r["status"], "sent", "{r:#}");
+    }
+    let refreshes = app.standins.refreshes(Vendor::Microsoft);
+    assert_eq!(refreshes.len(), 1, "one refresh for 50 jobs");
+    let grant = &refreshes[0];
+    assert_eq!(grant["refresh_token"], original_refresh);
+    assert_eq!(grant["client_id"], "ms-client-id");
+    assert!(
+        grant["scope"].contains("offline_access"),
+        "Microsoft refreshes carry the scopes"
+    );
+    assert_eq!(app.standins.graph_messages().len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_one_refresh_through_postgresql() {
+    let app = TestApp::spawn().await;
+    let second = app.start_worker().await;
+    expired_grant(&app, "org_g", Vendor::Google, "ops@customer.com").await;
+    app.standins.set_token_delay(Duration::from_millis(500));
+    let mut results = app.amqp.tap_results().await;
+    for _ in 0..30 {
+        app.amqp.publish_job(&app.job("org_g")).await;
+    }
+    for r in results.results(30, WAIT).await {
+        assert_eq!(r["status"], "sent", "{r:#}");
+    }
+    assert_eq!(
+        app.standins.refreshes(Vendor::Google).len(),
+        1,
+        "one refresh across two replicas"
+    );
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn microsofts_rotated_refresh_token_replaces_the_stored_one() {
+    let app = TestApp::spawn().await;
+    let (_, original) =
+        expired_grant(&app, "org_ms", Vendor::Microsoft, "admin@customer.com").await;
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    assert_eq!(
+        results.result(job["id"].as_str().unwrap(), WAIT).await["status"],
+        "sent"
+    );
+
+    let stored = app
+        .db
+        .store
+        .refresh_locked("org_ms", |t| async move {
+            (mail_dispatch_store::RefreshDecision::Keep, t.refresh_token)
+        })
+        .await
+        .unwrap()
+        .flatten()
+        .expect("a refresh token is stored");
+    assert_ne!(
+        stored.expose_secret(),
+        original,
+        "the rotated refresh token must be stored"
+    );
+    assert!(stored.expose_secret().starts_with("ms-rt-"));
+    // And it is the one the provider just issued: a later refresh uses it.
+    app.standins.invalidate_access(
+        &app.db
+            .store
+            .access_token("org_ms")
+            .await
+            .unwrap()
+            .unwrap()
+            .0
+            .expose_secret()
+            .to_owned(),
+    );
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    assert_eq!(
+        results.result(job["id"].as_str().unwrap(), WAIT).await["status"],
+        "sent"
+    );
+    let refreshes = app.standins.refreshes(Vendor::Microsoft);
+    assert_eq!(refreshes.len(), 2);
+    assert_eq!(refreshes[1]["refresh_token"], stored.expose_secret());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_access_token_is_refreshed_once_and_the_message_resent() {
+    let app = TestApp::spawn().await;
+    let (access, _) = app
+        .connect(
+            "org_g",
+            Vendor::Google,
+            "ops@customer.com",
+            "ops@customer.com",
+            "Ops",
+        )
+        .await;
+    // Not expired by the clock, but the provider says 401 (revoked access token).
+    app.standins.invalidate_access(&access);
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_g");
+    app.amqp.publish_job(&job).await;
+    let result = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(result["status"], "sent", "{result:#}");
+    assert_eq!(app.standins.refreshes(Vendor::Google).len(), 1);
+    assert_eq!(
+        app.standins.send_attempts(Vendor::Google),
+        2,
+        "one 401, one accepted send"
+    );
+    assert_eq!(app.standins.gmail_messages().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_grant_fails_jobs_with_auth_revoked_marks_needs_reauth_and_publishes_one_event() {
+    let app = TestApp::spawn().await;
+    expired_grant(&app, "org_ms", Vendor::Microsoft, "admin@customer.com").await;
+    app.standins.revoke_account("admin@customer.com");
+    let mut results = app.amqp.tap_results().await;
+    let jobs: Vec<_> = (0..5).map(|_| app.job("org_ms")).collect();
+    for job in &jobs {
+        app.amqp.publish_job(job).await;
+    }
+    for job in &jobs {
+        let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+        assert_valid_result(&r);
+        assert_eq!(r["status"], "failed");
+        assert_eq!(r["error"]["code"], "auth_revoked", "{r:#}");
+        assert_eq!(r["provider"], "microsoft");
+    }
+    let integration = app.db.store.integration("org_ms").await.unwrap().unwrap();
+    assert_eq!(integration.status, IntegrationStatus::NeedsReauth);
+    assert!(integration.last_error.unwrap().contains("invalid_grant"));
+
+    let seen = results.settle(Duration::from_millis(500)).await;
+    let events: Vec<_> = seen
+        .iter()
+        .filter(|s| s.routing_key == "integration.needs_reauth")
+        .collect();
+    assert_eq!(events.len(), 1, "one event, not one per job");
+    let e = &events[0].body;
+    assert_eq!(e["event"], "integration.needs_reauth");
+    assert_eq!(e["organization_id"], "org_ms");
+    assert_eq!(e["provider"], "microsoft");
+    assert!(e["reason"].as_str().unwrap().starts_with("invalid_grant"));
+    assert_eq!(
+        app.standins.refreshes(Vendor::Microsoft).len(),
+        1,
+        "later jobs do not ask the provider again"
+    );
+    assert_eq!(app.standins.graph_messages().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_platform_fallback_a_revoked_organization_goes_out_from_the_platform_sender() {
+    let app = TestApp::spawn().await;
+    expired_grant(
+        &app,
+        "org_ms",
+        Vendor::Microsoft,
+        "notifications@customer.com",
+    )
+    .await;
+    app.db
+        .store
+        .save_sender(
+            "org_ms",
+            "notifications@customer.com",
+            Some("Compliance Team"),
+            mail_dispatch_store::Fallback::PlatformSender,
+        )
+        .await
+        .unwrap();
+    app.standins.revoke_account("notifications@customer.com");
+    let mut results = app.amqp.tap_results().await;
+    let first = app.job("org_ms");
+    app.amqp.publish_job(&first).await;
+    let r = results.result(first["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(
+        r["error"]["code"], "auth_revoked",
+        "the job that discovers the refusal fails: {r:#}"
+    );
+
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "sent", "{r:#}");
+    assert_eq!(r["provider"], "default");
+    assert_eq!(r["fallback"], true);
+    assert_eq!(r["sender"]["name"], "Compliance Team");
+    let files = app.outbox_files();
+    let raw = std::fs::read(&files[0]).unwrap();
+    let msg = mail_parser::MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(
+        msg.from().unwrap().first().unwrap().name(),
+        Some("Compliance Team")
+    );
+    assert_eq!(
+        msg.reply_to().unwrap().first().unwrap().address(),
+        Some("notifications@customer.com")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_never_appear_in_plaintext_in_the_database() {
+    let app = TestApp::spawn().await;
+    let (old_access, old_refresh) =
+        expired_grant(&app, "org_ms", Vendor::Microsoft, "admin@customer.com").await;
+    let (g_access, g_refresh) = app
+        .connect(
+            "org_g",
+            Vendor::Google,
+            "ops@customer.com",
+            "ops@customer.com",
+            "Ops",
+        )
+        .await;
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    assert_eq!(
+        results.result(job["id"].as_str().unwrap(), WAIT).await["status"],
+        "sent"
+    );
+    let new_access = app
+        .db
+        .store
+        .access_token("org_ms")
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+        .expose_secret()
+        .to_owned();
+    let secrets = [old_access, old_refresh, g_access, g_refresh, new_access];
+
+    let client = app.db.client().await;
+    let tables: Vec<String> = client
+        .query(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tables.contains(&"integrations".to_owned()));
+    for table in tables {
+        let rows = client
+            .query(&format!("SELECT row_to_json(t)::text FROM {table} t"), &[])
+            .await
+            .unwrap();
+        for row in rows {
+            let text: String = row.get(0);
+            for secret in &secrets {
+                let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+                assert!(
+                    !text.contains(secret.as_str()),
+                    "{table} holds a token in plaintext"
+                );
+                assert!(
+                    !text.contains(&hex),
+                    "{table} holds a token as hex-encoded plaintext"
+                );
+            }
+        }
+    }
+}
