@@ -332,3 +332,41 @@ async fn tokens_never_appear_in_plaintext_in_the_database() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_refused_again_after_a_refresh_marks_the_integration_needs_reauth() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "admin@customer.com",
+        "admin@customer.com",
+        "Admin",
+    )
+    .await;
+    let unauthorized = || {
+        wiremock::ResponseTemplate::new(401).set_body_json(serde_json::json!({"error": {
+            "code": "InvalidAuthenticationToken", "message": "Access token validation failure. Invalid audience.",
+            "innerError": {"date": "2026-11-28T10:15:03", "request-id": "r", "client-request-id": "c"}}}))
+    };
+    app.standins
+        .script(Vendor::Microsoft, [unauthorized(), unauthorized()]);
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["error"]["code"], "auth_revoked", "{r:#}");
+    assert_eq!(r["error"]["provider_status"], 401);
+    assert_eq!(
+        app.standins.refreshes(Vendor::Microsoft).len(),
+        1,
+        "refreshed once, not in a loop"
+    );
+    let integration = app.db.store.integration("org_ms").await.unwrap().unwrap();
+    assert_eq!(integration.status, IntegrationStatus::NeedsReauth);
+    let event = results
+        .wait_for(WAIT, |s| s.routing_key == "integration.needs_reauth")
+        .await
+        .expect("needs_reauth event");
+    assert_eq!(event.body["organization_id"], "org_ms");
+}

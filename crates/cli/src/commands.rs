@@ -72,6 +72,7 @@ pub fn endpoints(settings: &Settings) -> anyhow::Result<ProviderEndpoints> {
 /// `run` and `worker`.
 pub async fn run(settings: &Settings, _with_admin: bool) -> anyhow::Result<()> {
     let metrics = crate::serve::install_recorder()?;
+    let metrics_listener = crate::serve::bind(settings.metrics_listen).await?;
     let store = open_store(settings, true).await?;
     // Fail fast with a clear message if the broker is unreachable at start.
     connect_broker(settings, "mail-dispatch-startup-check")
@@ -91,7 +92,7 @@ pub async fn run(settings: &Settings, _with_admin: bool) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
 
     let metrics_server = tokio::spawn(crate::serve::serve_metrics(
-        settings.metrics_listen,
+        metrics_listener,
         metrics,
         health.clone(),
         store.clone(),

@@ -34,8 +34,15 @@ struct Probe {
     needs_amqp: bool,
 }
 
+/// Binds the metrics listener (at start, so a taken port fails the start).
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {listen} (MAIL_DISPATCH_METRICS_LISTEN): {e}")
+    })
+}
+
 pub async fn serve_metrics(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
     health: Arc<Health>,
     store: Store,
@@ -55,10 +62,7 @@ pub async fn serve_metrics(
             store,
             needs_amqp,
         });
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {listen} (MAIL_DISPATCH_METRICS_LISTEN): {e}")
-    })?;
-    tracing::info!(%listen, "metrics and health endpoints listening");
+    tracing::info!(listen = %listener.local_addr()?, "metrics and health endpoints listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;

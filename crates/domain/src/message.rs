@@ -25,10 +25,10 @@ pub struct OutgoingMessage {
 }
 
 impl OutgoingMessage {
-    /// The job's content sent from `from`. `reply_to_override` replaces the job's
-    /// Reply-To only when the job has none (the platform-sender fallback points
-    /// replies at the organization's own sender address).
-    pub fn from_job(job: &Job, from: Mailbox, reply_to_default: Option<Mailbox>) -> Self {
+    /// The job's content sent from `from`. `reply_to_override`, when given, replaces
+    /// the job's Reply-To: the platform-sender fallback points replies at the
+    /// organization's own sender address (contract §5).
+    pub fn from_job(job: &Job, from: Mailbox, reply_to_override: Option<Mailbox>) -> Self {
         let from_domain = from.email.domain().to_owned();
         let from_domain = from_domain.as_str();
         OutgoingMessage {
@@ -36,7 +36,7 @@ impl OutgoingMessage {
             to: job.to.clone(),
             cc: job.cc.clone(),
             bcc: job.bcc.clone(),
-            reply_to: job.reply_to.clone().or(reply_to_default),
+            reply_to: reply_to_override.or_else(|| job.reply_to.clone()),
             subject: job.subject.clone(),
             text: job.text.clone(),
             html: job.html.clone(),

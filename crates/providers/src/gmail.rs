@@ -22,6 +22,8 @@ use crate::{Accepted, SendError};
 
 /// Gmail's largest message, through the upload endpoint.
 pub const MAX_MESSAGE_BYTES: usize = 35 * 1024 * 1024;
+/// Recipients per message through the API (support.google.com/a/answer/166852).
+pub const MAX_RECIPIENTS: usize = 100;
 /// Above this raw size the media upload endpoint is used instead of a JSON body.
 pub const UPLOAD_THRESHOLD_BYTES: usize = 4 * 1024 * 1024;
 

@@ -31,8 +31,8 @@ impl std::fmt::Debug for PlatformSender {
 pub struct TransportUrlError(String);
 
 impl PlatformSender {
-    /// `smtp://host:port` (STARTTLS when offered; add `?tls=required` to insist),
-    /// `smtps://user:pass@host:port` (implicit TLS), or `file://DIR`.
+    /// `smtp://host:port` (plain; add `?tls=required` for STARTTLS — lettre's URL
+    /// form), `smtps://user:pass@host:port` (implicit TLS), or `file://DIR`.
     pub fn from_url(url: &str) -> Result<Self, TransportUrlError> {
         if let Some(dir) = url.strip_prefix("file://") {
             let dir = std::path::PathBuf::from(if dir.is_empty() { "." } else { dir });

@@ -292,7 +292,7 @@ impl Store {
         let client = self.client().await?;
         let n = client
             .execute(
-                "UPDATE integrations SET status = 'needs_reauth', last_error = $2,
+                "UPDATE integrations SET status = 'needs_reauth', last_error = $2, refresh_token = NULL,
                      access_token = NULL, access_token_expires_at = NULL, updated_at = now()
                  WHERE organization_id = $1 AND status <> 'needs_reauth'",
                 &[&organization_id, &reason],
@@ -398,6 +398,7 @@ impl Store {
                 .transpose()?,
             access_token: self.decrypt_access(organization_id, &row)?,
         };
+        let current_refresh = tokens.refresh_token.clone();
         let (decision, value) = refresh(tokens).await;
         match decision {
             RefreshDecision::Keep => {}
@@ -408,7 +409,10 @@ impl Store {
             } => {
                 let cipher = self.cipher();
                 let access = cipher.encrypt(&ctx(organization_id, "access_token"), &access_token);
+                // The refresh token is re-encrypted under the current key even when the
+                // provider did not rotate it (Google), so token_key_id stays truthful.
                 let rotated = refresh_token
+                    .or(current_refresh)
                     .map(|t| cipher.encrypt(&ctx(organization_id, "refresh_token"), &t));
                 tx.execute(
                     "UPDATE integrations SET access_token = $2, access_token_expires_at = $3,

@@ -15,7 +15,7 @@ pub enum Claim {
     Busy,
     /// The outcome is known but its result was not confirmed published: publish
     /// this stored result, without sending again.
-    Completed(serde_json::Value),
+    Completed(Option<serde_json::Value>),
     /// Finished and its result published: nothing to do.
     Published,
 }
@@ -51,7 +51,7 @@ impl Store {
         if let Some(row) = claimed {
             let state: &str = row.get(0);
             return Ok(if state == "completed" {
-                Claim::Completed(row.get(2))
+                Claim::Completed(row.get::<_, Option<serde_json::Value>>(2))
             } else {
                 Claim::Acquired { claims: row.get(1) }
             });
@@ -127,8 +127,9 @@ impl Store {
         Ok(())
     }
 
-    /// Releases a claim: the job waits in a delay queue (or was handed back at
-    /// shutdown) and its next delivery may claim it again.
+    /// Releases a claim: the job waits in a delay queue and its next delivery may
+    /// claim it again. (A job handed back at shutdown keeps its claim until the
+    /// lease expires: its send may have been under way.)
     pub async fn release_job(&self, job_id: &str) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.client().await?;

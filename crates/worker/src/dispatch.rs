@@ -51,7 +51,7 @@ impl Incoming {
 }
 
 /// Why a job is dead-lettered.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeadLetter {
     pub reason: ErrorCode,
     pub detail: String,
@@ -66,6 +66,28 @@ pub struct Finish {
     pub events: Vec<NeedsReauthEvent>,
     /// The ledger row to mark published once the broker confirmed the result.
     pub ledger_job_id: Option<String>,
+}
+
+/// What the ledger keeps of a finished job, so that a redelivery re-publishes
+/// everything the first delivery meant to (result, dead letter, events).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Recorded {
+    result: JobResult,
+    #[serde(default)]
+    dead_letter: Option<DeadLetter>,
+    #[serde(default)]
+    events: Vec<NeedsReauthEvent>,
+}
+
+impl Recorded {
+    fn into_finish(self, job_id: &str) -> Finish {
+        Finish {
+            result: self.result,
+            dead_letter: self.dead_letter,
+            events: self.events,
+            ledger_job_id: Some(job_id.to_owned()),
+        }
+    }
 }
 
 /// What the runner does with a delivery.
@@ -101,9 +123,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    fn in_process_retry(&self) -> InProcessRetry {
+    /// In-process attempts, never more than the job's remaining budget.
+    fn in_process_retry(&self, attempts_made: u32) -> InProcessRetry {
+        let remaining = self.config.retry.max_attempts.saturating_sub(attempts_made);
         InProcessRetry {
-            attempts: self.config.in_process_attempts.max(1),
+            attempts: self.config.in_process_attempts.min(remaining).max(1),
             max_wait: self.config.max_in_process_wait,
             backoff: mail_dispatch_domain::Backoff {
                 base: Duration::from_millis(100),
@@ -165,14 +189,9 @@ impl Dispatcher {
             }
             Ok(Claim::Completed(stored)) => {
                 // Outcome known, result not confirmed published: publish it, send nothing.
-                return match serde_json::from_value::<JobResult>(stored) {
-                    Ok(result) => Decision::Finish(Box::new(Finish {
-                        result,
-                        dead_letter: None,
-                        events: vec![],
-                        ledger_job_id: Some(job.id.clone()),
-                    })),
-                    Err(_) => Decision::Duplicate,
+                return match stored.map(serde_json::from_value::<Recorded>) {
+                    Some(Ok(recorded)) => Decision::Finish(Box::new(recorded.into_finish(&job.id))),
+                    _ => Decision::Duplicate,
                 };
             }
             Ok(Claim::Busy) => {
@@ -258,7 +277,7 @@ impl Dispatcher {
                 provider,
                 &job.organization_id,
                 &message,
-                self.in_process_retry(),
+                self.in_process_retry(incoming.attempts),
             )
             .await;
         let attempts = incoming.attempts + made;
@@ -297,6 +316,40 @@ impl Dispatcher {
                 ));
                 self.finish(&job.id, result, None, events).await
             }
+            Err(SendFailure::Send(e))
+                if e.final_code() == ErrorCode::AuthRevoked
+                    && provider != ProviderKind::Default =>
+            {
+                // The provider refused a fresh token (second 401) or the grant's scopes:
+                // only a reconnect helps. Mark it once, and tell the host application.
+                let reason = e
+                    .provider_code
+                    .clone()
+                    .unwrap_or_else(|| "access refused".into());
+                let newly = match self
+                    .store
+                    .mark_needs_reauth(&job.organization_id, &reason)
+                    .await
+                {
+                    Ok(changed) => changed,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not mark the integration needs_reauth");
+                        false
+                    }
+                };
+                let events = if newly {
+                    vec![NeedsReauthEvent::new(
+                        &job.organization_id,
+                        provider,
+                        &reason,
+                        Utc::now(),
+                    )]
+                } else {
+                    vec![]
+                };
+                result.error = Some(e.to_job_error(ErrorCode::AuthRevoked));
+                self.finish(&job.id, result, None, events).await
+            }
             Err(SendFailure::Send(e)) => {
                 let history = append_history(&incoming.history, attempts, &e);
                 let age = (Utc::now() - incoming.first_seen)
@@ -319,7 +372,14 @@ impl Dispatcher {
                             });
                             return self.finish(&job.id, result, None, vec![]).await;
                         }
-                        tracing::info!(attempts, wait_ms = wait.as_millis() as u64, error = %e, "transient failure; job delayed");
+                        tracing::info!(
+                            attempts,
+                            wait_ms = wait.as_millis() as u64,
+                            code = %e.final_code(),
+                            provider_status = e.provider_status,
+                            provider_code = e.provider_code.as_deref(),
+                            "transient failure; job delayed"
+                        );
                         if let Err(err) = self.store.release_job(&job.id).await {
                             tracing::warn!(error = %err, "could not release the claim; the delayed copy waits for its lease");
                         }
@@ -338,7 +398,13 @@ impl Dispatcher {
                     }
                     RetryDecision::GiveUp(code) => {
                         let exhausted = e.class.is_transient();
-                        tracing::warn!(attempts, %code, error = %e, "job failed");
+                        tracing::warn!(
+                            attempts,
+                            %code,
+                            provider_status = e.provider_status,
+                            provider_code = e.provider_code.as_deref(),
+                            "job failed"
+                        );
                         result.error = Some(e.to_job_error(code));
                         let dead_letter = exhausted.then(|| DeadLetter {
                             reason: code,
@@ -361,7 +427,12 @@ impl Dispatcher {
         dead_letter: Option<DeadLetter>,
         events: Vec<NeedsReauthEvent>,
     ) -> Decision {
-        let value = serde_json::to_value(&result).expect("results serialize");
+        let recorded = Recorded {
+            result,
+            dead_letter,
+            events,
+        };
+        let value = serde_json::to_value(&recorded).expect("outcomes serialize");
         // The outcome is known: record it, retrying briefly through a database
         // blip. If it still fails, publish anyway — the result matters more, and
         // the claim's lease keeps a redelivery from sending again meanwhile.
@@ -376,12 +447,7 @@ impl Dispatcher {
                 }
             }
         }
-        Decision::Finish(Box::new(Finish {
-            result,
-            dead_letter,
-            events,
-            ledger_job_id: Some(job_id.to_owned()),
-        }))
+        Decision::Finish(Box::new(recorded.into_finish(job_id)))
     }
 
     async fn invalid(
@@ -403,7 +469,12 @@ impl Dispatcher {
         // With a readable id, the ledger keeps a redelivery from publishing a second result.
         let ledger_job_id = match (&invalid.job_id, &invalid.organization_id) {
             (Some(id), Some(org)) => {
-                let value = serde_json::to_value(&result).expect("results serialize");
+                let value = serde_json::to_value(Recorded {
+                    result: result.clone(),
+                    dead_letter: dead_letter.clone(),
+                    events: vec![],
+                })
+                .expect("outcomes serialize");
                 match self
                     .store
                     .complete_unclaimed_job(id, org, &value, PUBLISH_LEASE)
@@ -451,7 +522,11 @@ fn append_history(history: &str, attempt: u32, e: &mail_dispatch_providers::Send
         format!("{history}; {entry}")
     };
     if out.len() > HISTORY_MAX_CHARS {
-        out = out[out.len() - HISTORY_MAX_CHARS..].to_owned();
+        let mut cut = out.len() - HISTORY_MAX_CHARS;
+        while !out.is_char_boundary(cut) {
+            cut += 1;
+        }
+        out = out[cut..].to_owned();
     }
     out
 }

@@ -141,7 +141,7 @@ mod tests {
 
     #[test]
     fn routes_follow_contract_section_5() {
-        use Fallback::*;
+        use Fallback::PlatformSender;
         use IntegrationStatus::*;
         let sender = Mailbox::new(
             EmailAddress::parse("notifications@customer.com").unwrap(),
@@ -150,18 +150,18 @@ mod tests {
         let platform = Route::Platform { on_behalf_of: None };
         assert_eq!(Route::for_integration(None), platform);
         assert_eq!(
-            Route::for_integration(Some(&integration(PendingSender, false, None))),
+            Route::for_integration(Some(&integration(PendingSender, false, Fallback::None))),
             platform
         );
         assert_eq!(
-            Route::for_integration(Some(&integration(Active, true, None))),
+            Route::for_integration(Some(&integration(Active, true, Fallback::None))),
             Route::Provider {
                 provider: ProviderKind::Microsoft,
                 sender: sender.clone()
             }
         );
         assert_eq!(
-            Route::for_integration(Some(&integration(NeedsReauth, true, None))),
+            Route::for_integration(Some(&integration(NeedsReauth, true, Fallback::None))),
             Route::Revoked {
                 provider: ProviderKind::Microsoft
             }
@@ -174,7 +174,7 @@ mod tests {
         );
         // A reconnect whose test has not passed yet does not silently fall back either.
         assert_eq!(
-            Route::for_integration(Some(&integration(PendingSender, true, None))),
+            Route::for_integration(Some(&integration(PendingSender, true, Fallback::None))),
             Route::Revoked {
                 provider: ProviderKind::Microsoft
             }
