@@ -2,6 +2,7 @@
 //! stand-ins of Microsoft and Google. One test binary (`cargo test --workspace`).
 
 mod config_changes;
+mod delivery;
 mod invalid_jobs;
 mod pipeline;
 mod support;

@@ -30,6 +30,7 @@
 //! | `MAIL_DISPATCH_MAX_ATTEMPTS` | `8` |
 //! | `MAIL_DISPATCH_MAX_AGE_SECS` | `21600` (6 h) |
 //! | `MAIL_DISPATCH_SHUTDOWN_GRACE_SECS` | `25` |
+//! | `MAIL_DISPATCH_CLAIM_LEASE_SECS` | `120`: how long a crashed worker's claim on a job blocks a resend |
 //! | `MAIL_DISPATCH_QUEUE_PREFIX` | empty: prefix of every exchange and queue name |
 //! | `MAIL_DISPATCH_LOG_FORMAT` | `pretty` (`json` for production) |
 
@@ -199,6 +200,8 @@ pub struct Settings {
     pub max_age_secs: u64,
     #[arg(long, env = "MAIL_DISPATCH_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+    #[arg(long, env = "MAIL_DISPATCH_CLAIM_LEASE_SECS", default_value_t = 120)]
+    pub claim_lease_secs: u64,
     #[arg(long, env = "MAIL_DISPATCH_QUEUE_PREFIX", default_value = "")]
     pub queue_prefix: String,
     #[arg(long, env = "MAIL_DISPATCH_LOG_FORMAT", default_value = "pretty")]
@@ -331,6 +334,7 @@ impl Settings {
         c.retry.max_attempts = self.max_attempts;
         c.retry.max_age = Duration::from_secs(self.max_age_secs);
         c.shutdown_grace = Duration::from_secs(self.shutdown_grace_secs);
+        c.claim_lease = Duration::from_secs(self.claim_lease_secs.max(1));
         Ok(c)
     }
 }

@@ -143,6 +143,21 @@ impl Store {
         Ok(())
     }
 
+    /// Publishing a completed job's result failed: let its next delivery publish
+    /// it at once instead of waiting for the publish lease to expire.
+    pub async fn release_publish(&self, job_id: &str) -> Result<(), StoreError> {
+        crate::QueryCounts::bump(&self.counts().ledger_writes);
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE job_ledger SET lease_until = now(), updated_at = now()
+                 WHERE job_id = $1 AND state = 'completed'",
+                &[&job_id],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Makes a finished job id claimable again (dead-letter replay with a fresh budget).
     pub async fn reopen_job(&self, job_id: &str) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);

@@ -7,7 +7,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use mail_dispatch_broker::{Broker, Outgoing, Topology, json_properties};
 use serde_json::Value;
@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 /// The AMQP side of a test: its own names, its own results tap.
 pub struct TestAmqp {
     pub topology: Topology,
-    pub broker: Broker,
+    broker: tokio::sync::Mutex<Broker>,
+    /// The results tap's queue (named, so it survives a connection loss).
+    tap_queue: String,
 }
 
 /// A message seen on the results exchange.
@@ -34,82 +36,122 @@ pub struct ResultsTap {
 }
 
 impl TestAmqp {
-    /// Declares a prefixed topology with short delay tiers (1 s, 2 s, 5 s).
+    /// Declares a topology with a unique name prefix (the default names and tiers otherwise).
     pub async fn new() -> TestAmqp {
-        let mut topology = Topology::with_prefix(&format!("{}.", crate::unique("t")));
-        topology.delay_tiers = [1, 2, 5].into_iter().map(Duration::from_secs).collect();
+        let prefix = format!("{}.", crate::unique("t"));
+        let topology = Topology::with_prefix(&prefix);
         let broker = Broker::connect(&crate::amqp_url(), "mail-dispatch-test")
             .await
             .expect("RabbitMQ must run on 127.0.0.1:5672 (see README)");
         broker.declare(&topology).await.expect("topology declares");
-        TestAmqp { topology, broker }
+        TestAmqp {
+            topology,
+            broker: tokio::sync::Mutex::new(broker),
+            tap_queue: format!("{prefix}results.tap"),
+        }
     }
 
-    /// Starts recording the results exchange (call before publishing jobs).
+    /// The prefix of every name (as `MAIL_DISPATCH_QUEUE_PREFIX`).
+    pub fn prefix(&self) -> String {
+        self.topology.jobs_exchange.trim_end_matches("mail.jobs").to_owned()
+    }
+
+    /// A connected broker, reconnecting if the last one was closed under us.
+    pub async fn broker(&self) -> Broker {
+        let mut b = self.broker.lock().await;
+        if !b.is_connected() {
+            for _ in 0..50 {
+                if let Ok(fresh) = Broker::connect(&crate::amqp_url(), "mail-dispatch-test").await {
+                    *b = fresh;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        b.clone()
+    }
+
+    /// Starts recording the results exchange (call before publishing jobs). The
+    /// tap's queue is named and durable, and its consumer reconnects, so results
+    /// published while connections are being closed are not missed.
     pub async fn tap_results(&self) -> ResultsTap {
-        let channel = self.broker.channel().await.unwrap();
-        let queue = channel
-            .queue_declare(
-                ShortString::from(""),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                self.topology.results_exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "tap".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
+        let queue = self.tap_queue.clone();
+        let exchange = self.topology.results_exchange.clone();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let _channel = channel;
-            while let Some(Ok(d)) = consumer.next().await {
-                let _ = d.ack(BasicAckOptions::default()).await;
-                let body = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
-                let _ = tx.send(Seen {
-                    routing_key: d.routing_key.to_string(),
-                    body,
-                    properties: d.properties.clone(),
-                });
+            let mut ready = Some(ready_tx);
+            loop {
+                let Ok(conn) = Connection::connect(&crate::amqp_url(), ConnectionProperties::default()).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let Ok(channel) = conn.create_channel().await else { continue };
+                let declared = channel
+                    .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+                    .await;
+                if declared.is_err() {
+                    continue;
+                }
+                let _ = channel
+                    .queue_bind(queue.as_str().into(), exchange.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+                    .await;
+                let Ok(mut consumer) = channel
+                    .basic_consume(queue.as_str().into(), "tap".into(), BasicConsumeOptions::default(), FieldTable::default())
+                    .await
+                else {
+                    continue;
+                };
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+                while let Some(Ok(d)) = consumer.next().await {
+                    let _ = d.ack(BasicAckOptions::default()).await;
+                    let body = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
+                    let seen = Seen { routing_key: d.routing_key.to_string(), body, properties: d.properties.clone() };
+                    if tx.send(seen).is_err() {
+                        let _ = conn.close(200, "bye".into()).await;
+                        return;
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
             }
         });
-        ResultsTap {
-            rx,
-            seen: Vec::new(),
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx).await;
+        ResultsTap { rx, seen: Vec::new() }
     }
 
     /// Publishes raw bytes as a job, the way producers do (persistent, JSON).
     pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
-        self.broker
-            .publish(Outgoing {
-                exchange: &self.topology.jobs_exchange,
-                routing_key: &self.topology.jobs_routing_key,
-                body,
-                properties,
-                mandatory: true,
-            })
+        for _ in 0..20 {
+            let published = self
+                .broker()
+                .await
+                .publish(Outgoing {
+                    exchange: &self.topology.jobs_exchange,
+                    routing_key: &self.topology.jobs_routing_key,
+                    body,
+                    properties: properties.clone(),
+                    mandatory: true,
+                })
+                .await;
+            if published.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job could not be published");
+    }
+
+    /// Publishes a message straight to a queue (e.g. a delay queue), confirmed.
+    pub async fn publish_to_queue(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        self.broker()
             .await
-            .expect("job published");
+            .publish(Outgoing { exchange: "", routing_key: queue, body, properties, mandatory: true })
+            .await
+            .expect("message published");
     }
 
     pub async fn publish_job(&self, job: &Value) {
@@ -123,7 +165,7 @@ impl TestAmqp {
 
     /// Takes every message from a queue (acking them).
     pub async fn drain(&self, queue: &str) -> Vec<lapin::message::Delivery> {
-        let channel = self.broker.channel().await.unwrap();
+        let channel = self.broker().await.channel().await.unwrap();
         let mut out = Vec::new();
         while let Some(m) = channel
             .basic_get(queue.into(), BasicGetOptions::default())
@@ -138,7 +180,7 @@ impl TestAmqp {
 
     /// Messages in a queue now.
     pub async fn queue_len(&self, queue: &str) -> u32 {
-        let channel = self.broker.channel().await.unwrap();
+        let channel = self.broker().await.channel().await.unwrap();
         let q = channel
             .queue_declare(
                 queue.into(),
@@ -157,6 +199,7 @@ impl TestAmqp {
 impl Drop for TestAmqp {
     fn drop(&mut self) {
         let topology = self.topology.clone();
+        let tap = self.tap_queue.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -169,6 +212,7 @@ impl Drop for TestAmqp {
                     return;
                 };
                 if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch.queue_delete(tap.as_str().into(), QueueDeleteOptions::default()).await;
                     for q in topology.queues() {
                         let _ = ch
                             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())

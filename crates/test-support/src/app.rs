@@ -28,6 +28,8 @@ pub struct TestAppOptions {
     pub in_process_attempts: u32,
     pub claim_lease: Duration,
     pub shutdown_grace: Duration,
+    /// The test disrupts the shared services (restarts, closes all connections).
+    pub exclusive: bool,
 }
 
 impl Default for TestAppOptions {
@@ -42,6 +44,7 @@ impl Default for TestAppOptions {
             in_process_attempts: 2,
             claim_lease: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
+            exclusive: false,
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct TestApp {
     pub worker: Option<RunningWorker>,
     pub amqp: TestAmqp,
     pub db: TestDb,
+    /// Dropped last: the services stay ours until cleanup is done.
+    _services: crate::ServicesGuard,
 }
 
 pub const PLATFORM_SENDER: &str = "no-reply@platform.test";
@@ -82,6 +87,7 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: TestAppOptions) -> TestApp {
+        let services = crate::services(options.exclusive).await;
         let (db, amqp, standins) = tokio::join!(TestDb::new(), TestAmqp::new(), StandIns::start());
         let outbox = std::env::temp_dir().join(crate::unique("md-outbox-"));
         let mut app = TestApp {
@@ -91,6 +97,7 @@ impl TestApp {
             worker: None,
             amqp,
             db,
+            _services: services,
         };
         app.worker = Some(app.start_worker().await);
         app

@@ -28,3 +28,23 @@ pub fn unique(prefix: &str) -> String {
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     )
 }
+
+/// Tests share one RabbitMQ and one PostgreSQL. Most tests only need their own
+/// names and database (shared access); a test that restarts PostgreSQL or closes
+/// every AMQP connection needs the services to itself (exclusive access).
+static SERVICES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Held for the life of a test.
+#[derive(Debug)]
+pub enum ServicesGuard {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
+pub async fn services(exclusive: bool) -> ServicesGuard {
+    if exclusive {
+        ServicesGuard::Exclusive(SERVICES.write().await)
+    } else {
+        ServicesGuard::Shared(SERVICES.read().await)
+    }
+}

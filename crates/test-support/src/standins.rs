@@ -44,6 +44,7 @@ struct State {
     graph_sends: Vec<Value>,
     gmail_sends: Vec<Vec<u8>>,
     send_attempts: HashMap<Vendor, u32>,
+    attempt_times: Vec<(Vendor, std::time::Instant)>,
     scripted: HashMap<Vendor, VecDeque<ResponseTemplate>>,
     send_delay: Duration,
     token_delay: Duration,
@@ -270,6 +271,7 @@ impl Respond for GraphSend {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let mut s = self.0.lock().unwrap();
         *s.send_attempts.entry(Vendor::Microsoft).or_default() += 1;
+        s.attempt_times.push((Vendor::Microsoft, std::time::Instant::now()));
         let delay = s.send_delay;
         match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
             Some((Vendor::Microsoft, _)) => {}
@@ -328,6 +330,7 @@ impl Respond for GmailSend {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let mut s = self.0.lock().unwrap();
         *s.send_attempts.entry(Vendor::Google).or_default() += 1;
+        s.attempt_times.push((Vendor::Google, std::time::Instant::now()));
         let delay = s.send_delay;
         match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
             Some((Vendor::Google, _)) => {}
@@ -488,6 +491,16 @@ impl StandIns {
             .get(&vendor)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// When each send request to `vendor` arrived.
+    pub fn attempt_times(&self, vendor: Vendor) -> Vec<std::time::Instant> {
+        self.state.lock().unwrap().attempt_times.iter().filter(|(v, _)| *v == vendor).map(|(_, t)| *t).collect()
+    }
+
+    /// Stops answering with scripted failures.
+    pub fn clear_script(&self) {
+        self.state.lock().unwrap().scripted.clear();
     }
 
     /// `sendMail` bodies Graph accepted.

@@ -42,7 +42,7 @@ impl WorkerConfig {
             retry: RetryPolicy::default(),
             max_in_process_wait: Duration::from_secs(2),
             in_process_attempts: 3,
-            claim_lease: Duration::from_secs(300),
+            claim_lease: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(25),
             default_sender,
             token_refresh_margin: Duration::from_secs(120),

@@ -271,7 +271,7 @@ impl Dispatcher {
         result.fallback = fallback;
         result.sender = Some(message.from.clone());
 
-        let (outcome, made) = self
+        let (outcome, made, retried) = self
             .senders
             .send(
                 provider,
@@ -351,7 +351,12 @@ impl Dispatcher {
                 self.finish(&job.id, result, None, events).await
             }
             Err(SendFailure::Send(e)) => {
-                let history = append_history(&incoming.history, attempts, &e);
+                let mut history = incoming.history.clone();
+                let first = incoming.attempts + 1;
+                for (n, earlier) in (first..).zip(&retried) {
+                    history = append_history(&history, n, earlier);
+                }
+                let history = append_history(&history, attempts, &e);
                 let age = (Utc::now() - incoming.first_seen)
                     .to_std()
                     .unwrap_or_default();

@@ -175,7 +175,18 @@ async fn process(
     let incoming = incoming_from(&delivery);
     let work = async {
         let decision = dispatcher.handle(&incoming).await;
-        apply(&dispatcher, &broker, &delivery, &incoming, decision).await
+        let publishing = match &decision {
+            Decision::Finish(f) => f.ledger_job_id.clone(),
+            _ => None,
+        };
+        let applied = apply(&dispatcher, &broker, &delivery, &incoming, decision).await;
+        if applied.is_err()
+            && let Some(job_id) = publishing
+        {
+            // The redelivery of this job publishes the recorded result right away.
+            let _ = dispatcher.store.release_publish(&job_id).await;
+        }
+        applied
     };
     let outcome = tokio::select! {
         r = work => Some(r),

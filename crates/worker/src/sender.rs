@@ -166,15 +166,17 @@ impl Senders {
     }
 
     /// Attempts with short in-process retries of transient failures whose wait
-    /// fits `retry.max_wait`. Returns the outcome and the number of attempts made.
+    /// fits `retry.max_wait`. Returns the outcome, the number of attempts made, and
+    /// the failures of the attempts that were retried (for the attempt history).
     pub async fn send(
         &self,
         provider: ProviderKind,
         org: &str,
         msg: &OutgoingMessage,
         retry: InProcessRetry,
-    ) -> (Result<Accepted, SendFailure>, u32) {
+    ) -> (Result<Accepted, SendFailure>, u32, Vec<SendError>) {
         let attempts = AtomicU32::new(0);
+        let retried = std::sync::Mutex::new(Vec::new());
         let backoff = FullJitter {
             backoff: retry.backoff,
             made: 0,
@@ -195,9 +197,13 @@ impl Senders {
             (_, planned) => planned.map(|d| d.min(retry.max_wait)),
         })
         .notify(|e: &SendFailure, wait| {
-            tracing::info!(org.id = org, %provider, error = %e, wait_ms = wait.as_millis() as u64, "transient failure; retrying in process");
+            if let SendFailure::Send(e) = e {
+                retried.lock().expect("poisoned").push(e.clone());
+            }
+            tracing::info!(org.id = org, %provider, wait_ms = wait.as_millis() as u64, "transient failure; retrying in process");
         })
         .await;
-        (result, attempts.load(Ordering::Relaxed))
+        let retried = retried.into_inner().expect("poisoned");
+        (result, attempts.load(Ordering::Relaxed), retried)
     }
 }

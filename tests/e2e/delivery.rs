@@ -1,0 +1,205 @@
+//! Delivery guarantees: retries that honour the providers, delay queues that hold
+//! no consumer slot, dead letters, idempotency, expiry.
+
+use std::time::{Duration, Instant};
+
+use lapin::types::{AMQPValue, FieldTable};
+use mail_dispatch_broker::{header_str, json_properties};
+use mail_dispatch_test_support::standins::{self, Vendor};
+use mail_dispatch_test_support::{TestApp, TestAppOptions};
+use serde_json::json;
+
+use crate::support::{WAIT, assert_valid_result};
+
+fn gap(times: &[Instant]) -> Duration {
+    times[1].duration_since(times[0])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graph_429_with_retry_after_seconds_is_waited_out_then_sent() {
+    let app = TestApp::spawn().await;
+    app.connect("org_ms", Vendor::Microsoft, "a@customer.com", "a@customer.com", "A").await;
+    app.standins.script(Vendor::Microsoft, [standins::graph_throttled(1)]);
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "sent", "{r:#}");
+    assert_eq!(r["attempts"], 2);
+    let times = app.standins.attempt_times(Vendor::Microsoft);
+    assert!(gap(&times) >= Duration::from_secs(1), "Retry-After: 1 respected, gap {:?}", gap(&times));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_graph_retry_after_goes_through_a_delay_queue() {
+    let app = TestApp::spawn().await;
+    app.connect("org_ms", Vendor::Microsoft, "a@customer.com", "a@customer.com", "A").await;
+    app.standins.script(Vendor::Microsoft, [standins::graph_throttled(3)]);
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["status"], "sent", "{r:#}");
+    assert_eq!(r["attempts"], 2);
+    let times = app.standins.attempt_times(Vendor::Microsoft);
+    assert!(gap(&times) >= Duration::from_secs(3), "gap {:?}", gap(&times));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gmail_429_is_retried_after_the_time_in_its_message() {
+    let app = TestApp::spawn().await;
+    app.connect("org_g", Vendor::Google, "g@customer.com", "g@customer.com", "G").await;
+    app.standins.script(Vendor::Google, [standins::gmail_rate_limited(Duration::from_secs(3))]);
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_g");
+    app.amqp.publish_job(&job).await;
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["status"], "sent", "{r:#}");
+    assert_eq!(r["attempts"], 2);
+    let times = app.standins.attempt_times(Vendor::Google);
+    assert!(gap(&times) >= Duration::from_millis(2900), "gap {:?}", gap(&times));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_permanent_error_is_attempted_exactly_once() {
+    let app = TestApp::spawn().await;
+    app.connect("org_ms", Vendor::Microsoft, "a@customer.com", "other@customer.com", "Other").await;
+    app.standins.script(Vendor::Microsoft, [standins::graph_send_as_denied()]);
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["error"]["code"], "sender_not_allowed");
+    assert_eq!(r["error"]["provider_status"], 403);
+    assert_eq!(r["error"]["provider_code"], "ErrorSendAsDenied");
+    assert_eq!(r["attempts"], 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.standins.send_attempts(Vendor::Microsoft), 1);
+    assert_eq!(app.amqp.queue_len(&app.amqp.topology.dead_queue).await, 0, "a refusal is a result, not a dead letter");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_persistent_503_ends_as_provider_unavailable_in_the_dead_letter_queue() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        max_attempts: 3,
+        ..Default::default()
+    })
+    .await;
+    app.connect("org_g", Vendor::Google, "g@customer.com", "g@customer.com", "G").await;
+    app.standins.script(Vendor::Google, (0..10).map(|_| standins::gmail_unavailable()));
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_g");
+    app.amqp.publish_job(&job).await;
+    let r = results.result(job["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_valid_result(&r);
+    assert_eq!(r["error"]["code"], "provider_unavailable", "{r:#}");
+    assert_eq!(r["attempts"], 3);
+    assert_eq!(app.standins.send_attempts(Vendor::Google), 3, "the attempt budget is respected");
+    let dead = app.amqp.drain(&app.amqp.topology.dead_queue).await;
+    assert_eq!(dead.len(), 1);
+    let p = &dead[0].properties;
+    assert_eq!(header_str(p, "x-mail-dispatch-reason").as_deref(), Some("provider_unavailable"));
+    assert_eq!(header_str(p, "x-mail-dispatch-attempts").as_deref(), Some("3"));
+    assert_eq!(header_str(p, "x-mail-dispatch-job-id").as_deref(), job["id"].as_str());
+    let detail = header_str(p, "x-mail-dispatch-detail").unwrap();
+    assert!(detail.contains("#1") && detail.contains("#3") && detail.contains("503"), "history: {detail}");
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&dead[0].data).unwrap(), job, "the job itself is kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_waiting_in_delay_queues_do_not_slow_fresh_jobs() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        concurrency: 8,
+        ..Default::default()
+    })
+    .await;
+    app.connect("org_busy", Vendor::Microsoft, "a@customer.com", "a@customer.com", "A").await;
+    // Every send of the busy organization is throttled for a minute.
+    app.standins.script(Vendor::Microsoft, (0..100).map(|_| standins::graph_throttled(60)));
+    let mut results = app.amqp.tap_results().await;
+    for _ in 0..100 {
+        app.amqp.publish_job(&app.job("org_busy")).await;
+    }
+    // Wait until the 100 jobs sit in delay queues.
+    let deadline = Instant::now() + WAIT;
+    while app.standins.send_attempts(Vendor::Microsoft) < 100 {
+        assert!(Instant::now() < deadline, "the throttled jobs were not all attempted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    let fresh: Vec<_> = (0..20).map(|_| app.job("org_quiet")).collect();
+    for job in &fresh {
+        app.amqp.publish_job(job).await;
+    }
+    for job in &fresh {
+        let r = results.result(job["id"].as_str().unwrap(), Duration::from_secs(20)).await;
+        assert_eq!(r["status"], "sent");
+    }
+    let took = started.elapsed();
+    println!("20 fresh jobs completed in {took:?} while 100 throttled jobs waited in delay queues");
+    // Had the waiting jobs kept their 8 consumer slots, nothing could run for 60 s.
+    assert!(took < Duration::from_secs(15), "fresh jobs took {took:?}");
+    let waiting: u32 = {
+        let mut n = 0;
+        for tier in &app.amqp.topology.delay_tiers {
+            n += app.amqp.queue_len(&app.amqp.topology.delay_queue(*tier)).await;
+        }
+        n
+    };
+    assert_eq!(waiting, 100, "the throttled jobs wait in delay queues");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_job_id_published_twice_is_sent_once_with_one_result() {
+    let app = TestApp::spawn().await;
+    app.connect("org_g", Vendor::Google, "g@customer.com", "g@customer.com", "G").await;
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_g");
+    app.amqp.publish_job(&job).await;
+    app.amqp.publish_job(&job).await;
+    results.result(job["id"].as_str().unwrap(), WAIT).await;
+    // And once more after the first has finished.
+    app.amqp.publish_job(&job).await;
+    let seen = results.settle(Duration::from_secs(2)).await;
+    assert_eq!(seen.iter().filter(|s| s.body["job_id"] == job["id"]).count(), 1, "one result");
+    assert_eq!(app.standins.gmail_messages().len(), 1, "one send");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_past_not_after_fails_as_expired_without_being_sent() {
+    let app = TestApp::spawn().await;
+    let mut results = app.amqp.tap_results().await;
+    let mut job = app.job("org_plain");
+    job["not_after"] = json!("2020-01-01T00:00:00Z");
+    app.amqp.publish_job(&job).await;
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["error"]["code"], "expired");
+    assert!(app.outbox_files().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_comes_back_from_a_delay_queue_after_not_after_fails_as_expired() {
+    let app = TestApp::spawn().await;
+    let mut results = app.amqp.tap_results().await;
+    let mut job = app.job("org_plain");
+    job["not_after"] = json!((chrono::Utc::now() + chrono::Duration::milliseconds(300)).to_rfc3339());
+    // As the worker would have delayed it after a first failed attempt.
+    let mut headers = FieldTable::default();
+    headers.insert("x-mail-dispatch-attempts".into(), AMQPValue::LongString("1".into()));
+    let tier = app.amqp.topology.delay_tiers[0];
+    app.amqp
+        .publish_to_queue(
+            &app.amqp.topology.delay_queue(tier),
+            &serde_json::to_vec(&job).unwrap(),
+            json_properties().with_headers(headers),
+        )
+        .await;
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["error"]["code"], "expired", "{r:#}");
+    assert_eq!(r["attempts"], 1);
+    assert!(app.outbox_files().is_empty(), "never sent late");
+}
