@@ -18,8 +18,16 @@ fn gap(times: &[Instant]) -> Duration {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_graph_429_with_retry_after_seconds_is_waited_out_then_sent() {
     let app = TestApp::spawn().await;
-    app.connect("org_ms", Vendor::Microsoft, "a@customer.com", "a@customer.com", "A").await;
-    app.standins.script(Vendor::Microsoft, [standins::graph_throttled(1)]);
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "a@customer.com",
+        "A",
+    )
+    .await;
+    app.standins
+        .script(Vendor::Microsoft, [standins::graph_throttled(1)]);
     let mut results = app.amqp.tap_results().await;
     let job = app.job("org_ms");
     app.amqp.publish_job(&job).await;
@@ -28,14 +36,26 @@ async fn a_graph_429_with_retry_after_seconds_is_waited_out_then_sent() {
     assert_eq!(r["status"], "sent", "{r:#}");
     assert_eq!(r["attempts"], 2);
     let times = app.standins.attempt_times(Vendor::Microsoft);
-    assert!(gap(&times) >= Duration::from_secs(1), "Retry-After: 1 respected, gap {:?}", gap(&times));
+    assert!(
+        gap(&times) >= Duration::from_secs(1),
+        "Retry-After: 1 respected, gap {:?}",
+        gap(&times)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_graph_retry_after_goes_through_a_delay_queue() {
     let app = TestApp::spawn().await;
-    app.connect("org_ms", Vendor::Microsoft, "a@customer.com", "a@customer.com", "A").await;
-    app.standins.script(Vendor::Microsoft, [standins::graph_throttled(3)]);
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "a@customer.com",
+        "A",
+    )
+    .await;
+    app.standins
+        .script(Vendor::Microsoft, [standins::graph_throttled(3)]);
     let mut results = app.amqp.tap_results().await;
     let job = app.job("org_ms");
     app.amqp.publish_job(&job).await;
@@ -43,14 +63,28 @@ async fn a_long_graph_retry_after_goes_through_a_delay_queue() {
     assert_eq!(r["status"], "sent", "{r:#}");
     assert_eq!(r["attempts"], 2);
     let times = app.standins.attempt_times(Vendor::Microsoft);
-    assert!(gap(&times) >= Duration::from_secs(3), "gap {:?}", gap(&times));
+    assert!(
+        gap(&times) >= Duration::from_secs(3),
+        "gap {:?}",
+        gap(&times)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gmail_429_is_retried_after_the_time_in_its_message() {
     let app = TestApp::spawn().await;
-    app.connect("org_g", Vendor::Google, "g@customer.com", "g@customer.com", "G").await;
-    app.standins.script(Vendor::Google, [standins::gmail_rate_limited(Duration::from_secs(3))]);
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    app.standins.script(
+        Vendor::Google,
+        [standins::gmail_rate_limited(Duration::from_secs(3))],
+    );
     let mut results = app.amqp.tap_results().await;
     let job = app.job("org_g");
     app.amqp.publish_job(&job).await;
@@ -58,14 +92,26 @@ async fn a_gmail_429_is_retried_after_the_time_in_its_message() {
     assert_eq!(r["status"], "sent", "{r:#}");
     assert_eq!(r["attempts"], 2);
     let times = app.standins.attempt_times(Vendor::Google);
-    assert!(gap(&times) >= Duration::from_millis(2900), "gap {:?}", gap(&times));
+    assert!(
+        gap(&times) >= Duration::from_millis(2900),
+        "gap {:?}",
+        gap(&times)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_permanent_error_is_attempted_exactly_once() {
     let app = TestApp::spawn().await;
-    app.connect("org_ms", Vendor::Microsoft, "a@customer.com", "other@customer.com", "Other").await;
-    app.standins.script(Vendor::Microsoft, [standins::graph_send_as_denied()]);
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "other@customer.com",
+        "Other",
+    )
+    .await;
+    app.standins
+        .script(Vendor::Microsoft, [standins::graph_send_as_denied()]);
     let mut results = app.amqp.tap_results().await;
     let job = app.job("org_ms");
     app.amqp.publish_job(&job).await;
@@ -78,7 +124,11 @@ async fn a_permanent_error_is_attempted_exactly_once() {
     assert_eq!(r["attempts"], 1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(app.standins.send_attempts(Vendor::Microsoft), 1);
-    assert_eq!(app.amqp.queue_len(&app.amqp.topology.dead_queue).await, 0, "a refusal is a result, not a dead letter");
+    assert_eq!(
+        app.amqp.queue_len(&app.amqp.topology.dead_queue).await,
+        0,
+        "a refusal is a result, not a dead letter"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -88,25 +138,57 @@ async fn a_persistent_503_ends_as_provider_unavailable_in_the_dead_letter_queue(
         ..Default::default()
     })
     .await;
-    app.connect("org_g", Vendor::Google, "g@customer.com", "g@customer.com", "G").await;
-    app.standins.script(Vendor::Google, (0..10).map(|_| standins::gmail_unavailable()));
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    app.standins.script(
+        Vendor::Google,
+        (0..10).map(|_| standins::gmail_unavailable()),
+    );
     let mut results = app.amqp.tap_results().await;
     let job = app.job("org_g");
     app.amqp.publish_job(&job).await;
-    let r = results.result(job["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    let r = results
+        .result(job["id"].as_str().unwrap(), Duration::from_secs(30))
+        .await;
     assert_valid_result(&r);
     assert_eq!(r["error"]["code"], "provider_unavailable", "{r:#}");
     assert_eq!(r["attempts"], 3);
-    assert_eq!(app.standins.send_attempts(Vendor::Google), 3, "the attempt budget is respected");
+    assert_eq!(
+        app.standins.send_attempts(Vendor::Google),
+        3,
+        "the attempt budget is respected"
+    );
     let dead = app.amqp.drain(&app.amqp.topology.dead_queue).await;
     assert_eq!(dead.len(), 1);
     let p = &dead[0].properties;
-    assert_eq!(header_str(p, "x-mail-dispatch-reason").as_deref(), Some("provider_unavailable"));
-    assert_eq!(header_str(p, "x-mail-dispatch-attempts").as_deref(), Some("3"));
-    assert_eq!(header_str(p, "x-mail-dispatch-job-id").as_deref(), job["id"].as_str());
+    assert_eq!(
+        header_str(p, "x-mail-dispatch-reason").as_deref(),
+        Some("provider_unavailable")
+    );
+    assert_eq!(
+        header_str(p, "x-mail-dispatch-attempts").as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        header_str(p, "x-mail-dispatch-job-id").as_deref(),
+        job["id"].as_str()
+    );
     let detail = header_str(p, "x-mail-dispatch-detail").unwrap();
-    assert!(detail.contains("#1") && detail.contains("#3") && detail.contains("503"), "history: {detail}");
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&dead[0].data).unwrap(), job, "the job itself is kept");
+    assert!(
+        detail.contains("#1") && detail.contains("#3") && detail.contains("503"),
+        "history: {detail}"
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&dead[0].data).unwrap(),
+        job,
+        "the job itself is kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -116,9 +198,19 @@ async fn jobs_waiting_in_delay_queues_do_not_slow_fresh_jobs() {
         ..Default::default()
     })
     .await;
-    app.connect("org_busy", Vendor::Microsoft, "a@customer.com", "a@customer.com", "A").await;
+    app.connect(
+        "org_busy",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "a@customer.com",
+        "A",
+    )
+    .await;
     // Every send of the busy organization is throttled for a minute.
-    app.standins.script(Vendor::Microsoft, (0..100).map(|_| standins::graph_throttled(60)));
+    app.standins.script(
+        Vendor::Microsoft,
+        (0..100).map(|_| standins::graph_throttled(60)),
+    );
     let mut results = app.amqp.tap_results().await;
     for _ in 0..100 {
         app.amqp.publish_job(&app.job("org_busy")).await;
@@ -126,7 +218,10 @@ async fn jobs_waiting_in_delay_queues_do_not_slow_fresh_jobs() {
     // Wait until the 100 jobs sit in delay queues.
     let deadline = Instant::now() + WAIT;
     while app.standins.send_attempts(Vendor::Microsoft) < 100 {
-        assert!(Instant::now() < deadline, "the throttled jobs were not all attempted");
+        assert!(
+            Instant::now() < deadline,
+            "the throttled jobs were not all attempted"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let started = Instant::now();
@@ -135,7 +230,9 @@ async fn jobs_waiting_in_delay_queues_do_not_slow_fresh_jobs() {
         app.amqp.publish_job(job).await;
     }
     for job in &fresh {
-        let r = results.result(job["id"].as_str().unwrap(), Duration::from_secs(20)).await;
+        let r = results
+            .result(job["id"].as_str().unwrap(), Duration::from_secs(20))
+            .await;
         assert_eq!(r["status"], "sent");
     }
     let took = started.elapsed();
@@ -145,7 +242,10 @@ async fn jobs_waiting_in_delay_queues_do_not_slow_fresh_jobs() {
     let waiting: u32 = {
         let mut n = 0;
         for tier in &app.amqp.topology.delay_tiers {
-            n += app.amqp.queue_len(&app.amqp.topology.delay_queue(*tier)).await;
+            n += app
+                .amqp
+                .queue_len(&app.amqp.topology.delay_queue(*tier))
+                .await;
         }
         n
     };
@@ -155,7 +255,14 @@ async fn jobs_waiting_in_delay_queues_do_not_slow_fresh_jobs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_job_id_published_twice_is_sent_once_with_one_result() {
     let app = TestApp::spawn().await;
-    app.connect("org_g", Vendor::Google, "g@customer.com", "g@customer.com", "G").await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
     let mut results = app.amqp.tap_results().await;
     let job = app.job("org_g");
     app.amqp.publish_job(&job).await;
@@ -164,7 +271,13 @@ async fn the_same_job_id_published_twice_is_sent_once_with_one_result() {
     // And once more after the first has finished.
     app.amqp.publish_job(&job).await;
     let seen = results.settle(Duration::from_secs(2)).await;
-    assert_eq!(seen.iter().filter(|s| s.body["job_id"] == job["id"]).count(), 1, "one result");
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.body["job_id"] == job["id"])
+            .count(),
+        1,
+        "one result"
+    );
     assert_eq!(app.standins.gmail_messages().len(), 1, "one send");
 }
 
@@ -186,10 +299,14 @@ async fn a_job_that_comes_back_from_a_delay_queue_after_not_after_fails_as_expir
     let app = TestApp::spawn().await;
     let mut results = app.amqp.tap_results().await;
     let mut job = app.job("org_plain");
-    job["not_after"] = json!((chrono::Utc::now() + chrono::Duration::milliseconds(300)).to_rfc3339());
+    job["not_after"] =
+        json!((chrono::Utc::now() + chrono::Duration::milliseconds(300)).to_rfc3339());
     // As the worker would have delayed it after a first failed attempt.
     let mut headers = FieldTable::default();
-    headers.insert("x-mail-dispatch-attempts".into(), AMQPValue::LongString("1".into()));
+    headers.insert(
+        "x-mail-dispatch-attempts".into(),
+        AMQPValue::LongString("1".into()),
+    );
     let tier = app.amqp.topology.delay_tiers[0];
     app.amqp
         .publish_to_queue(

@@ -5,5 +5,6 @@ mod config_changes;
 mod delivery;
 mod invalid_jobs;
 mod pipeline;
+mod process;
 mod support;
 mod tokens;

@@ -53,7 +53,10 @@ impl TestAmqp {
 
     /// The prefix of every name (as `MAIL_DISPATCH_QUEUE_PREFIX`).
     pub fn prefix(&self) -> String {
-        self.topology.jobs_exchange.trim_end_matches("mail.jobs").to_owned()
+        self.topology
+            .jobs_exchange
+            .trim_end_matches("mail.jobs")
+            .to_owned()
     }
 
     /// A connected broker, reconnecting if the last one was closed under us.
@@ -82,22 +85,44 @@ impl TestAmqp {
         tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             loop {
-                let Ok(conn) = Connection::connect(&crate::amqp_url(), ConnectionProperties::default()).await else {
+                let Ok(conn) =
+                    Connection::connect(&crate::amqp_url(), ConnectionProperties::default()).await
+                else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
-                let Ok(channel) = conn.create_channel().await else { continue };
+                let Ok(channel) = conn.create_channel().await else {
+                    continue;
+                };
                 let declared = channel
-                    .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
                     .await;
                 if declared.is_err() {
                     continue;
                 }
                 let _ = channel
-                    .queue_bind(queue.as_str().into(), exchange.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+                    .queue_bind(
+                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
                     .await;
                 let Ok(mut consumer) = channel
-                    .basic_consume(queue.as_str().into(), "tap".into(), BasicConsumeOptions::default(), FieldTable::default())
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "tap".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
                     .await
                 else {
                     continue;
@@ -108,7 +133,11 @@ impl TestAmqp {
                 while let Some(Ok(d)) = consumer.next().await {
                     let _ = d.ack(BasicAckOptions::default()).await;
                     let body = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
-                    let seen = Seen { routing_key: d.routing_key.to_string(), body, properties: d.properties.clone() };
+                    let seen = Seen {
+                        routing_key: d.routing_key.to_string(),
+                        body,
+                        properties: d.properties.clone(),
+                    };
                     if tx.send(seen).is_err() {
                         let _ = conn.close(200, "bye".into()).await;
                         return;
@@ -120,7 +149,10 @@ impl TestAmqp {
             }
         });
         let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx).await;
-        ResultsTap { rx, seen: Vec::new() }
+        ResultsTap {
+            rx,
+            seen: Vec::new(),
+        }
     }
 
     /// Publishes raw bytes as a job, the way producers do (persistent, JSON).
@@ -149,7 +181,13 @@ impl TestAmqp {
     pub async fn publish_to_queue(&self, queue: &str, body: &[u8], properties: BasicProperties) {
         self.broker()
             .await
-            .publish(Outgoing { exchange: "", routing_key: queue, body, properties, mandatory: true })
+            .publish(Outgoing {
+                exchange: "",
+                routing_key: queue,
+                body,
+                properties,
+                mandatory: true,
+            })
             .await
             .expect("message published");
     }
@@ -212,7 +250,9 @@ impl Drop for TestAmqp {
                     return;
                 };
                 if let Ok(ch) = conn.create_channel().await {
-                    let _ = ch.queue_delete(tap.as_str().into(), QueueDeleteOptions::default()).await;
+                    let _ = ch
+                        .queue_delete(tap.as_str().into(), QueueDeleteOptions::default())
+                        .await;
                     for q in topology.queues() {
                         let _ = ch
                             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())

@@ -30,6 +30,8 @@ pub struct TestAppOptions {
     pub shutdown_grace: Duration,
     /// The test disrupts the shared services (restarts, closes all connections).
     pub exclusive: bool,
+    /// Start a worker in this process (tests that run the real program say no).
+    pub in_process_worker: bool,
 }
 
 impl Default for TestAppOptions {
@@ -45,6 +47,7 @@ impl Default for TestAppOptions {
             claim_lease: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
             exclusive: false,
+            in_process_worker: true,
         }
     }
 }
@@ -99,7 +102,9 @@ impl TestApp {
             db,
             _services: services,
         };
-        app.worker = Some(app.start_worker().await);
+        if app.options.in_process_worker {
+            app.worker = Some(app.start_worker().await);
+        }
         app
     }
 
@@ -257,6 +262,55 @@ impl TestApp {
             })
             .await
             .unwrap();
+    }
+
+    /// The environment that points the real program at this test's services.
+    pub fn program_env(&self) -> Vec<(String, String)> {
+        let o = &self.options;
+        let e = self.endpoints();
+        let v = |k: &str, val: String| (format!("MAIL_DISPATCH_{k}"), val);
+        vec![
+            v("AMQP_URL", crate::amqp_url()),
+            v("DATABASE_URL", self.db.url.clone()),
+            v(
+                "TOKEN_KEY",
+                secrecy::ExposeSecret::expose_secret(&self.db.key).to_owned(),
+            ),
+            v("QUEUE_PREFIX", self.amqp.prefix()),
+            v("GRAPH_URL", e.graph_url.to_string()),
+            v("GMAIL_URL", e.gmail_url.to_string()),
+            v("MICROSOFT_LOGIN_URL", self.standins.microsoft_login.uri()),
+            v("MICROSOFT_TENANT", "common".into()),
+            v("MICROSOFT_CLIENT_ID", "ms-client-id".into()),
+            v("MICROSOFT_CLIENT_SECRET", "ms-client-secret".into()),
+            v(
+                "GOOGLE_CLIENT_ID",
+                "g-client-id.apps.googleusercontent.com".into(),
+            ),
+            v("GOOGLE_CLIENT_SECRET", "g-client-secret".into()),
+            v(
+                "GOOGLE_TOKEN_URL",
+                format!("{}/token", self.standins.google_oauth.uri()),
+            ),
+            v(
+                "GOOGLE_AUTH_URL",
+                format!("{}/o/oauth2/v2/auth", self.standins.google_oauth.uri()),
+            ),
+            v(
+                "GOOGLE_REVOKE_URL",
+                format!("{}/revoke", self.standins.google_oauth.uri()),
+            ),
+            v("DEFAULT_TRANSPORT", e.platform_transport.clone()),
+            v("DEFAULT_SENDER", PLATFORM_SENDER.into()),
+            v("CONCURRENCY", o.concurrency.to_string()),
+            v("MAX_ATTEMPTS", o.max_attempts.to_string()),
+            v(
+                "SHUTDOWN_GRACE_SECS",
+                o.shutdown_grace.as_secs().to_string(),
+            ),
+            v("CLAIM_LEASE_SECS", o.claim_lease.as_secs().to_string()),
+            v("LOG_FORMAT", "json".into()),
+        ]
     }
 
     /// `.eml` files the platform sender wrote.

@@ -271,7 +271,8 @@ impl Respond for GraphSend {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let mut s = self.0.lock().unwrap();
         *s.send_attempts.entry(Vendor::Microsoft).or_default() += 1;
-        s.attempt_times.push((Vendor::Microsoft, std::time::Instant::now()));
+        s.attempt_times
+            .push((Vendor::Microsoft, std::time::Instant::now()));
         let delay = s.send_delay;
         match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
             Some((Vendor::Microsoft, _)) => {}
@@ -330,7 +331,8 @@ impl Respond for GmailSend {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let mut s = self.0.lock().unwrap();
         *s.send_attempts.entry(Vendor::Google).or_default() += 1;
-        s.attempt_times.push((Vendor::Google, std::time::Instant::now()));
+        s.attempt_times
+            .push((Vendor::Google, std::time::Instant::now()));
         let delay = s.send_delay;
         match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
             Some((Vendor::Google, _)) => {}
@@ -495,7 +497,14 @@ impl StandIns {
 
     /// When each send request to `vendor` arrived.
     pub fn attempt_times(&self, vendor: Vendor) -> Vec<std::time::Instant> {
-        self.state.lock().unwrap().attempt_times.iter().filter(|(v, _)| *v == vendor).map(|(_, t)| *t).collect()
+        self.state
+            .lock()
+            .unwrap()
+            .attempt_times
+            .iter()
+            .filter(|(v, _)| *v == vendor)
+            .map(|(_, t)| *t)
+            .collect()
     }
 
     /// Stops answering with scripted failures.

@@ -1,0 +1,595 @@
+//! The real program as a process: signals, crashes, its commands, its errors.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mail_dispatch_test_support::standins::{self, Vendor};
+use mail_dispatch_test_support::{ResultsTap, TestApp, TestAppOptions};
+use serde_json::Value;
+
+use crate::support::WAIT;
+
+const PROGRAM: &str = env!("CARGO_BIN_EXE_mail-dispatch-e2e");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The program running as a worker against a test's services.
+pub struct Program {
+    child: Child,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+}
+
+impl Program {
+    pub async fn start(app: &TestApp, command: &str) -> Program {
+        let metrics_port = free_port();
+        let log = std::env::temp_dir().join(mail_dispatch_test_support::unique("md-log-"));
+        let child = Command::new(PROGRAM)
+            .arg(command)
+            .envs(app.program_env())
+            .env(
+                "MAIL_DISPATCH_METRICS_LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            )
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("the program starts");
+        let p = Program {
+            child,
+            metrics_port,
+            log,
+        };
+        let deadline = Instant::now() + WAIT;
+        while !matches!(p.get("/readyz").await, Some((200, _))) {
+            assert!(Instant::now() < deadline, "program not ready: {}", p.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        p
+    }
+
+    /// A GET on the metrics listener: (status, body).
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let port = self.metrics_port;
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            let status = out.split_whitespace().nth(1)?.parse().ok()?;
+            let body = out
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Some((status, body))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// SIGTERM, then waits for the exit: its status code.
+    pub async fn terminate(mut self, within: Duration) -> i32 {
+        self.signal("-TERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {within:?} after SIGTERM: {}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs a one-shot command of the program: (exit code, stdout, stderr).
+fn run_command(app: &TestApp, args: &[&str], extra_env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(PROGRAM)
+        .args(args)
+        .envs(app.program_env())
+        .env("RUST_LOG", "off")
+        .envs(extra_env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn count_by_job(results: &[Value]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in results {
+        *m.entry(r["job_id"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    m
+}
+
+async fn all_results(tap: &mut ResultsTap, n: usize, timeout: Duration) -> Vec<Value> {
+    let results = tap.results(n, timeout).await;
+    let seen = tap.settle(Duration::from_millis(500)).await;
+    let all: Vec<Value> = seen
+        .iter()
+        .filter(|s| s.routing_key.starts_with("result."))
+        .map(|s| s.body.clone())
+        .collect();
+    assert!(all.len() >= results.len());
+    all
+}
+
+/// Job ids in the Message-IDs of what Gmail received: how often each was sent.
+fn gmail_sends_by_job(app: &TestApp) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for raw in app.standins.gmail_messages() {
+        let msg = mail_parser::MessageParser::default().parse(&raw).unwrap();
+        let id = msg
+            .message_id()
+            .unwrap()
+            .trim_start_matches("job-")
+            .split('.')
+            .next()
+            .unwrap()
+            .to_owned();
+        *m.entry(id).or_default() += 1;
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_jobs_in_flight_finishes_them_exits_zero_and_loses_nothing() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        concurrency: 8,
+        shutdown_grace: Duration::from_secs(10),
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    app.standins.set_send_delay(Duration::from_millis(1500));
+    let mut tap = app.amqp.tap_results().await;
+    let program = Program::start(&app, "worker").await;
+    let jobs: Vec<Value> = (0..30).map(|_| app.job("org_g")).collect();
+    for job in &jobs {
+        app.amqp.publish_job(job).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while app.standins.send_attempts(Vendor::Google) < 8 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let code = program.terminate(Duration::from_secs(20)).await;
+    assert_eq!(code, 0, "SIGTERM exits 0");
+    let sent_before_restart = app.standins.send_attempts(Vendor::Google);
+    assert!(sent_before_restart < 30, "the worker stopped taking jobs");
+
+    let _again = Program::start(&app, "worker").await;
+    let results = all_results(&mut tap, 30, Duration::from_secs(40)).await;
+    let per_job = count_by_job(&results);
+    for job in &jobs {
+        assert_eq!(
+            per_job.get(job["id"].as_str().unwrap()),
+            Some(&1),
+            "exactly one result per job"
+        );
+    }
+    assert!(results.iter().all(|r| r["status"] == "sent"));
+    let sends = gmail_sends_by_job(&app);
+    assert_eq!(sends.len(), 30);
+    assert!(
+        sends.values().all(|n| *n == 1),
+        "in-flight jobs finished within the grace period: no resend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_with_200_jobs_in_flight_then_restart_gives_every_job_exactly_one_result() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        concurrency: 200,
+        claim_lease: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    app.standins.set_send_delay(Duration::from_secs(2));
+    let mut tap = app.amqp.tap_results().await;
+    let program = Program::start(&app, "worker").await;
+    let jobs: Vec<Value> = (0..200).map(|_| app.job("org_g")).collect();
+    // Staggered, so that at the kill some jobs are finished, some are at the
+    // provider, and some have not been attempted yet.
+    for batch in jobs.chunks(20) {
+        for job in batch {
+            app.amqp.publish_job(job).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let done = tap
+            .settle(Duration::from_millis(10))
+            .await
+            .iter()
+            .filter(|s| s.routing_key.starts_with("result."))
+            .count();
+        if done >= 40 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jobs did not complete: {}",
+            program.logs()
+        );
+    }
+    program.kill9();
+    let accepted_at_kill = app.standins.gmail_messages().len();
+    let finished_at_kill: Vec<String> = tap
+        .settle(Duration::from_millis(300))
+        .await
+        .iter()
+        .filter(|s| s.routing_key.starts_with("result."))
+        .map(|s| s.body["job_id"].as_str().unwrap().to_owned())
+        .collect();
+    let results_at_kill = finished_at_kill.len();
+    // Accepted by the provider, result not recorded: the documented duplicate window.
+    let in_window = accepted_at_kill.saturating_sub(results_at_kill);
+    assert!(
+        in_window > 0 && results_at_kill > 0,
+        "the kill must land mid-run"
+    );
+
+    let _restarted = Program::start(&app, "worker").await;
+    let results = all_results(&mut tap, 200, Duration::from_secs(60)).await;
+    let per_job = count_by_job(&results);
+    for job in &jobs {
+        assert_eq!(
+            per_job.get(job["id"].as_str().unwrap()),
+            Some(&1),
+            "exactly one result per job"
+        );
+    }
+    let sends = gmail_sends_by_job(&app);
+    assert_eq!(sends.len(), 200, "every job was sent");
+    let duplicates: usize = sends.values().map(|n| n - 1).sum();
+    println!(
+        "kill -9: {accepted_at_kill} accepted by the provider at the kill, {results_at_kill} results published, \
+         {in_window} in the duplicate window; duplicate sends after restart: {duplicates}"
+    );
+    assert!(
+        duplicates <= in_window,
+        "{duplicates} duplicates, but only {in_window} jobs were in the window"
+    );
+    for id in &finished_at_kill {
+        assert_eq!(
+            sends.get(id),
+            Some(&1),
+            "job {id} had its result before the kill: never sent again"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closing_every_amqp_connection_mid_run_loses_and_doubles_nothing() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        concurrency: 8,
+        exclusive: true,
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    app.standins.set_send_delay(Duration::from_millis(100));
+    let mut tap = app.amqp.tap_results().await;
+    let jobs: Vec<Value> = (0..60).map(|_| app.job("org_g")).collect();
+    for job in &jobs {
+        app.amqp.publish_job(job).await;
+    }
+    tap.results(10, WAIT).await;
+    let status = Command::new("rabbitmqctl")
+        .args(["close_all_connections", "mail-dispatch test"])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let results = all_results(&mut tap, 60, Duration::from_secs(60)).await;
+    let per_job = count_by_job(&results);
+    for job in &jobs {
+        assert_eq!(
+            per_job.get(job["id"].as_str().unwrap()),
+            Some(&1),
+            "exactly one result per job"
+        );
+    }
+    let sends = gmail_sends_by_job(&app);
+    assert_eq!(sends.len(), 60);
+    assert!(sends.values().all(|n| *n == 1), "no job sent twice");
+    assert!(
+        app.worker.as_ref().unwrap().health.amqp(),
+        "the worker reconnected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_restart_mid_run_delays_jobs_but_loses_none() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        concurrency: 8,
+        exclusive: true,
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    app.standins.set_send_delay(Duration::from_millis(100));
+    let mut tap = app.amqp.tap_results().await;
+    let jobs: Vec<Value> = (0..60).map(|_| app.job("org_g")).collect();
+    for job in &jobs {
+        app.amqp.publish_job(job).await;
+    }
+    tap.results(10, WAIT).await;
+    let version = std::fs::read_dir("/etc/postgresql")
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let status = Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            version.to_str().unwrap(),
+            "main",
+            "restart",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let results = all_results(&mut tap, 60, Duration::from_secs(90)).await;
+    let per_job = count_by_job(&results);
+    for job in &jobs {
+        assert_eq!(
+            per_job.get(job["id"].as_str().unwrap()),
+            Some(&1),
+            "exactly one result per job"
+        );
+    }
+    assert!(
+        results.iter().all(|r| r["status"] == "sent"),
+        "{results:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_can_be_listed_and_replayed_and_are_then_sent() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        max_attempts: 2,
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "a@customer.com",
+        "A",
+    )
+    .await;
+    app.standins.script(
+        Vendor::Microsoft,
+        (0..10).map(|_| standins::graph_unavailable()),
+    );
+    let mut tap = app.amqp.tap_results().await;
+    let job = app.job("org_ms");
+    let id = job["id"].as_str().unwrap().to_owned();
+    app.amqp.publish_job(&job).await;
+    assert_eq!(
+        tap.result(&id, WAIT).await["error"]["code"],
+        "provider_unavailable"
+    );
+
+    let (code, out, err) = run_command(&app, &["dead-letters", "list"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&id)
+            && out.contains("reason=provider_unavailable")
+            && out.contains("attempts=2"),
+        "{out}"
+    );
+    assert!(out.contains("1 dead-lettered job(s) shown"), "{out}");
+    assert_eq!(
+        app.amqp.queue_len(&app.amqp.topology.dead_queue).await,
+        1,
+        "listing leaves them in place"
+    );
+
+    app.standins.clear_script();
+    let (code, out, err) = run_command(&app, &["dead-letters", "replay", "--id", &id], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 job(s) replayed"), "{out}");
+    let replayed = tap
+        .wait_for(WAIT, |s| {
+            s.body["job_id"] == id.as_str() && s.body["status"] == "sent"
+        })
+        .await
+        .expect("the replayed job is sent");
+    assert_eq!(replayed.body["attempts"], 1, "a fresh attempt budget");
+    assert_eq!(app.amqp.queue_len(&app.amqp.topology.dead_queue).await, 0);
+    assert_eq!(app.standins.graph_messages().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enqueue_publishes_a_job_the_worker_sends() {
+    let app = TestApp::spawn().await;
+    let mut tap = app.amqp.tap_results().await;
+    let (code, out, err) = run_command(
+        &app,
+        &[
+            "enqueue",
+            "--org",
+            "org_cli",
+            "--to",
+            "alice@example.com",
+            "--subject",
+            "Rappel : échéance",
+            "--text",
+            "Bonjour",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim();
+    let r = tap.result(id, WAIT).await;
+    assert_eq!(r["status"], "sent");
+    assert_eq!(r["provider"], "default");
+
+    let (code, _, err) = run_command(
+        &app,
+        &[
+            "enqueue",
+            "--org",
+            "o",
+            "--to",
+            "not-an-address",
+            "--subject",
+            "s",
+            "--text",
+            "t",
+        ],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid job"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_configuration_fails_fast_with_one_clear_line_and_a_nonzero_exit() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        ..Default::default()
+    })
+    .await;
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[("MAIL_DISPATCH_TOKEN_KEY", "")],
+            "MAIL_DISPATCH_TOKEN_KEY",
+        ),
+        (
+            &[("MAIL_DISPATCH_TOKEN_KEY", "c2hvcnQ=")],
+            "MAIL_DISPATCH_TOKEN_KEY",
+        ),
+        (
+            &[(
+                "MAIL_DISPATCH_AMQP_URL",
+                "amqp://guest:guest@127.0.0.1:1/%2f",
+            )],
+            "RabbitMQ",
+        ),
+        (
+            &[(
+                "MAIL_DISPATCH_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:1/x",
+            )],
+            "PostgreSQL",
+        ),
+    ];
+    for (env, expected) in cases {
+        let mut cmd = Command::new(PROGRAM);
+        cmd.arg("worker")
+            .envs(app.program_env())
+            .env("RUST_LOG", "off");
+        for (k, v) in env {
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{env:?} should fail");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(expected),
+            "{env:?}: {err}"
+        );
+    }
+}
