@@ -1,6 +1,7 @@
 //! End-to-end suite: real RabbitMQ and PostgreSQL, in-process workers, local
 //! stand-ins of Microsoft and Google. One test binary (`cargo test --workspace`).
 
+mod admin;
 mod config_changes;
 mod delivery;
 mod invalid_jobs;

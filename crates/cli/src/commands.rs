@@ -69,16 +69,50 @@ pub fn endpoints(settings: &Settings) -> anyhow::Result<ProviderEndpoints> {
     })
 }
 
-/// `run` and `worker`.
-pub async fn run(settings: &Settings, _with_admin: bool) -> anyhow::Result<()> {
+/// Which roles a process runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Roles {
+    pub worker: bool,
+    pub admin: bool,
+}
+
+/// `run`, `worker` and `admin`.
+pub async fn run(settings: &Settings, roles: Roles) -> anyhow::Result<()> {
+    let admin_config = if roles.admin {
+        match settings.admin_config()? {
+            Some(c) => Some(c),
+            None if roles.worker && settings.dev => {
+                tracing::warn!("MAIL_DISPATCH_ADMIN_TOKEN is not set: the admin API is off");
+                None
+            }
+            None => bail!("MAIL_DISPATCH_ADMIN_TOKEN is not set (the admin API requires it)"),
+        }
+    } else {
+        None
+    };
     let metrics = crate::serve::install_recorder()?;
     let metrics_listener = crate::serve::bind(settings.metrics_listen).await?;
+    let admin_listener = match &admin_config {
+        Some(_) => Some(
+            tokio::net::TcpListener::bind(settings.admin_listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} (MAIL_DISPATCH_ADMIN_LISTEN)",
+                        settings.admin_listen
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let store = open_store(settings, true).await?;
-    // Fail fast with a clear message if the broker is unreachable at start.
-    connect_broker(settings, "mail-dispatch-startup-check")
-        .await?
-        .close()
-        .await;
+    if roles.worker {
+        // Fail fast with a clear message if the broker is unreachable at start.
+        connect_broker(settings, "mail-dispatch-startup-check")
+            .await?
+            .close()
+            .await;
+    }
 
     let config = settings.worker_config()?;
     let dispatcher = Arc::new(Dispatcher::build(
@@ -96,9 +130,25 @@ pub async fn run(settings: &Settings, _with_admin: bool) -> anyhow::Result<()> {
         metrics,
         health.clone(),
         store.clone(),
-        true,
+        roles.worker,
         shutdown.clone(),
     ));
+    let admin_server = match (admin_config, admin_listener) {
+        (Some(config), Some(listener)) => {
+            let app = mail_dispatch_admin::app(mail_dispatch_admin::AdminState::new(
+                dispatcher.clone(),
+                config,
+            ));
+            tracing::info!(listen = %settings.admin_listen, "admin API listening");
+            let shutdown = shutdown.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                    .await
+            }))
+        }
+        _ => None,
+    };
     let gauges = tokio::spawn(report_integration_gauges(
         store.clone(),
         health.clone(),
@@ -112,8 +162,15 @@ pub async fn run(settings: &Settings, _with_admin: bool) -> anyhow::Result<()> {
             shutdown.cancel();
         });
     }
-    mail_dispatch_worker::runner::run(dispatcher, health, shutdown.clone()).await;
+    if roles.worker {
+        mail_dispatch_worker::runner::run(dispatcher, health, shutdown.clone()).await;
+    } else {
+        shutdown.cancelled().await;
+    }
     shutdown.cancel();
+    if let Some(admin) = admin_server {
+        admin.await.context("admin API task")??;
+    }
     follower.abort();
     let _ = gauges.await;
     metrics_server.await.context("metrics server task")??;

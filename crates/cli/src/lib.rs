@@ -32,10 +32,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Worker and metrics in one process (the default deployment).
+    /// Worker, admin API and metrics in one process (the default deployment).
     Run,
     /// The worker role only.
     Worker,
+    /// The admin API role only.
+    Admin,
     /// Applies database migrations and exits.
     Migrate,
     /// Publishes one job (smoke tests and operators).
@@ -69,8 +71,36 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         cli.settings.validate()?;
         match cli.command {
-            Command::Run => commands::run(&cli.settings, true).await,
-            Command::Worker => commands::run(&cli.settings, false).await,
+            Command::Run => {
+                commands::run(
+                    &cli.settings,
+                    commands::Roles {
+                        worker: true,
+                        admin: true,
+                    },
+                )
+                .await
+            }
+            Command::Worker => {
+                commands::run(
+                    &cli.settings,
+                    commands::Roles {
+                        worker: true,
+                        admin: false,
+                    },
+                )
+                .await
+            }
+            Command::Admin => {
+                commands::run(
+                    &cli.settings,
+                    commands::Roles {
+                        worker: false,
+                        admin: true,
+                    },
+                )
+                .await
+            }
             Command::Migrate => commands::migrate(&cli.settings).await,
             Command::Enqueue(args) => commands::enqueue(&cli.settings, &args).await,
             Command::Integrations { command } => {

@@ -32,6 +32,7 @@
 //! | `MAIL_DISPATCH_SHUTDOWN_GRACE_SECS` | `25` |
 //! | `MAIL_DISPATCH_CLAIM_LEASE_SECS` | `120`: how long a crashed worker's claim on a job blocks a resend |
 //! | `MAIL_DISPATCH_QUEUE_PREFIX` | empty: prefix of every exchange and queue name |
+//! | `MAIL_DISPATCH_PRODUCT_NAME` | `mail-dispatch`: named in test messages |
 //! | `MAIL_DISPATCH_LOG_FORMAT` | `pretty` (`json` for production) |
 
 use std::net::SocketAddr;
@@ -204,6 +205,13 @@ pub struct Settings {
     pub claim_lease_secs: u64,
     #[arg(long, env = "MAIL_DISPATCH_QUEUE_PREFIX", default_value = "")]
     pub queue_prefix: String,
+    /// Product name shown in test messages.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_PRODUCT_NAME",
+        default_value = "mail-dispatch"
+    )]
+    pub product_name: String,
     #[arg(long, env = "MAIL_DISPATCH_LOG_FORMAT", default_value = "pretty")]
     pub log_format: String,
 }
@@ -266,6 +274,12 @@ impl Settings {
         .context("MAIL_DISPATCH_MICROSOFT_LOGIN_URL")
     }
 
+    /// `{MAIL_DISPATCH_PUBLIC_URL}/v1/oauth/callback`: register it with both providers.
+    pub fn redirect_url(&self) -> anyhow::Result<Url> {
+        let base = self.public_url.as_str().trim_end_matches('/');
+        Url::parse(&format!("{base}/v1/oauth/callback")).context("MAIL_DISPATCH_PUBLIC_URL")
+    }
+
     pub fn microsoft_scopes(&self) -> Vec<String> {
         let mut s: Vec<String> = MICROSOFT_GRAPH_SCOPES
             .iter()
@@ -295,15 +309,20 @@ impl Settings {
                     auth_url: self.microsoft_endpoint("authorize")?,
                     token_url: self.microsoft_endpoint("token")?,
                     scopes: self.microsoft_scopes(),
+                    redirect_url: Some(self.redirect_url()?),
                 }),
             },
-            ProviderKind::Google => self.google_client_id.as_ref().map(|id| OAuthApp {
-                client_id: id.clone(),
-                client_secret: self.google_client_secret.clone().map(SecretString::from),
-                auth_url: self.google_auth_url.clone(),
-                token_url: self.google_token_url.clone(),
-                scopes: self.google_scopes(),
-            }),
+            ProviderKind::Google => match &self.google_client_id {
+                None => None,
+                Some(id) => Some(OAuthApp {
+                    client_id: id.clone(),
+                    client_secret: self.google_client_secret.clone().map(SecretString::from),
+                    auth_url: self.google_auth_url.clone(),
+                    token_url: self.google_token_url.clone(),
+                    scopes: self.google_scopes(),
+                    redirect_url: Some(self.redirect_url()?),
+                }),
+            },
             ProviderKind::Default => None,
         })
     }
@@ -323,7 +342,37 @@ impl Settings {
             bail!("MAIL_DISPATCH_LOG_FORMAT must be `pretty` or `json`");
         }
         self.cipher()?;
+        self.admin_config()?;
         Ok(())
+    }
+
+    /// The admin API's settings; `None` when no admin token is configured.
+    pub fn admin_config(&self) -> anyhow::Result<Option<mail_dispatch_admin::AdminConfig>> {
+        let Some(token) = self.admin_token.clone().filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        if token.len() < 16 {
+            bail!("MAIL_DISPATCH_ADMIN_TOKEN must be at least 16 characters");
+        }
+        let mut origins = Vec::new();
+        let raw: Vec<String> = if self.return_origins.is_empty() {
+            vec![self.public_url.to_string()]
+        } else {
+            self.return_origins.clone()
+        };
+        for o in raw {
+            let url = Url::parse(o.trim())
+                .with_context(|| format!("MAIL_DISPATCH_RETURN_ORIGINS: `{o}` is not a URL"))?;
+            origins.push(url.origin());
+        }
+        Ok(Some(mail_dispatch_admin::AdminConfig {
+            admin_token: SecretString::from(token),
+            return_origins: origins,
+            google_revoke_url: self.google_revoke_url.clone(),
+            google_check_aliases: self.google_check_aliases,
+            state_ttl: mail_dispatch_admin::STATE_TTL,
+            product_name: self.product_name.clone(),
+        }))
     }
 
     pub fn worker_config(&self) -> anyhow::Result<mail_dispatch_worker::WorkerConfig> {

@@ -100,6 +100,55 @@ impl GmailSender {
     }
 }
 
+impl GmailSender {
+    /// The account's verified send-as addresses (`users.settings.sendAs.list`,
+    /// which needs the `gmail.settings.basic` scope): its own address and the
+    /// aliases whose verification is `accepted`.
+    pub async fn send_as_addresses(&self, token: &SecretString) -> Result<Vec<String>, SendError> {
+        let url = self
+            .send_url
+            .as_str()
+            .replace("/messages/send", "/settings/sendAs");
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(token.expose_secret())
+            .send()
+            .await
+            .map_err(|e| SendError::transport(&e))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(classify(status, &text, None));
+        }
+        #[derive(Deserialize)]
+        struct List {
+            #[serde(default, rename = "sendAs")]
+            send_as: Vec<SendAs>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct SendAs {
+            send_as_email: String,
+            #[serde(default)]
+            is_primary: bool,
+            verification_status: Option<String>,
+        }
+        let list: List = serde_json::from_str(&text).map_err(|_| {
+            SendError::new(
+                FailureClass::unavailable(None),
+                "Gmail sendAs list unreadable",
+            )
+        })?;
+        Ok(list
+            .send_as
+            .into_iter()
+            .filter(|a| a.is_primary || a.verification_status.as_deref() == Some("accepted"))
+            .map(|a| a.send_as_email)
+            .collect())
+    }
+}
+
 #[derive(Deserialize)]
 struct SentMessage {
     id: String,

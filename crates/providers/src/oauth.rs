@@ -8,19 +8,46 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
-use oauth2::basic::{BasicClient, BasicErrorResponseType, BasicRequestTokenError};
+use oauth2::basic::{
+    BasicErrorResponse, BasicErrorResponseType, BasicRequestTokenError,
+    BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenType,
+};
 use oauth2::{
-    AuthType, AuthUrl, ClientId, ClientSecret, EndpointNotSet, EndpointSet, RefreshToken, Scope,
-    TokenResponse, TokenUrl,
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet,
+    EndpointSet, ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
+    Scope, StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 /// Lifetime assumed when a token response carries no `expires_in`.
 const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(3600);
 
-type ConfiguredClient =
-    BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+/// OpenID Connect adds `id_token` to the token response (Google puts the
+/// account's address in it); the `oauth2` crate's basic response drops it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct IdTokenFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<String>,
+}
+
+impl ExtraTokenFields for IdTokenFields {}
+
+type OidcTokenResponse = StandardTokenResponse<IdTokenFields, BasicTokenType>;
+
+type ConfiguredClient = oauth2::Client<
+    BasicErrorResponse,
+    OidcTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
 
 /// One provider's OAuth application.
 #[derive(Clone, Debug)]
@@ -30,6 +57,8 @@ pub struct OAuthApp {
     pub auth_url: Url,
     pub token_url: Url,
     pub scopes: Vec<String>,
+    /// `{public URL}/v1/oauth/callback`, for the connect flow.
+    pub redirect_url: Option<Url>,
 }
 
 /// A fresh grant from the token endpoint.
@@ -39,6 +68,10 @@ pub struct TokenGrant {
     pub expires_at: DateTime<Utc>,
     /// Present when the provider rotated it (Microsoft does on every refresh).
     pub refresh_token: Option<SecretString>,
+    /// The OpenID Connect ID token, when the provider sent one.
+    pub id_token: Option<String>,
+    /// The scopes granted, space-separated, when the provider said.
+    pub scopes: Option<String>,
 }
 
 /// Why a refresh failed.
@@ -67,13 +100,16 @@ pub struct TokenService {
 }
 
 fn configure(app: &OAuthApp) -> (ConfiguredClient, Vec<String>) {
-    let mut client = BasicClient::new(ClientId::new(app.client_id.clone()))
+    let mut client = oauth2::Client::new(ClientId::new(app.client_id.clone()))
         .set_auth_uri(AuthUrl::from_url(app.auth_url.clone()))
         .set_token_uri(TokenUrl::from_url(app.token_url.clone()))
         // Both providers document client_secret in the request body.
         .set_auth_type(AuthType::RequestBody);
     if let Some(secret) = &app.client_secret {
         client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
+    }
+    if let Some(redirect) = &app.redirect_url {
+        client = client.set_redirect_uri(RedirectUrl::from_url(redirect.clone()));
     }
     (client, app.scopes.clone())
 }
@@ -106,18 +142,71 @@ impl TokenService {
         })
     }
 
-    /// The refresh-token grant (RFC 6749 §6).
+    /// Whether the provider's OAuth client is configured.
+    pub fn is_configured(&self, provider: ProviderKind) -> bool {
+        self.client(provider).is_ok()
+    }
+
+    /// The consent page URL for a new connection: authorization code flow with
+    /// PKCE S256 (RFC 7636) and our `state`. Returns the URL and the PKCE
+    /// verifier to keep (server-side) until the callback.
+    pub fn authorize_url(
+        &self,
+        provider: ProviderKind,
+        state: &str,
+    ) -> Result<(Url, SecretString), RefreshError> {
+        let (client, scopes) = self.client(provider)?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let state = state.to_owned();
+        let mut request = client
+            .authorize_url(move || CsrfToken::new(state))
+            .add_scopes(scopes.iter().cloned().map(Scope::new))
+            .set_pkce_challenge(challenge);
+        if provider == ProviderKind::Google {
+            // Without both, a reconnect returns no refresh token.
+            request = request
+                .add_extra_param("access_type", "offline")
+                .add_extra_param("prompt", "consent");
+        }
+        let (url, _) = request.url();
+        Ok((url, SecretString::from(verifier.secret().to_owned())))
+    }
+
+    /// The authorization-code grant with the PKCE verifier (RFC 6749 §4.1.3).
+    pub async fn exchange_code(
+        &self,
+        provider: ProviderKind,
+        code: &str,
+        verifier: &SecretString,
+    ) -> Result<TokenGrant, RefreshError> {
+        let (client, _) = self.client(provider)?;
+        let response = client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose_secret().to_owned()))
+            .request_async(&self.http)
+            .await
+            .map_err(classify_token_error)?;
+        Ok(grant(&response))
+    }
+
+    /// The refresh-token grant (RFC 6749 §6). `granted` are the scopes the
+    /// organization consented to: Microsoft refuses a refresh asking for more.
     pub async fn refresh(
         &self,
         provider: ProviderKind,
         refresh_token: &SecretString,
+        granted: Option<&str>,
     ) -> Result<TokenGrant, RefreshError> {
         let (client, scopes) = self.client(provider)?;
         let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
         let mut request = client.exchange_refresh_token(&token);
         if provider == ProviderKind::Microsoft {
             // Microsoft's v2.0 endpoint documents `scope` on refresh requests.
-            request = request.add_scopes(scopes.iter().cloned().map(Scope::new));
+            let scopes: Vec<String> = match granted {
+                Some(g) => g.split_whitespace().map(str::to_owned).collect(),
+                None => scopes.clone(),
+            };
+            request = request.add_scopes(scopes.into_iter().map(Scope::new));
         }
         let response = request
             .request_async(&self.http)
@@ -127,7 +216,7 @@ impl TokenService {
     }
 }
 
-fn grant(response: &oauth2::basic::BasicTokenResponse) -> TokenGrant {
+fn grant(response: &OidcTokenResponse) -> TokenGrant {
     let expires_in = response.expires_in().unwrap_or(DEFAULT_EXPIRES_IN);
     TokenGrant {
         access_token: SecretString::from(response.access_token().secret().to_owned()),
@@ -136,7 +225,31 @@ fn grant(response: &oauth2::basic::BasicTokenResponse) -> TokenGrant {
         refresh_token: response
             .refresh_token()
             .map(|t| SecretString::from(t.secret().to_owned())),
+        id_token: response.extra_fields().id_token.clone(),
+        scopes: response
+            .scopes()
+            .map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")),
     }
+}
+
+/// The `email` claim of an ID token received straight from the token endpoint
+/// over TLS (OpenID Connect Core §3.1.3.7 allows TLS server validation in place
+/// of checking the signature in that case).
+pub fn id_token_email(id_token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = id_token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    if claims
+        .get("email_verified")
+        .and_then(serde_json::Value::as_bool)
+        == Some(false)
+    {
+        return None;
+    }
+    claims.get("email")?.as_str().map(str::to_owned)
 }
 
 /// Maps token endpoint errors (RFC 6749 §5.2 plus Microsoft's and Google's

@@ -114,12 +114,15 @@ pub struct NewConnection {
     pub account_email: String,
     pub refresh_token: SecretString,
     pub access_token: Option<(SecretString, DateTime<Utc>)>,
+    /// The scopes the provider says it granted (space-separated), if it said.
+    pub granted_scopes: Option<String>,
 }
 
 /// The decrypted tokens of an integration, seen while its row is locked.
 #[derive(Debug)]
 pub struct StoredTokens {
     pub provider: ProviderKind,
+    pub granted_scopes: Option<String>,
     pub refresh_token: Option<SecretString>,
     pub access_token: Option<(SecretString, DateTime<Utc>)>,
 }
@@ -205,8 +208,8 @@ impl Store {
             .query_one(
                 &format!(
                     "INSERT INTO integrations (organization_id, provider, status, account_email,
-                         refresh_token, access_token, access_token_expires_at, token_key_id)
-                     VALUES ($1, $2, 'pending_sender', $3, $4, $5, $6, $7)
+                         refresh_token, access_token, access_token_expires_at, token_key_id, granted_scopes)
+                     VALUES ($1, $2, 'pending_sender', $3, $4, $5, $6, $7, $8)
                      ON CONFLICT (organization_id) DO UPDATE SET
                          status = 'pending_sender',
                          account_email = EXCLUDED.account_email,
@@ -214,6 +217,7 @@ impl Store {
                          access_token = EXCLUDED.access_token,
                          access_token_expires_at = EXCLUDED.access_token_expires_at,
                          token_key_id = EXCLUDED.token_key_id,
+                         granted_scopes = EXCLUDED.granted_scopes,
                          sender_email = CASE WHEN integrations.provider = EXCLUDED.provider
                                              THEN integrations.sender_email END,
                          sender_name = CASE WHEN integrations.provider = EXCLUDED.provider
@@ -232,6 +236,7 @@ impl Store {
                     &access,
                     &expires,
                     &cipher.key_id(),
+                    &c.granted_scopes,
                 ],
             )
             .await?;
@@ -379,7 +384,7 @@ impl Store {
         let tx = client.transaction().await?;
         let Some(row) = tx
             .query_opt(
-                "SELECT provider, refresh_token, access_token, access_token_expires_at
+                "SELECT provider, granted_scopes, refresh_token, access_token, access_token_expires_at
                  FROM integrations WHERE organization_id = $1 FOR UPDATE",
                 &[&organization_id],
             )
@@ -390,6 +395,7 @@ impl Store {
         let refresh_token: Option<Vec<u8>> = row.get("refresh_token");
         let tokens = StoredTokens {
             provider: ProviderKind::parse(row.get("provider")).unwrap_or(ProviderKind::Default),
+            granted_scopes: row.get("granted_scopes"),
             refresh_token: refresh_token
                 .map(|b| {
                     self.cipher()

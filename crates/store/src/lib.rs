@@ -4,6 +4,7 @@ mod cipher;
 mod integrations;
 mod ledger;
 mod listener;
+mod oauth_states;
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ pub use integrations::{
 };
 pub use ledger::Claim;
 pub use listener::{IntegrationChange, spawn_change_listener};
+pub use oauth_states::{OAuthState, StateLookup};
 
 /// Errors of the store. Callers branch on `Unavailable` (retry later, do not ack).
 #[derive(Debug, thiserror::Error)]
@@ -113,8 +115,10 @@ impl std::fmt::Debug for Store {
 }
 
 /// The embedded migrations, in order.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (2, "oauth", include_str!("../migrations/0002_oauth.sql")),
+];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;
 

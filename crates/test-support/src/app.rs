@@ -32,6 +32,8 @@ pub struct TestAppOptions {
     pub exclusive: bool,
     /// Start a worker in this process (tests that run the real program say no).
     pub in_process_worker: bool,
+    /// `MAIL_DISPATCH_GOOGLE_CHECK_ALIASES`.
+    pub google_check_aliases: bool,
 }
 
 impl Default for TestAppOptions {
@@ -48,6 +50,7 @@ impl Default for TestAppOptions {
             shutdown_grace: Duration::from_secs(5),
             exclusive: false,
             in_process_worker: true,
+            google_check_aliases: false,
         }
     }
 }
@@ -70,9 +73,17 @@ impl RunningWorker {
     }
 }
 
-/// Test database + AMQP prefix + stand-ins + a worker.
+/// The admin API's bearer token in tests.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// The host application's origin, allowed for `return_to`.
+pub const APP_ORIGIN: &str = "https://app.example";
+
+/// Test database + AMQP prefix + stand-ins + a worker + the admin API.
 pub struct TestApp {
     pub standins: StandIns,
+    /// Base URL of the admin API (`http://127.0.0.1:port`).
+    pub admin_url: String,
+    admin: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     pub outbox: PathBuf,
     pub options: TestAppOptions,
     pub worker: Option<RunningWorker>,
@@ -93,8 +104,12 @@ impl TestApp {
         let services = crate::services(options.exclusive).await;
         let (db, amqp, standins) = tokio::join!(TestDb::new(), TestAmqp::new(), StandIns::start());
         let outbox = std::env::temp_dir().join(crate::unique("md-outbox-"));
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_url = format!("http://{}", admin_listener.local_addr().unwrap());
         let mut app = TestApp {
             standins,
+            admin_url,
+            admin: None,
             outbox,
             options,
             worker: None,
@@ -105,6 +120,7 @@ impl TestApp {
         if app.options.in_process_worker {
             app.worker = Some(app.start_worker().await);
         }
+        app.admin = Some(app.start_admin(admin_listener));
         app
     }
 
@@ -122,14 +138,27 @@ impl TestApp {
                 scopes: vec![
                     "offline_access".into(),
                     "https://graph.microsoft.com/Mail.Send".into(),
+                    "openid".into(),
+                    "email".into(),
+                    "profile".into(),
                 ],
+                redirect_url: Some(
+                    Url::parse(&format!("{}/v1/oauth/callback", self.admin_url)).unwrap(),
+                ),
             }),
             google: Some(OAuthApp {
                 client_id: "g-client-id.apps.googleusercontent.com".into(),
                 client_secret: Some(SecretString::from("g-client-secret")),
                 auth_url: Url::parse(&format!("{google}/o/oauth2/v2/auth")).unwrap(),
                 token_url: Url::parse(&format!("{google}/token")).unwrap(),
-                scopes: vec!["https://www.googleapis.com/auth/gmail.send".into()],
+                scopes: vec![
+                    "https://www.googleapis.com/auth/gmail.send".into(),
+                    "openid".into(),
+                    "email".into(),
+                ],
+                redirect_url: Some(
+                    Url::parse(&format!("{}/v1/oauth/callback", self.admin_url)).unwrap(),
+                ),
             }),
             platform_transport: format!("file://{}", self.outbox.display()),
             http_timeout: Duration::from_secs(10),
@@ -192,6 +221,43 @@ impl TestApp {
             handle,
             follower,
         }
+    }
+
+    fn start_admin(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        // Like a separate `mail-dispatch admin` replica: its own caches, kept
+        // in step with the workers' through PostgreSQL notifications.
+        let dispatcher = Arc::new(
+            Dispatcher::build(
+                self.db.store.clone(),
+                self.worker_config(),
+                &self.endpoints(),
+            )
+            .unwrap(),
+        );
+        let follower = dispatcher.follow_changes();
+        let config = mail_dispatch_admin::AdminConfig {
+            admin_token: SecretString::from(ADMIN_TOKEN),
+            return_origins: vec![Url::parse(APP_ORIGIN).unwrap().origin()],
+            google_revoke_url: Url::parse(&format!("{}/revoke", self.standins.google_oauth.uri()))
+                .unwrap(),
+            google_check_aliases: self.options.google_check_aliases,
+            state_ttl: mail_dispatch_admin::STATE_TTL,
+            product_name: "Test Platform".into(),
+        };
+        let router =
+            mail_dispatch_admin::app(mail_dispatch_admin::AdminState::new(dispatcher, config));
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let handle = tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            follower.abort();
+        });
+        (shutdown, handle)
     }
 
     /// Stops the app's worker.
@@ -259,6 +325,7 @@ impl TestApp {
                 account_email: account.into(),
                 refresh_token: SecretString::from(refresh.to_owned()),
                 access_token: Some((SecretString::from(access.to_owned()), expires_at)),
+                granted_scopes: None,
             })
             .await
             .unwrap();
@@ -301,6 +368,8 @@ impl TestApp {
                 format!("{}/revoke", self.standins.google_oauth.uri()),
             ),
             v("DEFAULT_TRANSPORT", e.platform_transport.clone()),
+            v("ADMIN_TOKEN", ADMIN_TOKEN.into()),
+            v("RETURN_ORIGINS", APP_ORIGIN.into()),
             v("DEFAULT_SENDER", PLATFORM_SENDER.into()),
             v("CONCURRENCY", o.concurrency.to_string()),
             v("MAX_ATTEMPTS", o.max_attempts.to_string()),
@@ -340,6 +409,10 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        if let Some((stop, handle)) = self.admin.take() {
+            stop.cancel();
+            handle.abort();
+        }
         if let Some(w) = self.worker.take() {
             w.shutdown.cancel();
             w.follower.abort();

@@ -31,8 +31,32 @@ pub enum Vendor {
     Google,
 }
 
+/// How the stand-in's consent page answers.
+#[derive(Clone, Debug)]
+pub enum Consent {
+    /// The user signs in as this account and approves.
+    Approve(String),
+    /// The user refuses (`error=access_denied`).
+    Deny,
+}
+
+/// An authorization code issued by a consent page, waiting for its exchange.
+#[derive(Clone, Debug)]
+struct IssuedCode {
+    vendor: Vendor,
+    account: String,
+    challenge: String,
+    redirect_uri: String,
+    client_id: String,
+    scope: String,
+}
+
 #[derive(Default)]
 struct State {
+    consent: HashMap<Vendor, Consent>,
+    codes: HashMap<String, IssuedCode>,
+    authorize_requests: Vec<(Vendor, HashMap<String, String>)>,
+    aliases: HashMap<String, Vec<String>>,
     counter: u64,
     /// access token → (vendor, account)
     access: HashMap<String, (Vendor, String)>,
@@ -166,6 +190,50 @@ pub fn gmail_daily_limit() -> ResponseTemplate {
     )
 }
 
+/// The authorization-code grant, checked as the providers check it: a known,
+/// unused code, the same client and redirect URI, and a PKCE verifier whose
+/// S256 hash is the challenge (RFC 7636 §4.6).
+fn exchange_code(
+    s: &mut State,
+    vendor: Vendor,
+    f: &HashMap<String, String>,
+) -> Result<IssuedCode, &'static str> {
+    let code = f.get("code").ok_or("code missing")?;
+    let issued = s.codes.remove(code).ok_or("code unknown or already used")?;
+    if issued.vendor != vendor
+        || f.get("redirect_uri") != Some(&issued.redirect_uri)
+        || f.get("client_id") != Some(&issued.client_id)
+    {
+        return Err("client or redirect_uri mismatch");
+    }
+    use sha2::Digest as _;
+    let verifier = f.get("code_verifier").ok_or("code_verifier missing")?;
+    let hashed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
+    if hashed != issued.challenge {
+        return Err("PKCE verification failed");
+    }
+    Ok(issued)
+}
+
+/// An unsigned JWT carrying the OpenID Connect claims we read.
+fn id_token(vendor: Vendor, account: &str) -> String {
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let iss = match vendor {
+        Vendor::Microsoft => "https://login.microsoftonline.com/common/v2.0",
+        Vendor::Google => "https://accounts.google.com",
+    };
+    format!(
+        "{}.{}.{}",
+        b64(json!({"alg": "RS256", "kid": "stand-in", "typ": "JWT"})),
+        b64(
+            json!({"iss": iss, "sub": format!("sub-{account}"), "email": account, "email_verified": true,
+                   "iat": chrono::Utc::now().timestamp(), "exp": chrono::Utc::now().timestamp() + 3600})
+        ),
+        "c2lnbmF0dXJl"
+    )
+}
+
 struct MicrosoftToken(Arc<Mutex<State>>);
 impl Respond for MicrosoftToken {
     fn respond(&self, request: &Request) -> ResponseTemplate {
@@ -173,6 +241,31 @@ impl Respond for MicrosoftToken {
         let f = form(request);
         s.token_requests.push((Vendor::Microsoft, f.clone()));
         let delay = s.token_delay;
+        if f.get("grant_type").map(String::as_str) == Some("authorization_code") {
+            return match exchange_code(&mut s, Vendor::Microsoft, &f) {
+                Ok(issued) => {
+                    s.counter += 1;
+                    let (access, refresh) = (
+                        format!("ms-at-{}", s.counter),
+                        format!("ms-rt-{}", s.counter),
+                    );
+                    s.access
+                        .insert(access.clone(), (Vendor::Microsoft, issued.account.clone()));
+                    s.refresh
+                        .insert(refresh.clone(), (Vendor::Microsoft, issued.account.clone()));
+                    ResponseTemplate::new(200).set_body_json(json!({
+                        "token_type": "Bearer", "scope": issued.scope, "expires_in": 3599, "ext_expires_in": 3599,
+                        "access_token": access, "refresh_token": refresh,
+                        "id_token": id_token(Vendor::Microsoft, &issued.account),
+                    }))
+                }
+                Err(why) => microsoft_token_error(
+                    70000,
+                    "invalid_grant",
+                    &format!("The provided value for the 'code' parameter is not valid. ({why})"),
+                ),
+            };
+        }
         let grant = f.get("grant_type").map(String::as_str);
         let account = match grant {
             Some("refresh_token") => f
@@ -220,6 +313,28 @@ impl Respond for GoogleToken {
         let f = form(request);
         s.token_requests.push((Vendor::Google, f.clone()));
         let delay = s.token_delay;
+        if f.get("grant_type").map(String::as_str) == Some("authorization_code") {
+            return match exchange_code(&mut s, Vendor::Google, &f) {
+                Ok(issued) => {
+                    s.counter += 1;
+                    let (access, refresh) = (
+                        format!("ya29.g-at-{}", s.counter),
+                        format!("1//g-rt-{}", s.counter),
+                    );
+                    s.access
+                        .insert(access.clone(), (Vendor::Google, issued.account.clone()));
+                    s.refresh
+                        .insert(refresh.clone(), (Vendor::Google, issued.account.clone()));
+                    ResponseTemplate::new(200).set_body_json(json!({
+                        "access_token": access, "expires_in": 3599, "refresh_token": refresh,
+                        "scope": issued.scope, "token_type": "Bearer", "id_token": id_token(Vendor::Google, &issued.account),
+                    }))
+                }
+                Err(_) => ResponseTemplate::new(400).set_body_json(
+                    json!({"error": "invalid_grant", "error_description": "Bad Request"}),
+                ),
+            };
+        }
         let account = f
             .get("refresh_token")
             .and_then(|t| s.refresh.get(t))
@@ -261,6 +376,111 @@ impl Respond for GoogleRevoke {
             }
             _ => ResponseTemplate::new(400).set_body_json(
                 json!({"error": "invalid_token", "error_description": "Token expired or revoked"}),
+            ),
+        }
+    }
+}
+
+/// The consent page: checks the request as the providers do, then redirects the
+/// browser back with a code (or `error=access_denied`).
+struct Authorize(Arc<Mutex<State>>, Vendor);
+impl Respond for Authorize {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut s = self.0.lock().unwrap();
+        let q: HashMap<String, String> = request.url.query_pairs().into_owned().collect();
+        s.authorize_requests.push((self.1, q.clone()));
+        let get = |k: &str| q.get(k).map(String::as_str).unwrap_or_default();
+        let bad = |why: &str| {
+            ResponseTemplate::new(400).set_body_string(format!("invalid_request: {why}"))
+        };
+        if get("response_type") != "code" {
+            return bad("response_type must be code");
+        }
+        if get("client_id").is_empty() || get("redirect_uri").is_empty() || get("state").is_empty()
+        {
+            return bad("client_id, redirect_uri and state are required");
+        }
+        if get("code_challenge_method") != "S256" || get("code_challenge").len() < 43 {
+            return bad("PKCE S256 required");
+        }
+        if self.1 == Vendor::Google
+            && (get("access_type") != "offline" || get("prompt") != "consent")
+        {
+            return bad("access_type=offline and prompt=consent expected");
+        }
+        let Ok(mut back) = url::Url::parse(get("redirect_uri")) else {
+            return bad("redirect_uri");
+        };
+        match s.consent.get(&self.1).cloned() {
+            Some(Consent::Approve(account)) => {
+                s.counter += 1;
+                let code = format!("code-{}-{}", s.counter, uuid::Uuid::new_v4().simple());
+                s.codes.insert(
+                    code.clone(),
+                    IssuedCode {
+                        vendor: self.1,
+                        account,
+                        challenge: get("code_challenge").to_owned(),
+                        redirect_uri: get("redirect_uri").to_owned(),
+                        client_id: get("client_id").to_owned(),
+                        scope: get("scope").to_owned(),
+                    },
+                );
+                back.query_pairs_mut()
+                    .append_pair("code", &code)
+                    .append_pair("state", get("state"));
+            }
+            Some(Consent::Deny) | None => {
+                back.query_pairs_mut()
+                    .append_pair("error", "access_denied")
+                    .append_pair("error_description", "The user has denied access to the scope requested by the client application.")
+                    .append_pair("state", get("state"));
+            }
+        }
+        ResponseTemplate::new(302).insert_header("Location", back.as_str())
+    }
+}
+
+/// Graph `GET /v1.0/me`.
+struct GraphMe(Arc<Mutex<State>>);
+impl Respond for GraphMe {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let s = self.0.lock().unwrap();
+        match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
+            Some((Vendor::Microsoft, account)) => ResponseTemplate::new(200).set_body_json(json!({
+                "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users/$entity",
+                "businessPhones": [], "displayName": "Connected Admin", "givenName": "Connected", "surname": "Admin",
+                "jobTitle": null, "mail": account, "mobilePhone": null, "officeLocation": null,
+                "preferredLanguage": "fr-FR", "userPrincipalName": account, "id": uuid::Uuid::new_v4().to_string(),
+            })),
+            _ => graph_error(401, "InvalidAuthenticationToken", "Access token is empty."),
+        }
+    }
+}
+
+/// Gmail `GET /gmail/v1/users/me/settings/sendAs`.
+struct GmailSendAs(Arc<Mutex<State>>);
+impl Respond for GmailSendAs {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let s = self.0.lock().unwrap();
+        match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
+            Some((Vendor::Google, account)) => {
+                let mut list = vec![
+                    json!({"sendAsEmail": account, "displayName": "", "replyToAddress": "",
+                                           "signature": "", "isPrimary": true, "isDefault": true}),
+                ];
+                for alias in s.aliases.get(&account).cloned().unwrap_or_default() {
+                    list.push(json!({"sendAsEmail": alias, "displayName": "Alias", "replyToAddress": "", "signature": "",
+                                     "isPrimary": false, "isDefault": false, "treatAsAlias": true,
+                                     "verificationStatus": "accepted"}));
+                }
+                ResponseTemplate::new(200).set_body_json(json!({"sendAs": list}))
+            }
+            _ => google_error(
+                401,
+                "authError",
+                "Request had invalid authentication credentials.",
+                "UNAUTHENTICATED",
             ),
         }
     }
@@ -391,6 +611,26 @@ impl StandIns {
             .respond_with(MicrosoftToken(state.clone()))
             .mount(&microsoft_login)
             .await;
+        Mock::given(method("GET"))
+            .and(path_regex(r"^/[^/]+/oauth2/v2\.0/authorize$"))
+            .respond_with(Authorize(state.clone(), Vendor::Microsoft))
+            .mount(&microsoft_login)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/o/oauth2/v2/auth"))
+            .respond_with(Authorize(state.clone(), Vendor::Google))
+            .mount(&google_oauth)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1.0/me"))
+            .respond_with(GraphMe(state.clone()))
+            .mount(&graph)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/gmail/v1/users/me/settings/sendAs"))
+            .respond_with(GmailSendAs(state.clone()))
+            .mount(&gmail)
+            .await;
         Mock::given(method("POST"))
             .and(path("/v1.0/me/sendMail"))
             .respond_with(GraphSend(state.clone()))
@@ -435,6 +675,46 @@ impl StandIns {
         s.refresh
             .insert(refresh.clone(), (vendor, account.to_owned()));
         (access, refresh)
+    }
+
+    /// How the next consent pages of `vendor` answer.
+    pub fn set_consent(&self, vendor: Vendor, consent: Consent) {
+        self.state.lock().unwrap().consent.insert(vendor, consent);
+    }
+
+    /// Verified send-as aliases of a Google account.
+    pub fn set_aliases(&self, account: &str, aliases: &[&str]) {
+        self.state.lock().unwrap().aliases.insert(
+            account.to_owned(),
+            aliases.iter().map(|a| a.to_string()).collect(),
+        );
+    }
+
+    /// The query strings the consent pages of `vendor` received.
+    pub fn authorize_requests(&self, vendor: Vendor) -> Vec<HashMap<String, String>> {
+        self.state
+            .lock()
+            .unwrap()
+            .authorize_requests
+            .iter()
+            .filter(|(v, _)| *v == vendor)
+            .map(|(_, q)| q.clone())
+            .collect()
+    }
+
+    /// Authorization-code grants received by `vendor`'s token endpoint.
+    pub fn code_exchanges(&self, vendor: Vendor) -> Vec<HashMap<String, String>> {
+        self.state
+            .lock()
+            .unwrap()
+            .token_requests
+            .iter()
+            .filter(|(v, f)| {
+                *v == vendor
+                    && f.get("grant_type").map(String::as_str) == Some("authorization_code")
+            })
+            .map(|(_, f)| f.clone())
+            .collect()
     }
 
     /// The provider stops accepting this access token (it expired or was revoked).

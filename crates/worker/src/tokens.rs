@@ -135,7 +135,7 @@ impl Tokens {
                         }),
                     );
                 };
-                match self.service.refresh(provider, &refresh_token).await {
+                match self.service.refresh(provider, &refresh_token, stored.granted_scopes.as_deref()).await {
                     Ok(grant) => {
                         crate::metrics::token_refresh(provider, "ok");
                         tracing::info!(org.id = org, %provider, rotated = grant.refresh_token.is_some(), "access token refreshed");

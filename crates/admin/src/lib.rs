@@ -1,0 +1,120 @@
+#![doc = include_str!("../README.md")]
+
+mod error;
+mod extract;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use mail_dispatch_worker::Dispatcher;
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq as _;
+use url::Url;
+use utoipa::OpenApi as _;
+
+pub use error::{ApiError, ErrorBody};
+pub use routes::ApiDoc;
+
+/// Largest request body accepted (the API only takes small JSON objects).
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// How long an authorization request (`state`) stays valid.
+pub const STATE_TTL: Duration = Duration::from_secs(600);
+
+/// Settings of the admin API.
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub admin_token: SecretString,
+    /// Origins (`scheme://host[:port]`) that `return_to` may point at.
+    pub return_origins: Vec<url::Origin>,
+    pub google_revoke_url: Url,
+    /// Accept a Gmail sender that is one of the account's verified aliases.
+    pub google_check_aliases: bool,
+    pub state_ttl: Duration,
+    /// Platform name in test messages.
+    pub product_name: String,
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AdminState {
+    pub dispatcher: Arc<Dispatcher>,
+    pub config: Arc<AdminConfig>,
+    pub http: reqwest::Client,
+}
+
+impl AdminState {
+    pub fn new(dispatcher: Arc<Dispatcher>, config: AdminConfig) -> Self {
+        AdminState {
+            dispatcher,
+            config: Arc::new(config),
+            http: mail_dispatch_providers::oauth_http_client(Duration::from_secs(15)),
+        }
+    }
+}
+
+/// The admin API.
+pub fn app(state: AdminState) -> Router {
+    let organizations = Router::new()
+        .route(
+            "/{org}/integration",
+            get(routes::get_integration).delete(routes::delete_integration),
+        )
+        .route("/{org}/integration/authorize", post(routes::authorize))
+        .route("/{org}/integration/sender", put(routes::put_sender))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_bearer,
+        ));
+    Router::new()
+        .nest("/v1/organizations", organizations)
+        .route("/v1/oauth/callback", get(routes::callback))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { axum::Json(ApiDoc::openapi()) }),
+        )
+        .fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// `Authorization: Bearer <admin token>`, compared in constant time.
+async fn require_bearer(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let expected = state.config.admin_token.expose_secret().as_bytes();
+    let ok = !expected.is_empty() && bool::from(presented.as_bytes().ct_eq(expected));
+    if !ok {
+        let mut response = axum::response::IntoResponse::into_response(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        ));
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+        return Ok(response);
+    }
+    Ok(next.run(request).await)
+}
