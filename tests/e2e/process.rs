@@ -31,6 +31,10 @@ pub struct Program {
 
 impl Program {
     pub async fn start(app: &TestApp, command: &str) -> Program {
+        Self::start_with(app, command, &[]).await
+    }
+
+    pub async fn start_with(app: &TestApp, command: &str, extra_env: &[(&str, String)]) -> Program {
         let metrics_port = free_port();
         let log = std::env::temp_dir().join(mail_dispatch_test_support::unique("md-log-"));
         let child = Command::new(PROGRAM)
@@ -41,6 +45,7 @@ impl Program {
                 format!("127.0.0.1:{metrics_port}"),
             )
             .env("RUST_LOG", "info")
+            .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -97,13 +102,13 @@ impl Program {
         assert!(ok, "kill {sig}");
     }
 
-    /// SIGTERM, then waits for the exit: its status code.
-    pub async fn terminate(mut self, within: Duration) -> i32 {
+    /// SIGTERM, then waits for the exit: its status code and everything it logged.
+    pub async fn terminate(mut self, within: Duration) -> (i32, String) {
         self.signal("-TERM");
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
+                return (status.code().unwrap_or(-1), self.logs());
             }
             assert!(
                 Instant::now() < deadline,
@@ -213,8 +218,8 @@ async fn sigterm_with_jobs_in_flight_finishes_them_exits_zero_and_loses_nothing(
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let code = program.terminate(Duration::from_secs(20)).await;
-    assert_eq!(code, 0, "SIGTERM exits 0");
+    let (code, logs) = program.terminate(Duration::from_secs(20)).await;
+    assert_eq!(code, 0, "SIGTERM exits 0: {logs}");
     let sent_before_restart = app.standins.send_attempts(Vendor::Google);
     assert!(sent_before_restart < 30, "the worker stopped taking jobs");
 
@@ -591,5 +596,114 @@ async fn bad_configuration_fails_fast_with_one_clear_line_and_a_nonzero_exit() {
             err.starts_with("error: ") && err.contains(expected),
             "{env:?}: {err}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_whole_flow_through_the_program_never_logs_or_prints_a_token() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        ..Default::default()
+    })
+    .await;
+    let admin_port = free_port();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let program = Program::start_with(
+        &app,
+        "run",
+        &[
+            (
+                "MAIL_DISPATCH_ADMIN_LISTEN",
+                format!("127.0.0.1:{admin_port}"),
+            ),
+            ("MAIL_DISPATCH_PUBLIC_URL", admin.clone()),
+            ("RUST_LOG", "debug".into()),
+        ],
+    )
+    .await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    app.standins.set_consent(
+        Vendor::Google,
+        standins::Consent::Approve("ops@customer.com".into()),
+    );
+    let body: Value = http
+        .post(format!(
+            "{admin}/v1/organizations/org_g/integration/authorize"
+        ))
+        .bearer_auth(mail_dispatch_test_support::ADMIN_TOKEN)
+        .json(
+            &serde_json::json!({"provider": "google", "return_to": "https://app.example/settings"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut url = body["authorization_url"]
+        .as_str()
+        .expect("authorization_url")
+        .to_owned();
+    while !url.starts_with("https://app.example") {
+        let resp = http.get(&url).send().await.unwrap();
+        url = resp.headers()["location"].to_str().unwrap().to_owned();
+    }
+    assert!(url.contains("status=connected"), "{url}");
+    let outcome: Value = http
+        .put(format!("{admin}/v1/organizations/org_g/integration/sender"))
+        .bearer_auth(mail_dispatch_test_support::ADMIN_TOKEN)
+        .json(&serde_json::json!({"email": "ops@customer.com", "name": "Ops"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(outcome["status"], "sent", "{outcome}");
+    assert_eq!(app.standins.gmail_messages().len(), 1, "the test message");
+    // Force a refresh too: the provider stops accepting the access token.
+    app.standins.invalidate_all_access(Vendor::Google);
+    let mut tap = app.amqp.tap_results().await;
+    let job = app.job("org_g");
+    app.amqp.publish_job(&job).await;
+    let r = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["provider"], "google");
+    assert_eq!(r["status"], "sent");
+    assert_eq!(app.standins.refreshes(Vendor::Google).len(), 1);
+
+    let (code, list, _) = run_command(&app, &["integrations", "list"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        list.contains("org_g") && list.contains("active") && list.contains("ops@customer.com"),
+        "{list}"
+    );
+    let (code, show, _) = run_command(&app, &["integrations", "show", "org_g"], &[]);
+    assert_eq!(code, 0);
+    let shown: Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(shown["status"], "active");
+
+    let (code, logs) = program.terminate(Duration::from_secs(20)).await;
+    assert_eq!(code, 0);
+    assert!(
+        logs.contains("provider connected") && logs.contains("access token refreshed"),
+        "logs were captured: {logs}"
+    );
+    for secret in [
+        "ya29.g-at-",
+        "1//g-rt-",
+        "code-",
+        mail_dispatch_test_support::ADMIN_TOKEN,
+        "code_verifier",
+    ] {
+        for (what, text) in [
+            ("logs", &logs),
+            ("integrations list", &list),
+            ("integrations show", &show),
+        ] {
+            assert!(!text.contains(secret), "{what} contain `{secret}`");
+        }
     }
 }

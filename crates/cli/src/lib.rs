@@ -47,6 +47,8 @@ enum Command {
         #[command(subcommand)]
         command: commands::IntegrationsCommand,
     },
+    /// Prints the admin API's OpenAPI document.
+    Openapi,
     /// Inspect and re-queue dead-lettered jobs.
     DeadLetters {
         #[command(subcommand)]
@@ -68,6 +70,15 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Openapi = cli.command {
+        use utoipa::OpenApi as _;
+        let doc = mail_dispatch_admin::ApiDoc::openapi();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("the document serializes")
+        );
+        return ExitCode::SUCCESS;
+    }
     let result = runtime.block_on(async move {
         cli.settings.validate()?;
         match cli.command {
@@ -109,6 +120,7 @@ pub fn main() -> ExitCode {
             Command::DeadLetters { command } => {
                 commands::dead_letters(&cli.settings, &command).await
             }
+            Command::Openapi => Ok(()),
         }
     });
     match result {

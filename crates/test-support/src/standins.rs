@@ -722,6 +722,15 @@ impl StandIns {
         self.state.lock().unwrap().access.remove(token);
     }
 
+    /// Every access token of `vendor` stops working (they expired).
+    pub fn invalidate_all_access(&self, vendor: Vendor) {
+        self.state
+            .lock()
+            .unwrap()
+            .access
+            .retain(|_, (v, _)| *v != vendor);
+    }
+
     /// The account's grant is revoked: refreshes get `invalid_grant`, access tokens 401.
     pub fn revoke_account(&self, account: &str) {
         let mut s = self.state.lock().unwrap();
