@@ -76,8 +76,26 @@ pub struct Roles {
     pub admin: bool,
 }
 
-/// `run`, `worker` and `admin`.
+/// `run`, `worker` and `admin`, until SIGTERM or SIGINT.
 pub async fn run(settings: &Settings, roles: Roles) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested; finishing in-flight jobs");
+            shutdown.cancel();
+        });
+    }
+    run_until(settings, roles, shutdown).await
+}
+
+/// The roles, until `shutdown` is cancelled (the demo stops the service this way).
+pub async fn run_until(
+    settings: &Settings,
+    roles: Roles,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let admin_config = if roles.admin {
         match settings.admin_config()? {
             Some(c) => Some(c),
@@ -123,7 +141,6 @@ pub async fn run(settings: &Settings, roles: Roles) -> anyhow::Result<()> {
     let follower = dispatcher.follow_changes();
     let health = Arc::new(Health::default());
     health.set_database(true);
-    let shutdown = CancellationToken::new();
 
     let metrics_server = tokio::spawn(crate::serve::serve_metrics(
         metrics_listener,
@@ -154,14 +171,6 @@ pub async fn run(settings: &Settings, roles: Roles) -> anyhow::Result<()> {
         health.clone(),
         shutdown.clone(),
     ));
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("shutdown requested; finishing in-flight jobs");
-            shutdown.cancel();
-        });
-    }
     if roles.worker {
         mail_dispatch_worker::runner::run(dispatcher, health, shutdown.clone()).await;
     } else {

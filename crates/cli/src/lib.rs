@@ -56,6 +56,19 @@ enum Command {
     },
 }
 
+#[derive(Parser, Debug)]
+struct SettingsOnly {
+    #[command(flatten)]
+    settings: Settings,
+}
+
+/// Settings from flags (e.g. `["--queue-prefix", "demo."]`), the environment and the
+/// defaults, for programs that embed the service (the sandbox's demo).
+pub fn settings_from_args<I: IntoIterator<Item = String>>(args: I) -> anyhow::Result<Settings> {
+    let argv = std::iter::once("mail-dispatch".to_owned()).chain(args);
+    Ok(SettingsOnly::try_parse_from(argv)?.settings)
+}
+
 /// The whole program: parses arguments and environment, runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

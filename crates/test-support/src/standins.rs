@@ -51,8 +51,22 @@ struct IssuedCode {
     scope: String,
 }
 
+/// A message a stand-in accepted, summarized for people (the sandbox's pages).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Received {
+    pub provider: &'static str,
+    pub received_at: chrono::DateTime<chrono::Utc>,
+    pub id: String,
+    pub from: String,
+    pub to: Vec<String>,
+    pub subject: String,
+}
+
 #[derive(Default)]
 struct State {
+    received: Vec<Received>,
+    /// Probability that a send answers 503 (fault injection).
+    fault_rate: f64,
     consent: HashMap<Vendor, Consent>,
     codes: HashMap<String, IssuedCode>,
     authorize_requests: Vec<(Vendor, HashMap<String, String>)>,
@@ -515,6 +529,9 @@ impl Respond for GraphSend {
         {
             return scripted.set_delay(delay);
         }
+        if s.fault_rate > 0.0 && rand::random::<f64>() < s.fault_rate {
+            return graph_unavailable().set_delay(delay);
+        }
         let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
             return graph_error(400, "BadRequest", "Unable to read JSON request payload.");
         };
@@ -537,8 +554,26 @@ impl Respond for GraphSend {
                 );
             }
         }
-        s.graph_sends.push(body);
         let id = uuid::Uuid::new_v4().to_string();
+        let address = |v: &Value| {
+            v["emailAddress"]["address"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let m = &body["message"];
+        s.received.push(Received {
+            provider: "microsoft",
+            received_at: chrono::Utc::now(),
+            id: id.clone(),
+            from: address(&m["from"]),
+            to: m["toRecipients"]
+                .as_array()
+                .map(|a| a.iter().map(address).collect())
+                .unwrap_or_default(),
+            subject: m["subject"].as_str().unwrap_or_default().to_owned(),
+        });
+        s.graph_sends.push(body);
         ResponseTemplate::new(202)
             .set_delay(delay)
             .insert_header("request-id", id.as_str())
@@ -573,6 +608,9 @@ impl Respond for GmailSend {
         {
             return scripted.set_delay(delay);
         }
+        if s.fault_rate > 0.0 && rand::random::<f64>() < s.fault_rate {
+            return gmail_unavailable().set_delay(delay);
+        }
         let raw = serde_json::from_slice::<Value>(&request.body)
             .ok()
             .and_then(|v| v["raw"].as_str().map(str::to_owned))
@@ -589,8 +627,26 @@ impl Respond for GmailSend {
                 "INVALID_ARGUMENT",
             );
         };
-        s.gmail_sends.push(raw);
         let id = format!("{:016x}", rand::random::<u64>());
+        if let Some(msg) = mail_parser::MessageParser::default().parse(&raw) {
+            let addresses = |a: Option<&mail_parser::Address>| {
+                a.map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.address().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+            };
+            s.received.push(Received {
+                provider: "google",
+                received_at: chrono::Utc::now(),
+                id: id.clone(),
+                from: addresses(msg.from()).into_iter().next().unwrap_or_default(),
+                to: addresses(msg.to()),
+                subject: msg.subject().unwrap_or_default().to_owned(),
+            });
+        }
+        s.gmail_sends.push(raw);
         ResponseTemplate::new(200)
             .set_delay(delay)
             .set_body_json(json!({"id": id, "threadId": id, "labelIds": ["SENT"]}))
@@ -598,59 +654,41 @@ impl Respond for GmailSend {
 }
 
 impl StandIns {
+    /// Four servers on random ports, one per provider host.
     pub async fn start() -> StandIns {
-        let state = Arc::new(Mutex::new(State::default()));
         let (microsoft_login, graph, google_oauth, gmail) = tokio::join!(
             MockServer::start(),
             MockServer::start(),
             MockServer::start(),
             MockServer::start()
         );
-        Mock::given(method("POST"))
-            .and(path_regex(r"^/[^/]+/oauth2/v2\.0/token$"))
-            .respond_with(MicrosoftToken(state.clone()))
-            .mount(&microsoft_login)
-            .await;
-        Mock::given(method("GET"))
-            .and(path_regex(r"^/[^/]+/oauth2/v2\.0/authorize$"))
-            .respond_with(Authorize(state.clone(), Vendor::Microsoft))
-            .mount(&microsoft_login)
-            .await;
-        Mock::given(method("GET"))
-            .and(path("/o/oauth2/v2/auth"))
-            .respond_with(Authorize(state.clone(), Vendor::Google))
-            .mount(&google_oauth)
-            .await;
-        Mock::given(method("GET"))
-            .and(path("/v1.0/me"))
-            .respond_with(GraphMe(state.clone()))
-            .mount(&graph)
-            .await;
-        Mock::given(method("GET"))
-            .and(path("/gmail/v1/users/me/settings/sendAs"))
-            .respond_with(GmailSendAs(state.clone()))
-            .mount(&gmail)
-            .await;
-        Mock::given(method("POST"))
-            .and(path("/v1.0/me/sendMail"))
-            .respond_with(GraphSend(state.clone()))
-            .mount(&graph)
-            .await;
-        Mock::given(method("POST"))
-            .and(path("/token"))
-            .respond_with(GoogleToken(state.clone()))
-            .mount(&google_oauth)
-            .await;
-        Mock::given(method("POST"))
-            .and(path("/revoke"))
-            .respond_with(GoogleRevoke(state.clone()))
-            .mount(&google_oauth)
-            .await;
-        Mock::given(method("POST"))
-            .and(path("/gmail/v1/users/me/messages/send"))
-            .respond_with(GmailSend(state.clone()))
-            .mount(&gmail)
-            .await;
+        Self::mount(microsoft_login, graph, google_oauth, gmail).await
+    }
+
+    /// One server answering for every provider host (their paths do not collide),
+    /// on the given listener: the sandbox.
+    pub async fn start_on(listener: std::net::TcpListener) -> StandIns {
+        let server = MockServer::builder().listener(listener).start().await;
+        let server = Arc::new(server);
+        let state = Arc::new(Mutex::new(State::default()));
+        Self::mount_all(&server, &server, &server, &server, &state).await;
+        StandIns {
+            microsoft_login: server.clone(),
+            graph: server.clone(),
+            google_oauth: server.clone(),
+            gmail: server,
+            state,
+        }
+    }
+
+    async fn mount(
+        microsoft_login: MockServer,
+        graph: MockServer,
+        google_oauth: MockServer,
+        gmail: MockServer,
+    ) -> StandIns {
+        let state = Arc::new(Mutex::new(State::default()));
+        Self::mount_all(&microsoft_login, &graph, &google_oauth, &gmail, &state).await;
         StandIns {
             microsoft_login: Arc::new(microsoft_login),
             graph: Arc::new(graph),
@@ -658,6 +696,60 @@ impl StandIns {
             gmail: Arc::new(gmail),
             state,
         }
+    }
+
+    async fn mount_all(
+        microsoft_login: &MockServer,
+        graph: &MockServer,
+        google_oauth: &MockServer,
+        gmail: &MockServer,
+        state: &Arc<Mutex<State>>,
+    ) {
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/[^/]+/oauth2/v2\.0/token$"))
+            .respond_with(MicrosoftToken(state.clone()))
+            .mount(microsoft_login)
+            .await;
+        Mock::given(method("GET"))
+            .and(path_regex(r"^/[^/]+/oauth2/v2\.0/authorize$"))
+            .respond_with(Authorize(state.clone(), Vendor::Microsoft))
+            .mount(microsoft_login)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/o/oauth2/v2/auth"))
+            .respond_with(Authorize(state.clone(), Vendor::Google))
+            .mount(google_oauth)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1.0/me"))
+            .respond_with(GraphMe(state.clone()))
+            .mount(graph)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/gmail/v1/users/me/settings/sendAs"))
+            .respond_with(GmailSendAs(state.clone()))
+            .mount(gmail)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/v1.0/me/sendMail"))
+            .respond_with(GraphSend(state.clone()))
+            .mount(graph)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(GoogleToken(state.clone()))
+            .mount(google_oauth)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/revoke"))
+            .respond_with(GoogleRevoke(state.clone()))
+            .mount(google_oauth)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/gmail/v1/users/me/messages/send"))
+            .respond_with(GmailSend(state.clone()))
+            .mount(gmail)
+            .await;
     }
 
     /// Mints a grant for `account` as the provider's consent would:
@@ -747,6 +839,16 @@ impl StandIns {
             .entry(vendor)
             .or_default()
             .extend(responses);
+    }
+
+    /// Every accepted message, oldest first.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    /// A share (0 to 1) of sends answer 503 (fault injection).
+    pub fn set_fault_rate(&self, rate: f64) {
+        self.state.lock().unwrap().fault_rate = rate.clamp(0.0, 1.0);
     }
 
     /// Delays every send answer (a slow provider).
