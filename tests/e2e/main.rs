@@ -5,6 +5,7 @@ mod admin;
 mod config_changes;
 mod delivery;
 mod invalid_jobs;
+mod operability;
 mod pipeline;
 mod process;
 mod support;

@@ -73,6 +73,38 @@ pub fn describe() {
         CONFIG_CACHE_EVICTIONS,
         "Cached organization configurations evicted by change notifications."
     );
+    register_zeroes();
+}
+
+/// Series that alerts and dashboards rate over exist from the start (at 0), so
+/// that "no dead letters yet" reads as 0 rather than as no data.
+fn register_zeroes() {
+    metrics::counter!(JOBS_RECEIVED).absolute(0);
+    metrics::counter!(DUPLICATES_SKIPPED).absolute(0);
+    metrics::counter!(CONFIG_CACHE_EVICTIONS).absolute(0);
+    metrics::gauge!(JOBS_IN_FLIGHT).set(0.0);
+    for reason in [
+        ErrorCode::InvalidJob,
+        ErrorCode::Throttled,
+        ErrorCode::ProviderUnavailable,
+    ] {
+        metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).absolute(0);
+    }
+    for reason in [
+        "throttled",
+        "provider_unavailable",
+        "database_unavailable",
+        "claimed_elsewhere",
+        "remaining_wait",
+    ] {
+        metrics::counter!(RETRIES_SCHEDULED, "reason" => reason).absolute(0);
+    }
+    for provider in [ProviderKind::Microsoft, ProviderKind::Google] {
+        metrics::counter!(PROVIDER_THROTTLED, "provider" => provider.as_str()).absolute(0);
+        for outcome in ["ok", "revoked", "error", "misconfigured"] {
+            metrics::counter!(TOKEN_REFRESHES, "provider" => provider.as_str(), "outcome" => outcome).absolute(0);
+        }
+    }
 }
 
 pub(crate) fn send_attempt(provider: ProviderKind, outcome: &'static str, took: Duration) {
