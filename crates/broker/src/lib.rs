@@ -176,6 +176,9 @@ impl Broker {
 
     /// Closes the connection politely.
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "bye".into()).await;
+        if self.connection.status().connected() {
+            let _ = self.publisher.close(200, "bye".into()).await;
+            let _ = self.connection.close(200, "bye".into()).await;
+        }
     }
 }

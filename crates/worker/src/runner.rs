@@ -55,7 +55,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let mut backoff = Duration::from_millis(200);
-    let mut last_broker: Option<Broker> = None;
+    let mut last: Option<(Broker, lapin::Channel)> = None;
 
     'connection: while !shutdown.is_cancelled() {
         let connected = tokio::select! {
@@ -79,29 +79,30 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
         health.set_amqp(true);
         tracing::info!(queue = %config.topology.jobs_queue, concurrency = config.concurrency, "consuming");
         let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
-        last_broker = Some(broker.clone());
         loop {
             tokio::select! {
-                biased;
-                () = shutdown.cancelled() => {
-                    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                    break 'connection;
-                }
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
-                        tracker.spawn(process(dispatcher.clone(), broker.clone(), delivery, permit, hard_stop.clone()));
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "AMQP consumer failed; reconnecting");
-                        break;
-                    }
-                    None => {
-                        tracing::warn!("AMQP consumer closed; reconnecting");
-                        break;
-                    }
-                }
-            }
+                            biased;
+                            () = shutdown.cancelled() => {
+            let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                                // The channel stays open: in-flight jobs still ack on it.
+                                last = Some((broker.clone(), channel.clone()));
+                                break 'connection;
+                            }
+                            next = consumer.next() => match next {
+                                Some(Ok(delivery)) => {
+                                    let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
+                                    tracker.spawn(process(dispatcher.clone(), broker.clone(), delivery, permit, hard_stop.clone()));
+                                }
+                                Some(Err(e)) => {
+                                    tracing::warn!(error = %e, "AMQP consumer failed; reconnecting");
+                                    break;
+                                }
+                                None => {
+                                    tracing::warn!("AMQP consumer closed; reconnecting");
+                                    break;
+                                }
+                            }
+                        }
         }
         health.set_amqp(false);
         broker.close().await;
@@ -119,7 +120,10 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
         hard_stop.cancel();
         tracker.wait().await;
     }
-    if let Some(broker) = last_broker {
+    if let Some((broker, channel)) = last {
+        // Closing the consumer channel returns anything still prefetched; closed
+        // explicitly (not on drop) so the connection's close does not race it.
+        let _ = channel.close(200, "shutdown".into()).await;
         broker.close().await;
     }
     health.set_amqp(false);
