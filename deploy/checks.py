@@ -583,9 +583,18 @@ def cmd_compose() -> None:
     if home and not home.endswith("/" + DASHBOARD.name):
         fail(f"docker-compose.yml: grafana home dashboard {home} is not {DASHBOARD.name}")
 
+    # `run` and `admin` serve the admin API, which refuses to start without a token.
+    md = services.get("mail-dispatch", {})
+    md_env = md.get("environment", {})
+    if (md.get("command") or ["run"])[0] in ("run", "admin"):
+        if "MAIL_DISPATCH_ADMIN_TOKEN" not in md_env and str(md_env.get("MAIL_DISPATCH_DEV")).lower() != "true":
+            fail("docker-compose.yml: mail-dispatch runs the admin API but sets no MAIL_DISPATCH_ADMIN_TOKEN")
+        for k in md_env:
+            if k.startswith("MAIL_DISPATCH_") and k not in settings_env():
+                fail(f"docker-compose.yml: mail-dispatch sets {k}, which is not a setting")
+
     # Prometheus scrapes services and ports that compose defines.
     prom = load_yaml(PROM_CONFIG)
-    md_env = services.get("mail-dispatch", {}).get("environment", {})
     metrics_port = str(md_env.get("MAIL_DISPATCH_METRICS_LISTEN", "")).rsplit(":", 1)[-1]
     jobs = {}
     for sc in prom.get("scrape_configs", []):

@@ -21,6 +21,7 @@ pub const AMQP_CONNECTED: &str = "mail_dispatch_amqp_connected";
 pub const DATABASE_UP: &str = "mail_dispatch_database_up";
 pub const INTEGRATIONS: &str = "mail_dispatch_integrations";
 pub const CONFIG_CACHE_EVICTIONS: &str = "mail_dispatch_config_cache_evictions_total";
+pub const DB_STATEMENTS: &str = "mail_dispatch_db_statements_total";
 
 /// Histogram buckets (seconds), so replicas' histograms aggregate (summaries do not).
 pub const SEND_DURATION_BUCKETS: &[f64] =
@@ -73,7 +74,24 @@ pub fn describe() {
         CONFIG_CACHE_EVICTIONS,
         "Cached organization configurations evicted by change notifications."
     );
+    describe_counter!(
+        DB_STATEMENTS,
+        "PostgreSQL statements run by this process, by purpose (config, token, refresh, ledger)."
+    );
     register_zeroes();
+}
+
+/// Mirrors the store's statement counts into `mail_dispatch_db_statements_total`.
+pub fn record_db_statements(counts: &mail_dispatch_store::QueryCounts) {
+    let [config, token, refresh, ledger] = counts.snapshot();
+    for (kind, n) in [
+        ("config", config),
+        ("token", token),
+        ("refresh", refresh),
+        ("ledger", ledger),
+    ] {
+        metrics::counter!(DB_STATEMENTS, "kind" => kind).absolute(n);
+    }
 }
 
 /// Series that alerts and dashboards rate over exist from the start (at 0), so
