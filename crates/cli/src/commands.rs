@@ -194,7 +194,6 @@ async fn report_integration_gauges(store: Store, health: Arc<Health>, shutdown: 
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        mail_dispatch_worker::metrics::record_db_statements(store.counts());
         match store.count_integrations_by_status().await {
             Ok(counts) => {
                 health.set_database(true);

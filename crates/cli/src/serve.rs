@@ -52,7 +52,10 @@ pub async fn serve_metrics(
     let app = Router::new()
         .route(
             "/metrics",
-            get(|State(p): State<Probe>| async move { p.metrics.render() }),
+            get(|State(p): State<Probe>| async move {
+                m::record_db_statements(p.store.counts());
+                p.metrics.render()
+            }),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
