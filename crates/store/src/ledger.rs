@@ -158,6 +158,30 @@ impl Store {
         Ok(())
     }
 
+/// Deletes finished ledger entries older than `retention`, `batch` rows per
+    /// statement so no statement holds locks for long; rows another replica is
+    /// deleting are skipped. Returns how many were deleted.
+    pub async fn prune_ledger(&self, retention: Duration, batch: i64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let mut total = 0;
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM job_ledger WHERE job_id IN (
+                         SELECT job_id FROM job_ledger
+                         WHERE state = 'published' AND updated_at < now() - make_interval(secs => $1::float8)
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                    &[&retention.as_secs_f64(), &batch],
+                )
+                .await?;
+            total += n;
+            if (n as i64) < batch {
+                return Ok(total);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Makes a finished job id claimable again (dead-letter replay with a fresh budget).
     pub async fn reopen_job(&self, job_id: &str) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);

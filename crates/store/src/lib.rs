@@ -5,6 +5,7 @@ mod integrations;
 mod ledger;
 mod listener;
 mod oauth_states;
+mod pacing;
 
 use std::time::Duration;
 
@@ -117,7 +118,8 @@ impl std::fmt::Debug for Store {
 /// The embedded migrations, in order.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../migrations/0001_init.sql")),
-    (2, "oauth", include_str!("../migrations/0002_oauth.sql")),
+(2, "oauth", include_str!("../migrations/0002_oauth.sql")),
+    (3, "pacing", include_str!("../migrations/0003_pacing.sql")),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;

@@ -9,14 +9,21 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 /// The notification channel the integrations trigger sends on.
 pub const CHANNEL: &str = "mail_dispatch_integration";
+/// The channel mailbox pauses are announced on (`<organization> <until, ms>`).
+pub const PAUSE_CHANNEL: &str = "mail_dispatch_pause";
 
 /// A change to forward to caches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IntegrationChange {
     /// This organization's integration changed.
     Organization(String),
-    /// Notifications may have been missed (the listener reconnected): forget everything.
+/// Notifications may have been missed (the listener reconnected): forget everything.
     All,
+    /// A provider throttled this organization's mailbox until this instant.
+    Pause {
+        organization_id: String,
+        until: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 /// Listens for integration changes until `changes` is closed, reconnecting with
@@ -51,8 +58,15 @@ async fn listen(
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    let _ = tx.send(Ok(n.payload().to_owned()));
+Ok(AsyncMessage::Notification(n)) => {
+                    let change = if n.channel() == PAUSE_CHANNEL {
+                        parse_pause(n.payload())
+                    } else {
+                        Some(IntegrationChange::Organization(n.payload().to_owned()))
+                    };
+                    if let Some(change) = change {
+                        let _ = tx.send(Ok(change));
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -63,15 +77,15 @@ async fn listen(
         }
     });
     client
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
+.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {PAUSE_CHANNEL}"))
         .await
         .map_err(|e| e.to_string())?;
     let _ = changes.send(IntegrationChange::All);
     let result = loop {
         tokio::select! {
             message = rx.recv() => match message {
-                Some(Ok(org)) => {
-                    if changes.send(IntegrationChange::Organization(org)).is_err() {
+Some(Ok(change)) => {
+                    if changes.send(change).is_err() {
                         break Ok(());
                     }
                 }
@@ -83,4 +97,13 @@ async fn listen(
     };
     driver.abort();
     result
+}
+
+fn parse_pause(payload: &str) -> Option<IntegrationChange> {
+    let (org, ms) = payload.rsplit_once(' ')?;
+    let until = chrono::DateTime::from_timestamp_millis(ms.parse().ok()?)?;
+    Some(IntegrationChange::Pause {
+        organization_id: org.to_owned(),
+        until,
+    })
 }
