@@ -6,6 +6,7 @@ mod config_changes;
 mod delivery;
 mod invalid_jobs;
 mod operability;
+mod pacing;
 mod pipeline;
 mod process;
 mod support;

@@ -480,11 +480,12 @@ async fn dead_letters_can_be_listed_and_replayed_and_are_then_sent() {
         "{out}"
     );
     assert!(out.contains("1 dead-lettered job(s) shown"), "{out}");
-    assert_eq!(
-        app.amqp.queue_len(&app.amqp.topology.dead_queue).await,
-        1,
-        "listing leaves them in place"
-    );
+    // Handed back when the command's channel closed (asynchronously).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.amqp.queue_len(&app.amqp.topology.dead_queue).await != 1 {
+        assert!(Instant::now() < deadline, "listing leaves them in place");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     app.standins.clear_script();
     let (code, out, err) = run_command(&app, &["dead-letters", "replay", "--id", &id], &[]);

@@ -153,8 +153,15 @@ impl Topology {
             )
             .await?;
 
+        // A classic queue: people read it with basic.get and hand messages back, which
+        // a quorum queue would count towards its delivery limit (20 by default from
+        // RabbitMQ 4.0) and eventually drop.
         channel
-            .queue_declare(self.dead_queue.as_str().into(), queue, quorum_args())
+            .queue_declare(
+                self.dead_queue.as_str().into(),
+                queue,
+                FieldTable::default(),
+            )
             .await?;
         channel
             .queue_bind(

@@ -24,12 +24,12 @@ async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Store>
             .await
             .context("cannot reach PostgreSQL (MAIL_DISPATCH_DATABASE_URL)")?;
     }
-    let store = Store::connect(
-        &settings.database_url,
-        settings.cipher()?,
-        PoolSettings::default(),
-    )
-    .context("MAIL_DISPATCH_DATABASE_URL")?;
+    let pool = PoolSettings {
+        max_size: settings.db_pool_size.max(1),
+        ..PoolSettings::default()
+    };
+    let store = Store::connect(&settings.database_url, settings.cipher()?, pool)
+        .context("MAIL_DISPATCH_DATABASE_URL")?;
     if migrate {
         store.migrate().await.context("database migration failed")?;
     }

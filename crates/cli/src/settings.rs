@@ -30,7 +30,14 @@
 //! | `MAIL_DISPATCH_MAX_ATTEMPTS` | `8` |
 //! | `MAIL_DISPATCH_MAX_AGE_SECS` | `21600` (6 h) |
 //! | `MAIL_DISPATCH_SHUTDOWN_GRACE_SECS` | `25` |
+//! | `MAIL_DISPATCH_DB_POOL_SIZE` | `16` PostgreSQL connections per process |
 //! | `MAIL_DISPATCH_CLAIM_LEASE_SECS` | `120`: how long a crashed worker's claim on a job blocks a resend |
+//! | `MAIL_DISPATCH_ORG_MAX_IN_FLIGHT` | `16` jobs of one organization in flight per worker |
+//! | `MAIL_DISPATCH_GRAPH_MAILBOX_CONCURRENCY` | `4` concurrent Graph sends per mailbox per worker |
+//! | `MAIL_DISPATCH_GMAIL_MAILBOX_PER_MINUTE` | `60` Gmail sends per mailbox and minute per worker |
+//! | `MAIL_DISPATCH_MICROSOFT_DAILY_RECIPIENTS` | `10000` per mailbox and UTC day, all replicas |
+//! | `MAIL_DISPATCH_GOOGLE_DAILY_MESSAGES` | `2000` per user and UTC day, all replicas |
+//! | `MAIL_DISPATCH_LEDGER_RETENTION_SECS` | `604800` (7 days) |
 //! | `MAIL_DISPATCH_QUEUE_PREFIX` | empty: prefix of every exchange and queue name |
 //! | `MAIL_DISPATCH_PRODUCT_NAME` | `mail-dispatch`: named in test messages |
 //! | `MAIL_DISPATCH_LOG_FORMAT` | `pretty` (`json` for production) |
@@ -201,8 +208,45 @@ pub struct Settings {
     pub max_age_secs: u64,
     #[arg(long, env = "MAIL_DISPATCH_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+    /// PostgreSQL connections per process (plus one for notifications).
+    #[arg(long, env = "MAIL_DISPATCH_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
     #[arg(long, env = "MAIL_DISPATCH_CLAIM_LEASE_SECS", default_value_t = 120)]
     pub claim_lease_secs: u64,
+    /// Jobs of one organization in flight at once in a worker (fairness).
+    #[arg(long, env = "MAIL_DISPATCH_ORG_MAX_IN_FLIGHT", default_value_t = 16)]
+    pub org_max_in_flight: usize,
+    /// Concurrent Graph sends per mailbox in a worker (Graph allows 4 per app and mailbox).
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GRAPH_MAILBOX_CONCURRENCY",
+        default_value_t = 4
+    )]
+    pub graph_mailbox_concurrency: usize,
+    /// Gmail sends per mailbox and minute in a worker.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GMAIL_MAILBOX_PER_MINUTE",
+        default_value_t = 60
+    )]
+    pub gmail_mailbox_per_minute: u32,
+    /// Exchange Online recipients per mailbox and day (all replicas).
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_MICROSOFT_DAILY_RECIPIENTS",
+        default_value_t = 10_000
+    )]
+    pub microsoft_daily_recipients: u32,
+    /// Google Workspace messages per user and day (all replicas).
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GOOGLE_DAILY_MESSAGES",
+        default_value_t = 2_000
+    )]
+    pub google_daily_messages: u32,
+    /// Finished idempotency-ledger entries older than this are pruned.
+    #[arg(long, env = "MAIL_DISPATCH_LEDGER_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub ledger_retention_secs: u64,
     #[arg(long, env = "MAIL_DISPATCH_QUEUE_PREFIX", default_value = "")]
     pub queue_prefix: String,
     /// Product name shown in test messages.
@@ -384,6 +428,14 @@ impl Settings {
         c.retry.max_age = Duration::from_secs(self.max_age_secs);
         c.shutdown_grace = Duration::from_secs(self.shutdown_grace_secs);
         c.claim_lease = Duration::from_secs(self.claim_lease_secs.max(1));
+        c.pacing = mail_dispatch_worker::pacing::PacingConfig {
+            org_max_in_flight: self.org_max_in_flight.max(1),
+            graph_mailbox_concurrency: self.graph_mailbox_concurrency.max(1),
+            gmail_mailbox_per_minute: self.gmail_mailbox_per_minute.max(1),
+            microsoft_daily_recipients: self.microsoft_daily_recipients,
+            google_daily_messages: self.google_daily_messages,
+        };
+        c.ledger_retention = Duration::from_secs(self.ledger_retention_secs);
         Ok(c)
     }
 }

@@ -112,7 +112,9 @@ impl RetryPolicy {
             // A second refusal after a refresh means the grant itself is bad.
             FailureClass::Unauthorized => RetryDecision::GiveUp(ErrorCode::AuthRevoked),
             FailureClass::Transient { code, retry_after } => {
-                if attempts_made >= self.max_attempts {
+                // A throttled attempt is the provider saying "later", not a failure of the
+                // job: throttling is bounded by the maximum age, not the attempt budget.
+                if attempts_made >= self.max_attempts && code != ErrorCode::Throttled {
                     return RetryDecision::GiveUp(code);
                 }
                 // The provider's own instruction wins over our backoff, but never
@@ -205,9 +207,9 @@ mod tests {
             ),
             (
                 FailureClass::throttled(Some(S(30))),
-                5,
+                50,
                 0,
-                RetryDecision::GiveUp(ErrorCode::Throttled),
+                RetryDecision::RetryAfter(S(30)),
             ),
             (
                 FailureClass::throttled(Some(S(30))),

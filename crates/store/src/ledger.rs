@@ -158,7 +158,7 @@ impl Store {
         Ok(())
     }
 
-/// Deletes finished ledger entries older than `retention`, `batch` rows per
+    /// Deletes finished ledger entries older than `retention`, `batch` rows per
     /// statement so no statement holds locks for long; rows another replica is
     /// deleting are skipped. Returns how many were deleted.
     pub async fn prune_ledger(&self, retention: Duration, batch: i64) -> Result<u64, StoreError> {

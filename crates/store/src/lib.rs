@@ -118,7 +118,7 @@ impl std::fmt::Debug for Store {
 /// The embedded migrations, in order.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../migrations/0001_init.sql")),
-(2, "oauth", include_str!("../migrations/0002_oauth.sql")),
+    (2, "oauth", include_str!("../migrations/0002_oauth.sql")),
     (3, "pacing", include_str!("../migrations/0003_pacing.sql")),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.

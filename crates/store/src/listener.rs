@@ -17,7 +17,7 @@ pub const PAUSE_CHANNEL: &str = "mail_dispatch_pause";
 pub enum IntegrationChange {
     /// This organization's integration changed.
     Organization(String),
-/// Notifications may have been missed (the listener reconnected): forget everything.
+    /// Notifications may have been missed (the listener reconnected): forget everything.
     All,
     /// A provider throttled this organization's mailbox until this instant.
     Pause {
@@ -58,7 +58,7 @@ async fn listen(
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
-Ok(AsyncMessage::Notification(n)) => {
+                Ok(AsyncMessage::Notification(n)) => {
                     let change = if n.channel() == PAUSE_CHANNEL {
                         parse_pause(n.payload())
                     } else {
@@ -77,23 +77,23 @@ Ok(AsyncMessage::Notification(n)) => {
         }
     });
     client
-.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {PAUSE_CHANNEL}"))
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {PAUSE_CHANNEL}"))
         .await
         .map_err(|e| e.to_string())?;
     let _ = changes.send(IntegrationChange::All);
     let result = loop {
         tokio::select! {
-            message = rx.recv() => match message {
-Some(Ok(change)) => {
-                    if changes.send(change).is_err() {
-                        break Ok(());
-                    }
+                    message = rx.recv() => match message {
+        Some(Ok(change)) => {
+                            if changes.send(change).is_err() {
+                                break Ok(());
+                            }
+                        }
+                        Some(Err(e)) => break Err(e.to_string()),
+                        None => break Err("connection closed".to_owned()),
+                    },
+                    () = changes.closed() => break Ok(()),
                 }
-                Some(Err(e)) => break Err(e.to_string()),
-                None => break Err("connection closed".to_owned()),
-            },
-            () = changes.closed() => break Ok(()),
-        }
     };
     driver.abort();
     result

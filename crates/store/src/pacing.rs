@@ -6,7 +6,12 @@ use crate::{Store, StoreError};
 
 impl Store {
     /// Pauses a mailbox until `until` for every replica (a later pause wins).
-    pub async fn pause_mailbox(&self, organization_id: &str, until: DateTime<Utc>, reason: &str) -> Result<(), StoreError> {
+    pub async fn pause_mailbox(
+        &self,
+        organization_id: &str,
+        until: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
         let client = self.client().await?;
         client
             .execute(
@@ -31,7 +36,10 @@ impl Store {
 
     /// Adds what this replica sent to the shared daily counts; returns the totals
     /// of every replica for those mailboxes and days.
-    pub async fn add_daily_counts(&self, counts: &[(String, NaiveDate, i32)]) -> Result<Vec<(String, NaiveDate, i32)>, StoreError> {
+    pub async fn add_daily_counts(
+        &self,
+        counts: &[(String, NaiveDate, i32)],
+    ) -> Result<Vec<(String, NaiveDate, i32)>, StoreError> {
         if counts.is_empty() {
             return Ok(vec![]);
         }
@@ -49,8 +57,14 @@ impl Store {
             )
             .await?;
         client
-            .execute("DELETE FROM mailbox_daily WHERE day < current_date - 2", &[])
+            .execute(
+                "DELETE FROM mailbox_daily WHERE day < current_date - 2",
+                &[],
+            )
             .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 }

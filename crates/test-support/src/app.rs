@@ -34,6 +34,8 @@ pub struct TestAppOptions {
     pub in_process_worker: bool,
     /// `MAIL_DISPATCH_GOOGLE_CHECK_ALIASES`.
     pub google_check_aliases: bool,
+    /// Pacing; the default is permissive so tests that are not about pacing are not paced.
+    pub pacing: mail_dispatch_worker::pacing::PacingConfig,
 }
 
 impl Default for TestAppOptions {
@@ -51,6 +53,13 @@ impl Default for TestAppOptions {
             exclusive: false,
             in_process_worker: true,
             google_check_aliases: false,
+            pacing: mail_dispatch_worker::pacing::PacingConfig {
+                org_max_in_flight: 1000,
+                graph_mailbox_concurrency: 1000,
+                gmail_mailbox_per_minute: 1_000_000,
+                microsoft_daily_recipients: 1_000_000,
+                google_daily_messages: 1_000_000,
+            },
         }
     }
 }
@@ -185,6 +194,7 @@ impl TestApp {
         c.claim_lease = o.claim_lease;
         c.shutdown_grace = o.shutdown_grace;
         c.instance = crate::unique("test-worker-");
+        c.pacing = o.pacing;
         c
     }
 
@@ -378,6 +388,23 @@ impl TestApp {
                 o.shutdown_grace.as_secs().to_string(),
             ),
             v("CLAIM_LEASE_SECS", o.claim_lease.as_secs().to_string()),
+            v("ORG_MAX_IN_FLIGHT", o.pacing.org_max_in_flight.to_string()),
+            v(
+                "GRAPH_MAILBOX_CONCURRENCY",
+                o.pacing.graph_mailbox_concurrency.to_string(),
+            ),
+            v(
+                "GMAIL_MAILBOX_PER_MINUTE",
+                o.pacing.gmail_mailbox_per_minute.to_string(),
+            ),
+            v(
+                "MICROSOFT_DAILY_RECIPIENTS",
+                o.pacing.microsoft_daily_recipients.to_string(),
+            ),
+            v(
+                "GOOGLE_DAILY_MESSAGES",
+                o.pacing.google_daily_messages.to_string(),
+            ),
             v("LOG_FORMAT", "json".into()),
         ]
     }

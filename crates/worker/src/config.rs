@@ -31,6 +31,9 @@ pub struct WorkerConfig {
     pub config_cache_ttl: Duration,
     /// Name of this worker in AMQP connection names and consumer tags.
     pub instance: String,
+    pub pacing: crate::pacing::PacingConfig,
+    /// Finished ledger entries older than this are pruned.
+    pub ledger_retention: Duration,
 }
 
 impl WorkerConfig {
@@ -48,6 +51,8 @@ impl WorkerConfig {
             token_refresh_margin: Duration::from_secs(120),
             config_cache_ttl: Duration::from_secs(300),
             instance: format!("mail-dispatch-{}", std::process::id()),
+            pacing: crate::pacing::PacingConfig::default(),
+            ledger_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -18,6 +18,7 @@ use mail_dispatch_store::{Claim, Store, StoreError};
 use tracing::Instrument as _;
 
 use crate::config::WorkerConfig;
+use crate::pacing::{Admission, DeferReason, Pacer};
 use crate::resolver::{Resolver, Route};
 use crate::sender::{InProcessRetry, SendFailure, Senders};
 
@@ -117,6 +118,7 @@ const PUBLISH_LEASE: Duration = Duration::from_secs(60);
 /// The dispatch use case.
 pub struct Dispatcher {
     pub store: Store,
+    pub pacer: Arc<Pacer>,
     pub resolver: Arc<Resolver>,
     pub senders: Arc<Senders>,
     pub config: WorkerConfig,
@@ -176,6 +178,66 @@ impl Dispatcher {
                 history: incoming.history.clone(),
             }
         };
+        let route = match self.resolver.resolve(&job.organization_id).await {
+            Ok(route) => route,
+            Err(e) => return blocked(&e),
+        };
+        // Pacing and fairness come before the claim: a deferred job leaves the
+        // consumer without touching the ledger.
+        let mut deferred_out_of_budget = None;
+        let mut permit = match &route {
+            Route::Revoked { .. } => None,
+            route => {
+                let provider = match route {
+                    Route::Provider { provider, .. } => *provider,
+                    _ => ProviderKind::Default,
+                };
+                let now = Utc::now();
+                match self
+                    .pacer
+                    .admit(&job.organization_id, provider, job.recipient_count(), now)
+                {
+                    Admission::Go(permit) => Some(permit),
+                    Admission::Defer { until, reason } => {
+                        let max_age = chrono::Duration::from_std(self.config.retry.max_age)
+                            .unwrap_or(chrono::Duration::days(1));
+                        let budget_end = job
+                            .not_after
+                            .unwrap_or(incoming.first_seen + max_age)
+                            .min(incoming.first_seen + max_age);
+                        let wake = if until <= budget_end {
+                            Some(until)
+                        } else if now < budget_end {
+                            Some(budget_end)
+                        } else {
+                            None
+                        };
+                        match wake {
+                            Some(at) => {
+                                tracing::debug!(reason = reason.as_str(), "deferred by pacing");
+                                return Decision::Delay {
+                                    wait: (at - now).to_std().unwrap_or_default(),
+                                    attempts: incoming.attempts,
+                                    reason: reason.as_str(),
+                                    history: incoming.history.clone(),
+                                };
+                            }
+                            // Out of budget: a refusal the provider would give is reported as such;
+                            // otherwise the job simply expired (below).
+                            None => {
+                                if matches!(
+                                    reason,
+                                    DeferReason::DailyLimit | DeferReason::MailboxPaused
+                                ) {
+                                    deferred_out_of_budget = Some((reason, provider));
+                                }
+                                None
+                            }
+                        }
+                    }
+                }
+            }
+        };
         match self
             .store
             .claim_job(&job.id, &job.organization_id, self.config.claim_lease)
@@ -208,6 +270,24 @@ impl Dispatcher {
 
         let now = Utc::now();
         let mut result = JobResult::for_job(&job, now);
+        if let Some((reason, provider)) = deferred_out_of_budget {
+            // The provider would still refuse it, and the job's budget is spent.
+            let code = if reason == DeferReason::DailyLimit {
+                ErrorCode::QuotaExceeded
+            } else {
+                ErrorCode::Throttled
+            };
+            result.provider = Some(provider);
+            result.attempts = incoming.attempts;
+            result.error = Some(JobError::new(
+                code,
+                format!(
+                    "deferred ({}) past the job's budget (not_after or maximum age)",
+                    reason.as_str()
+                ),
+            ));
+            return self.finish(&job.id, result, None, vec![]).await;
+        }
         if job.is_expired(now) {
             result.attempts = incoming.attempts;
             result.error = Some(JobError::new(
@@ -220,13 +300,6 @@ impl Dispatcher {
             return self.finish(&job.id, result, None, vec![]).await;
         }
 
-        let route = match self.resolver.resolve(&job.organization_id).await {
-            Ok(route) => route,
-            Err(e) => {
-                let _ = self.store.release_job(&job.id).await;
-                return blocked(&e);
-            }
-        };
         let (provider, message, fallback) = match &route {
             Route::Revoked { provider } => {
                 result.provider = Some(*provider);
@@ -288,6 +361,9 @@ impl Dispatcher {
                 provider_message_id,
             }) => {
                 tracing::info!(attempts, "accepted by the provider");
+                if let Some(permit) = permit.as_mut() {
+                    permit.mark_sent();
+                }
                 result.status = ResultStatus::Sent;
                 result.provider_message_id = provider_message_id;
                 self.finish(&job.id, result, None, vec![]).await
@@ -366,6 +442,14 @@ impl Dispatcher {
                     .decide(e.class, attempts, age, rand::random::<f64>())
                 {
                     RetryDecision::RetryAfter(wait) => {
+                        if let FailureClass::Transient {
+                            code: ErrorCode::Throttled,
+                            ..
+                        } = e.class
+                            && provider != ProviderKind::Default
+                        {
+                            self.pause_mailbox(&job.organization_id, wait).await;
+                        }
                         if job.not_after.is_some_and(|limit| Utc::now() + wait > limit) {
                             result.error = Some(JobError {
                                 code: ErrorCode::Expired,
@@ -421,6 +505,16 @@ impl Dispatcher {
                     }
                 }
             }
+        }
+    }
+
+    /// The provider throttled this mailbox: no job of it goes to the provider, on any
+    /// replica, until the wait is over.
+    async fn pause_mailbox(&self, org: &str, wait: Duration) {
+        let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+        self.pacer.apply_pause(org, until);
+        if let Err(e) = self.store.pause_mailbox(org, until, "throttled").await {
+            tracing::warn!(error = %e, "could not share the mailbox pause with other replicas");
         }
     }
 

@@ -4,6 +4,7 @@ pub mod config;
 pub mod dispatch;
 pub mod health;
 pub mod metrics;
+pub mod pacing;
 pub mod resolver;
 pub mod runner;
 pub mod sender;

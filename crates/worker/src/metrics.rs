@@ -114,6 +114,11 @@ fn register_zeroes() {
         "database_unavailable",
         "claimed_elsewhere",
         "remaining_wait",
+        "organization_busy",
+        "mailbox_busy",
+        "mailbox_rate",
+        "mailbox_paused",
+        "daily_limit",
     ] {
         metrics::counter!(RETRIES_SCHEDULED, "reason" => reason).absolute(0);
     }

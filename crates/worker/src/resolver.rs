@@ -108,6 +108,7 @@ impl Resolver {
                 }
             }
             IntegrationChange::All => cache.clear(),
+            IntegrationChange::Pause { .. } => {}
         }
     }
 }

@@ -9,6 +9,7 @@ use mail_dispatch_providers::{
 };
 use mail_dispatch_store::{IntegrationChange, Store, spawn_change_listener};
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{Dispatcher, Resolver, Senders, Tokens, WorkerConfig};
 
@@ -50,28 +51,55 @@ impl Dispatcher {
         });
         Ok(Dispatcher {
             resolver: Arc::new(Resolver::new(store.clone(), config.config_cache_ttl)),
+            pacer: crate::pacing::Pacer::new(config.pacing),
             store,
             senders,
             config,
         })
     }
 
-    /// Keeps the configuration and token caches in step with PostgreSQL: every
-    /// integration change, from any replica or the admin API, evicts its entries.
+    /// Keeps the configuration and token caches and the mailbox pauses in step with
+    /// PostgreSQL (every change, from any replica or the admin API, evicts its
+    /// entries), and runs the upkeep: daily counts flushed every 2 s, finished
+    /// ledger entries pruned every 10 minutes.
     pub fn follow_changes(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let listener = spawn_change_listener(self.store.pg_config().clone(), tx);
+        let upkeep = {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                this.pacer.load_pauses(&this.store).await;
+                let mut flush = tokio::time::interval(Duration::from_secs(2));
+                let mut prune = tokio::time::interval(Duration::from_secs(600));
+                loop {
+                    tokio::select! {
+                        _ = flush.tick() => this.pacer.flush_daily(&this.store).await,
+                        _ = prune.tick() => match this.store.prune_ledger(this.config.ledger_retention, 1000).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(deleted = n, "pruned finished ledger entries"),
+                            Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
+                        },
+                    }
+                }
+            })
+        };
         let this = Arc::clone(self);
         tokio::spawn(async move {
+            // Aborting this task (shutdown) stops the listener and the upkeep too.
+            let _listener = AbortOnDropHandle::new(listener);
+            let _upkeep = AbortOnDropHandle::new(upkeep);
             while let Some(change) = rx.recv().await {
                 this.resolver.apply(&change);
                 match &change {
                     IntegrationChange::Organization(org) => this.senders.tokens.forget(org),
                     IntegrationChange::All => this.senders.tokens.forget_all(),
+                    IntegrationChange::Pause {
+                        organization_id,
+                        until,
+                    } => this.pacer.apply_pause(organization_id, *until),
                 }
                 tracing::debug!(?change, "integration change applied to caches");
             }
-            listener.abort();
         })
     }
 }

@@ -1,0 +1,263 @@
+//! Provider-aware pacing and tenant fairness.
+
+use std::time::{Duration, Instant};
+
+use mail_dispatch_test_support::standins::{self, Vendor};
+use mail_dispatch_test_support::{TestApp, TestAppOptions};
+use mail_dispatch_worker::pacing::PacingConfig;
+use serde_json::json;
+
+use crate::support::WAIT;
+
+fn options(pacing: PacingConfig) -> TestAppOptions {
+    TestAppOptions {
+        pacing,
+        ..Default::default()
+    }
+}
+
+fn permissive() -> PacingConfig {
+    TestAppOptions::default().pacing
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_pauses_the_mailbox_for_every_replica() {
+    let mut app = TestApp::spawn().await;
+    let second = app.start_worker().await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "a@customer.com",
+        "A",
+    )
+    .await;
+    app.standins
+        .script(Vendor::Microsoft, [standins::graph_throttled(3)]);
+    let mut tap = app.amqp.tap_results().await;
+    let first = app.job("org_ms");
+    app.amqp.publish_job(&first).await;
+    let deadline = Instant::now() + WAIT;
+    while app.standins.send_attempts(Vendor::Microsoft) < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let throttled_at = app.standins.attempt_times(Vendor::Microsoft)[0];
+    // Whichever replica saw the 429, only the other one is left to send the rest.
+    app.stop_worker().await;
+    let others: Vec<_> = (0..6).map(|_| app.job("org_ms")).collect();
+    for job in &others {
+        app.amqp.publish_job(job).await;
+    }
+    for job in others.iter().chain([&first]) {
+        assert_eq!(
+            tap.result(job["id"].as_str().unwrap(), WAIT).await["status"],
+            "sent"
+        );
+    }
+    let times = app.standins.attempt_times(Vendor::Microsoft);
+    assert_eq!(
+        times.len(),
+        8,
+        "one throttled attempt, then one send per job"
+    );
+    for t in &times[1..] {
+        let after = t.duration_since(throttled_at);
+        assert!(
+            after >= Duration::from_millis(2900),
+            "a send {after:?} after the 429 that asked for 3 s"
+        );
+    }
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graph_sends_per_mailbox_never_exceed_the_cap() {
+    let app = TestApp::spawn_with(options(PacingConfig {
+        graph_mailbox_concurrency: 2,
+        ..permissive()
+    }))
+    .await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "a@customer.com",
+        "A",
+    )
+    .await;
+    let latency = Duration::from_millis(400);
+    app.standins.set_send_delay(latency);
+    let mut tap = app.amqp.tap_results().await;
+    for _ in 0..8 {
+        app.amqp.publish_job(&app.job("org_ms")).await;
+    }
+    for r in tap.results(8, Duration::from_secs(30)).await {
+        assert_eq!(r["status"], "sent");
+    }
+    let mut times = app.standins.attempt_times(Vendor::Microsoft);
+    times.sort();
+    assert_eq!(times.len(), 8);
+    for (i, t) in times.iter().enumerate() {
+        // Requests that arrived while this one was still being answered.
+        let overlapping = times[i..]
+            .iter()
+            .filter(|u| u.duration_since(*t) < latency - Duration::from_millis(50))
+            .count();
+        assert!(
+            overlapping <= 2,
+            "{overlapping} concurrent Graph sends to one mailbox"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gmail_sends_per_mailbox_follow_the_configured_rate() {
+    let app = TestApp::spawn_with(options(PacingConfig {
+        gmail_mailbox_per_minute: 120,
+        ..permissive()
+    }))
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    let mut tap = app.amqp.tap_results().await;
+    for _ in 0..14 {
+        app.amqp.publish_job(&app.job("org_g")).await;
+    }
+    for r in tap.results(14, Duration::from_secs(30)).await {
+        assert_eq!(r["status"], "sent");
+    }
+    let mut times = app.standins.attempt_times(Vendor::Google);
+    times.sort();
+    // 120 a minute with 5 s of burst: 11 at once, then one every 0.5 s.
+    let span = times[13].duration_since(times[0]);
+    assert!(
+        span >= Duration::from_millis(1400),
+        "14 sends within {span:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_daily_limit_jobs_are_deferred_then_fail_as_quota_exceeded_when_their_budget_ends()
+{
+    let app = TestApp::spawn_with(options(PacingConfig {
+        google_daily_messages: 3,
+        ..permissive()
+    }))
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    let mut tap = app.amqp.tap_results().await;
+    let not_after = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let jobs: Vec<_> = (0..5)
+        .map(|_| {
+            let mut j = app.job("org_g");
+            j["not_after"] = json!(not_after.to_rfc3339());
+            j
+        })
+        .collect();
+    for job in &jobs {
+        app.amqp.publish_job(job).await;
+    }
+    let mut sent = 0;
+    for job in &jobs {
+        let r = tap
+            .result(job["id"].as_str().unwrap(), Duration::from_secs(30))
+            .await;
+        match r["status"].as_str() {
+            Some("sent") => sent += 1,
+            _ => {
+                assert_eq!(r["error"]["code"], "quota_exceeded", "{r:#}");
+                assert_eq!(r["attempts"], 0, "never offered to the provider");
+                let at = chrono::DateTime::parse_from_rfc3339(r["completed_at"].as_str().unwrap())
+                    .unwrap();
+                assert!(
+                    at >= not_after,
+                    "deferred until its budget ran out, not failed at once"
+                );
+            }
+        }
+    }
+    assert_eq!(sent, 3);
+    assert_eq!(app.standins.gmail_messages().len(), 3);
+    // The count is shared through PostgreSQL for the other replicas.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let client = app.db.client().await;
+    let row = client
+        .query_one(
+            "SELECT sent FROM mailbox_daily WHERE organization_id = 'org_g'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_organization_flooding_does_not_delay_another() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        concurrency: 32,
+        pacing: PacingConfig {
+            org_max_in_flight: 8,
+            ..permissive()
+        },
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_flood",
+        Vendor::Microsoft,
+        "a@flood.example",
+        "a@flood.example",
+        "Flood",
+    )
+    .await;
+    app.connect(
+        "org_quiet",
+        Vendor::Google,
+        "b@quiet.example",
+        "b@quiet.example",
+        "Quiet",
+    )
+    .await;
+    app.standins.set_send_delay(Duration::from_millis(300));
+    let mut tap = app.amqp.tap_results().await;
+    for _ in 0..200 {
+        app.amqp.publish_job(&app.job("org_flood")).await;
+    }
+    let quiet: Vec<_> = (0..20).map(|_| app.job("org_quiet")).collect();
+    for job in &quiet {
+        app.amqp.publish_job(job).await;
+    }
+    for job in &quiet {
+        assert_eq!(
+            tap.result(job["id"].as_str().unwrap(), Duration::from_secs(30))
+                .await["status"],
+            "sent"
+        );
+    }
+    let seen = tap.settle(Duration::from_millis(10)).await;
+    let flood_done = seen
+        .iter()
+        .filter(|s| s.body["organization_id"] == "org_flood")
+        .count();
+    println!(
+        "when the quiet organization's 20 jobs were done, the flooding one had {flood_done} of 200"
+    );
+    assert!(
+        flood_done < 100,
+        "the quiet organization waited for {flood_done} of the flood's jobs"
+    );
+}
