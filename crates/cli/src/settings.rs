@@ -276,7 +276,7 @@ impl Settings {
             Ok(k) => k.trim().to_owned(),
             Err(_) => {
                 let k = mail_dispatch_store::TokenCipher::generate_key();
-                std::fs::write(path, &k)
+                write_private(path, &k)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 k
             }
@@ -438,4 +438,14 @@ impl Settings {
         c.ledger_retention = Duration::from_secs(self.ledger_retention_secs);
         Ok(c)
     }
+}
+
+/// Writes a file only its owner can read (the development token key).
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(contents.as_bytes())
 }

@@ -80,6 +80,38 @@ fn without_url(e: &reqwest::Error) -> String {
     }
 }
 
+/// The `Retry-After` of an answer, if it has a readable one.
+pub(crate) fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, Utc::now()))
+}
+
+/// A GET with a bearer token: the body of a 2xx answer, or the error as the
+/// provider's `classify` sees it.
+pub(crate) async fn get_with_token(
+    http: &reqwest::Client,
+    url: url::Url,
+    token: &secrecy::SecretString,
+    classify: fn(reqwest::StatusCode, &str, Option<Duration>) -> SendError,
+) -> Result<String, SendError> {
+    use secrecy::ExposeSecret as _;
+    let response = http
+        .get(url)
+        .bearer_auth(token.expose_secret())
+        .send()
+        .await
+        .map_err(|e| SendError::transport(&e))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if status.is_success() {
+        Ok(text)
+    } else {
+        Err(classify(status, &text, None))
+    }
+}
+
 /// Parses an HTTP `Retry-After` value: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
 pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();

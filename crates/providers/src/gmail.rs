@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use url::Url;
 
-use crate::error::{parse_gmail_retry_after, parse_retry_after};
+use crate::error::{get_with_token, parse_gmail_retry_after, retry_after_header};
 use crate::mime::{BccHeader, render};
 use crate::{Accepted, SendError};
 
@@ -82,11 +82,7 @@ impl GmailSender {
             .await
             .map_err(|e| SendError::transport(&e))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, Utc::now()));
+        let retry_after = retry_after_header(response.headers());
         let text = response.text().await.unwrap_or_default();
         if status.is_success() {
             let id = serde_json::from_str::<SentMessage>(&text)
@@ -109,18 +105,8 @@ impl GmailSender {
             .send_url
             .as_str()
             .replace("/messages/send", "/settings/sendAs");
-        let response = self
-            .http
-            .get(url)
-            .bearer_auth(token.expose_secret())
-            .send()
-            .await
-            .map_err(|e| SendError::transport(&e))?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Err(classify(status, &text, None));
-        }
+        let url = Url::parse(&url).expect("derived from a valid URL");
+        let text = get_with_token(&self.http, url, token, classify).await?;
         #[derive(Deserialize)]
         struct List {
             #[serde(default, rename = "sendAs")]

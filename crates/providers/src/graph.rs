@@ -9,7 +9,6 @@
 //! which is the one case where a duplicate can reach a recipient from here.
 
 use base64::Engine as _;
-use chrono::Utc;
 use mail_dispatch_domain::{ErrorCode, FailureClass, Mailbox, OutgoingMessage};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
@@ -17,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use url::Url;
 
-use crate::error::parse_retry_after;
+use crate::error::{get_with_token, retry_after_header};
 use crate::{Accepted, SendError};
 
 /// Graph refuses requests over 4 MB (graph/throttling-limits#outlook-service-limits).
@@ -136,29 +135,14 @@ impl GraphSender {
                 provider_message_id: request_id,
             });
         }
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, Utc::now()));
+        let retry_after = retry_after_header(response.headers());
         let text = response.text().await.unwrap_or_default();
         Err(classify(status, &text, retry_after))
     }
 
     /// The connected account's address, from `GET /v1.0/me` (`mail`, else `userPrincipalName`).
     pub async fn account_email(&self, token: &SecretString) -> Result<String, SendError> {
-        let response = self
-            .http
-            .get(self.me_url.clone())
-            .bearer_auth(token.expose_secret())
-            .send()
-            .await
-            .map_err(|e| SendError::transport(&e))?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Err(classify(status, &text, None));
-        }
+        let text = get_with_token(&self.http, self.me_url.clone(), token, classify).await?;
         let me: Value = serde_json::from_str(&text).map_err(|_| {
             SendError::new(
                 FailureClass::unavailable(None),
