@@ -311,3 +311,93 @@ async fn jobs_of_several_organizations_each_go_through_their_own_provider() {
     assert_eq!(app.standins.gmail_messages().len(), 10);
     assert_eq!(app.outbox_files().len(), 10);
 }
+
+/// A minimal SMTP relay (RFC 5321): accepts one session and hands back the
+/// envelope and the message it received.
+async fn smtp_relay() -> (u16, tokio::sync::oneshot::Receiver<(Vec<String>, String)>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let (read, mut write) = socket.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write
+            .write_all(b"220 relay.test ESMTP ready\r\n")
+            .await
+            .unwrap();
+        let (mut envelope, mut data, mut in_data) = (Vec::new(), String::new(), false);
+        let mut tx = Some(tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if in_data {
+                if line == "." {
+                    write
+                        .write_all(b"250 2.0.0 queued as 4Y7Q\r\n")
+                        .await
+                        .unwrap();
+                    // lettre keeps pooled connections open: the message is complete here.
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send((envelope, data));
+                    }
+                    return;
+                } else {
+                    data.push_str(line.strip_prefix('.').unwrap_or(&line));
+                    data.push_str("\r\n");
+                }
+                continue;
+            }
+            let upper = line.to_ascii_uppercase();
+            let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+                b"250-relay.test\r\n250 8BITMIME\r\n"
+            } else if upper.starts_with("MAIL FROM") || upper.starts_with("RCPT TO") {
+                envelope.push(line.clone());
+                b"250 2.1.0 Ok\r\n"
+            } else if upper == "DATA" {
+                in_data = true;
+                b"354 End data with <CR><LF>.<CR><LF>\r\n"
+            } else if upper == "QUIT" {
+                write.write_all(b"221 2.0.0 Bye\r\n").await.unwrap();
+                break;
+            } else {
+                b"250 2.0.0 Ok\r\n"
+            };
+            write.write_all(reply).await.unwrap();
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_platform_sender_delivers_over_smtp_with_bcc_in_the_envelope_only() {
+    let (port, received) = smtp_relay().await;
+    let app = TestApp::spawn_with(mail_dispatch_test_support::TestAppOptions {
+        platform_transport: Some(format!("smtp://127.0.0.1:{port}")),
+        ..Default::default()
+    })
+    .await;
+    let mut results = app.amqp.tap_results().await;
+    let job = full_job("org_plain");
+    app.amqp.publish_job(&job).await;
+    let result = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(result["status"], "sent", "{result:#}");
+    assert_eq!(result["provider"], "default");
+    let (envelope, data) = tokio::time::timeout(WAIT, received).await.unwrap().unwrap();
+    assert_eq!(envelope[0], format!("MAIL FROM:<{PLATFORM_SENDER}>"));
+    for rcpt in ["alice@example.com", "bob@example.com", "audit@example.com"] {
+        assert!(
+            envelope.contains(&format!("RCPT TO:<{rcpt}>")),
+            "{rcpt} in the envelope: {envelope:?}"
+        );
+    }
+    let msg = MessageParser::default().parse(data.as_bytes()).unwrap();
+    assert_eq!(msg.subject(), job["subject"].as_str());
+    assert!(
+        msg.bcc().is_none(),
+        "Bcc travels in the envelope, not the header"
+    );
+    assert_eq!(
+        msg.attachment(0).unwrap().contents(),
+        pdf_bytes().as_slice()
+    );
+}

@@ -36,6 +36,8 @@ pub struct TestAppOptions {
     pub google_check_aliases: bool,
     /// Pacing; the default is permissive so tests that are not about pacing are not paced.
     pub pacing: mail_dispatch_worker::pacing::PacingConfig,
+    /// The platform sender's transport; default: `file://` into the test's outbox.
+    pub platform_transport: Option<String>,
 }
 
 impl Default for TestAppOptions {
@@ -60,6 +62,7 @@ impl Default for TestAppOptions {
                 microsoft_daily_recipients: 1_000_000,
                 google_daily_messages: 1_000_000,
             },
+            platform_transport: None,
         }
     }
 }
@@ -169,7 +172,11 @@ impl TestApp {
                     Url::parse(&format!("{}/v1/oauth/callback", self.admin_url)).unwrap(),
                 ),
             }),
-            platform_transport: format!("file://{}", self.outbox.display()),
+            platform_transport: self
+                .options
+                .platform_transport
+                .clone()
+                .unwrap_or_else(|| format!("file://{}", self.outbox.display())),
             http_timeout: Duration::from_secs(10),
         }
     }
