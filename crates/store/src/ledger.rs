@@ -31,7 +31,7 @@ impl Store {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
-        let client = self.client().await?;
+        let client = self.ledger_client().await?;
         let lease_secs = lease.as_secs_f64();
         let claimed = client
             .query_opt(
@@ -76,7 +76,7 @@ impl Store {
         lease: Duration,
     ) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
-        let client = self.client().await?;
+        let client = self.ledger_client().await?;
         client
             .execute(
                 "UPDATE job_ledger SET state = 'completed', result = $2,
@@ -98,7 +98,7 @@ impl Store {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
-        let client = self.client().await?;
+        let client = self.ledger_client().await?;
         let inserted = client
             .execute(
                 "INSERT INTO job_ledger (job_id, organization_id, state, result, lease_until)
@@ -114,14 +114,18 @@ impl Store {
         self.claim_job(job_id, organization_id, lease).await
     }
 
-    /// The result of a job was confirmed by the broker.
-    pub async fn mark_published(&self, job_id: &str) -> Result<(), StoreError> {
+    /// The results of these jobs were confirmed by the broker (one statement for
+    /// a batch: see the worker's batcher).
+    pub async fn mark_published(&self, job_ids: &[String]) -> Result<(), StoreError> {
+        if job_ids.is_empty() {
+            return Ok(());
+        }
         crate::QueryCounts::bump(&self.counts().ledger_writes);
-        let client = self.client().await?;
+        let client = self.ledger_client().await?;
         client
             .execute(
-                "UPDATE job_ledger SET state = 'published', updated_at = now() WHERE job_id = $1",
-                &[&job_id],
+                "UPDATE job_ledger SET state = 'published', updated_at = now() WHERE job_id = ANY($1)",
+                &[&job_ids],
             )
             .await?;
         Ok(())
@@ -132,7 +136,7 @@ impl Store {
     /// lease expires: its send may have been under way.)
     pub async fn release_job(&self, job_id: &str) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
-        let client = self.client().await?;
+        let client = self.ledger_client().await?;
         client
             .execute(
                 "UPDATE job_ledger SET state = 'retrying', lease_until = NULL, updated_at = now()
@@ -147,7 +151,7 @@ impl Store {
     /// it at once instead of waiting for the publish lease to expire.
     pub async fn release_publish(&self, job_id: &str) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
-        let client = self.client().await?;
+        let client = self.ledger_client().await?;
         client
             .execute(
                 "UPDATE job_ledger SET lease_until = now(), updated_at = now()
@@ -162,7 +166,7 @@ impl Store {
     /// statement so no statement holds locks for long; rows another replica is
     /// deleting are skipped. Returns how many were deleted.
     pub async fn prune_ledger(&self, retention: Duration, batch: i64) -> Result<u64, StoreError> {
-        let client = self.client().await?;
+        let client = self.ledger_client().await?;
         let mut total = 0;
         loop {
             let n = client
@@ -185,7 +189,7 @@ impl Store {
     /// Makes a finished job id claimable again (dead-letter replay with a fresh budget).
     pub async fn reopen_job(&self, job_id: &str) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
-        let client = self.client().await?;
+        let client = self.ledger_client().await?;
         client
             .execute(
                 "UPDATE job_ledger SET state = 'retrying', result = NULL, lease_until = NULL, updated_at = now()

@@ -104,6 +104,13 @@ impl QueryCounts {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Connections for the idempotency ledger, with `synchronous_commit = off`:
+    /// a ledger write is durable once PostgreSQL's WAL writer flushes it (within
+    /// `wal_writer_delay`, 200 ms by default), not before each answer. A crash of
+    /// the worker loses nothing; only a crash of PostgreSQL itself can lose the last
+    /// fraction of a second of ledger writes, which at worst re-opens the duplicate
+    /// window for the jobs in flight then. Integrations and tokens stay synchronous.
+    ledger_pool: Pool,
     counts: std::sync::Arc<QueryCounts>,
     cipher: std::sync::Arc<TokenCipher>,
     pg_config: tokio_postgres::Config,
@@ -134,23 +141,28 @@ impl Store {
         let pg_config: tokio_postgres::Config = database_url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
-        let manager = Manager::from_config(
-            pg_config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool.max_size)
-            .wait_timeout(Some(pool.timeout))
-            .create_timeout(Some(pool.timeout))
-            .recycle_timeout(Some(pool.timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Config(e.to_string()))?;
+        let build = |config: tokio_postgres::Config| {
+            let manager = Manager::from_config(
+                config,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(pool.max_size)
+                .wait_timeout(Some(pool.timeout))
+                .create_timeout(Some(pool.timeout))
+                .recycle_timeout(Some(pool.timeout))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| StoreError::Config(e.to_string()))
+        };
+        let mut ledger_config = pg_config.clone();
+        ledger_config.options("-c synchronous_commit=off");
         Ok(Store {
-            pool,
+            pool: build(pg_config.clone())?,
+            ledger_pool: build(ledger_config)?,
             counts: Default::default(),
             cipher: std::sync::Arc::new(cipher),
             pg_config,
@@ -159,6 +171,10 @@ impl Store {
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
+    }
+
+    pub(crate) async fn ledger_client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.ledger_pool.get().await?)
     }
 
     /// Statements run through this store (and its clones) so far.

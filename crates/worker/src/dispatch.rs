@@ -18,7 +18,7 @@ use mail_dispatch_store::{Claim, Store, StoreError};
 use tracing::Instrument as _;
 
 use crate::config::WorkerConfig;
-use crate::pacing::{Admission, DeferReason, Pacer};
+use crate::pacing::{Admission, DeferReason, Pacer, Permit};
 use crate::resolver::{Resolver, Route};
 use crate::sender::{InProcessRetry, SendFailure, Senders};
 
@@ -119,6 +119,7 @@ const PUBLISH_LEASE: Duration = Duration::from_secs(60);
 pub struct Dispatcher {
     pub store: Store,
     pub pacer: Arc<Pacer>,
+    pub published: crate::published::PublishedMarks,
     pub resolver: Arc<Resolver>,
     pub senders: Arc<Senders>,
     pub config: WorkerConfig,
@@ -184,59 +185,9 @@ impl Dispatcher {
         };
         // Pacing and fairness come before the claim: a deferred job leaves the
         // consumer without touching the ledger.
-        let mut deferred_out_of_budget = None;
-        let mut permit = match &route {
-            Route::Revoked { .. } => None,
-            route => {
-                let provider = match route {
-                    Route::Provider { provider, .. } => *provider,
-                    _ => ProviderKind::Default,
-                };
-                let now = Utc::now();
-                match self
-                    .pacer
-                    .admit(&job.organization_id, provider, job.recipient_count(), now)
-                {
-                    Admission::Go(permit) => Some(permit),
-                    Admission::Defer { until, reason } => {
-                        let max_age = chrono::Duration::from_std(self.config.retry.max_age)
-                            .unwrap_or(chrono::Duration::days(1));
-                        let budget_end = job
-                            .not_after
-                            .unwrap_or(incoming.first_seen + max_age)
-                            .min(incoming.first_seen + max_age);
-                        let wake = if until <= budget_end {
-                            Some(until)
-                        } else if now < budget_end {
-                            Some(budget_end)
-                        } else {
-                            None
-                        };
-                        match wake {
-                            Some(at) => {
-                                tracing::debug!(reason = reason.as_str(), "deferred by pacing");
-                                return Decision::Delay {
-                                    wait: (at - now).to_std().unwrap_or_default(),
-                                    attempts: incoming.attempts,
-                                    reason: reason.as_str(),
-                                    history: incoming.history.clone(),
-                                };
-                            }
-                            // Out of budget: a refusal the provider would give is reported as such;
-                            // otherwise the job simply expired (below).
-                            None => {
-                                if matches!(
-                                    reason,
-                                    DeferReason::DailyLimit | DeferReason::MailboxPaused
-                                ) {
-                                    deferred_out_of_budget = Some((reason, provider));
-                                }
-                                None
-                            }
-                        }
-                    }
-                }
-            }
+        let (mut permit, deferred_out_of_budget) = match self.pace(&job, incoming, &route) {
+            Ok(paced) => paced,
+            Err(deferred) => return deferred,
         };
         match self
             .store
@@ -506,6 +457,57 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Asks the pacer for room. `Ok((permit, None))`: go ahead (no permit for a
+    /// revoked route); `Ok((None, Some(..)))`: deferred past the job's budget — fail
+    /// it as the provider would; `Err(decision)`: deferred, try again later.
+    #[expect(clippy::type_complexity, reason = "a one-off private return shape")]
+    fn pace(
+        &self,
+        job: &Job,
+        incoming: &Incoming,
+        route: &Route,
+    ) -> Result<(Option<Permit>, Option<(DeferReason, ProviderKind)>), Decision> {
+        let provider = match route {
+            Route::Revoked { .. } => return Ok((None, None)),
+            Route::Provider { provider, .. } => *provider,
+            Route::Platform { .. } => ProviderKind::Default,
+        };
+        let now = Utc::now();
+        let (until, reason) =
+            match self
+                .pacer
+                .admit(&job.organization_id, provider, job.recipient_count(), now)
+            {
+                Admission::Go(permit) => return Ok((Some(permit), None)),
+                Admission::Defer { until, reason } => (until, reason),
+            };
+        let max_age = chrono::Duration::from_std(self.config.retry.max_age)
+            .unwrap_or(chrono::Duration::days(1));
+        let budget_end = job
+            .not_after
+            .unwrap_or(incoming.first_seen + max_age)
+            .min(incoming.first_seen + max_age);
+        // Wait for room, but not past the job's budget; once the budget is spent,
+        // a refusal the provider would give is reported as such (daily limit,
+        // pause), and otherwise the job simply expires.
+        let wake = if until <= budget_end {
+            until
+        } else if now < budget_end {
+            budget_end
+        } else if matches!(reason, DeferReason::DailyLimit | DeferReason::MailboxPaused) {
+            return Ok((None, Some((reason, provider))));
+        } else {
+            return Ok((None, None));
+        };
+        tracing::debug!(reason = reason.as_str(), "deferred by pacing");
+        Err(Decision::Delay {
+            wait: (wake - now).to_std().unwrap_or_default(),
+            attempts: incoming.attempts,
+            reason: reason.as_str(),
+            history: incoming.history.clone(),
+        })
     }
 
     /// The provider throttled this mailbox: no job of it goes to the provider, on any

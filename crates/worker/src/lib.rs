@@ -5,6 +5,7 @@ pub mod dispatch;
 pub mod health;
 pub mod metrics;
 pub mod pacing;
+pub mod published;
 pub mod resolver;
 pub mod runner;
 pub mod sender;

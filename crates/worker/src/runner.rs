@@ -127,6 +127,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
         broker.close().await;
     }
     health.set_amqp(false);
+    dispatcher.published.flush(&dispatcher.store).await;
     tracing::info!("worker stopped");
 }
 
@@ -339,11 +340,8 @@ async fn publish_finish(
             mandatory: false,
         })
         .await?;
-    if let Some(job_id) = &finish.ledger_job_id
-        && let Err(e) = dispatcher.store.mark_published(job_id).await
-    {
-        // A redelivery would re-publish the stored result: at worst a duplicate result.
-        tracing::warn!(error = %e, "could not mark the result published");
+    if let Some(job_id) = finish.ledger_job_id {
+        dispatcher.published.push(job_id);
     }
     let latency = (Utc::now() - incoming.first_seen)
         .to_std()

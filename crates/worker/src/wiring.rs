@@ -52,6 +52,7 @@ impl Dispatcher {
         Ok(Dispatcher {
             resolver: Arc::new(Resolver::new(store.clone(), config.config_cache_ttl)),
             pacer: crate::pacing::Pacer::new(config.pacing),
+            published: Default::default(),
             store,
             senders,
             config,
@@ -69,10 +70,13 @@ impl Dispatcher {
             let this = Arc::clone(self);
             tokio::spawn(async move {
                 this.pacer.load_pauses(&this.store).await;
+                let marks = this.published.run(&this.store);
+                tokio::pin!(marks);
                 let mut flush = tokio::time::interval(Duration::from_secs(2));
                 let mut prune = tokio::time::interval(Duration::from_secs(600));
                 loop {
                     tokio::select! {
+                        () = &mut marks => {}
                         _ = flush.tick() => this.pacer.flush_daily(&this.store).await,
                         _ = prune.tick() => match this.store.prune_ledger(this.config.ledger_retention, 1000).await {
                             Ok(0) => {}
