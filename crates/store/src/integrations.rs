@@ -154,6 +154,7 @@ impl Store {
         &self,
         organization_id: &str,
     ) -> Result<Option<Integration>, StoreError> {
+        crate::QueryCounts::bump(&self.counts().config_reads);
         let client = self.client().await?;
         let row = client
             .query_opt(
