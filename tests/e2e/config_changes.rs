@@ -93,9 +93,15 @@ async fn a_steady_stream_of_jobs_reads_configuration_and_tokens_from_memory() {
     let mut results = app.amqp.tap_results().await;
     // Warm up, and let the connection's own change notifications arrive first.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(provider_of_next_job(&app, &mut results, "org_1").await, "google");
+    assert_eq!(
+        provider_of_next_job(&app, &mut results, "org_1").await,
+        "google"
+    );
     let [config_before, tokens_before, refreshes_before, _] = app.db.store.counts().snapshot();
-    assert!(config_before >= 1, "the first job read the configuration (the counter counts)");
+    assert!(
+        config_before >= 1,
+        "the first job read the configuration (the counter counts)"
+    );
     for _ in 0..20 {
         app.amqp.publish_job(&app.job("org_1")).await;
     }

@@ -116,7 +116,26 @@ impl Broker {
 
     /// Declares the whole topology (idempotent).
     pub async fn declare(&self, topology: &Topology) -> Result<(), BrokerError> {
-        topology.declare(&self.publisher).await
+        // An existing dead-letter queue is used as it is, whatever its type: a
+        // declare with other arguments would fail (PRECONDITION_FAILED) and stop
+        // the worker over a queue it only publishes to. A passive declare on a
+        // throw-away channel tells (a missing queue closes that channel).
+        let probe = self.connection.create_channel().await?;
+        let dead_exists = probe
+            .queue_declare(
+                topology.dead_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        if dead_exists {
+            let _ = probe.close(200, "probe".into()).await;
+        }
+        topology.declare(&self.publisher, dead_exists).await
     }
 
     /// A new channel (for consumers or one-off reads).

@@ -89,7 +89,11 @@ impl Topology {
         ]
     }
 
-    pub(crate) async fn declare(&self, channel: &Channel) -> Result<(), BrokerError> {
+    pub(crate) async fn declare(
+        &self,
+        channel: &Channel,
+        dead_queue_exists: bool,
+    ) -> Result<(), BrokerError> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -156,13 +160,15 @@ impl Topology {
         // A classic queue: people read it with basic.get and hand messages back, which
         // a quorum queue would count towards its delivery limit (20 by default from
         // RabbitMQ 4.0) and eventually drop.
-        channel
-            .queue_declare(
-                self.dead_queue.as_str().into(),
-                queue,
-                FieldTable::default(),
-            )
-            .await?;
+        if !dead_queue_exists {
+            channel
+                .queue_declare(
+                    self.dead_queue.as_str().into(),
+                    queue,
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         channel
             .queue_bind(
                 self.dead_queue.as_str().into(),
