@@ -150,13 +150,31 @@ fn run_command(app: &TestApp, args: &[&str], extra_env: &[(&str, &str)]) -> (i32
     )
 }
 
-fn count_by_job(results: &[Value]) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
+/// Every job has exactly one result among `results`.
+fn assert_one_result_each(results: &[Value], jobs: &[Value]) {
+    let mut per_job: HashMap<&str, usize> = HashMap::new();
     for r in results {
-        *m.entry(r["job_id"].as_str().unwrap_or_default().to_owned())
+        *per_job
+            .entry(r["job_id"].as_str().unwrap_or_default())
             .or_default() += 1;
     }
-    m
+    for job in jobs {
+        let id = job["id"].as_str().unwrap();
+        assert_eq!(
+            per_job.get(id),
+            Some(&1),
+            "job {id}: exactly one result per job"
+        );
+    }
+}
+
+/// Publishes `n` jobs of `org` and returns them.
+async fn publish_jobs(app: &TestApp, org: &str, n: usize) -> Vec<Value> {
+    let jobs: Vec<Value> = (0..n).map(|_| app.job(org)).collect();
+    for job in &jobs {
+        app.amqp.publish_job(job).await;
+    }
+    jobs
 }
 
 async fn all_results(tap: &mut ResultsTap, n: usize, timeout: Duration) -> Vec<Value> {
@@ -209,10 +227,7 @@ async fn sigterm_with_jobs_in_flight_finishes_them_exits_zero_and_loses_nothing(
     app.standins.set_send_delay(Duration::from_millis(1500));
     let mut tap = app.amqp.tap_results().await;
     let program = Program::start(&app, "worker").await;
-    let jobs: Vec<Value> = (0..30).map(|_| app.job("org_g")).collect();
-    for job in &jobs {
-        app.amqp.publish_job(job).await;
-    }
+    let jobs = publish_jobs(&app, "org_g", 30).await;
     let deadline = Instant::now() + WAIT;
     while app.standins.send_attempts(Vendor::Google) < 8 {
         assert!(Instant::now() < deadline);
@@ -225,14 +240,7 @@ async fn sigterm_with_jobs_in_flight_finishes_them_exits_zero_and_loses_nothing(
 
     let _again = Program::start(&app, "worker").await;
     let results = all_results(&mut tap, 30, Duration::from_secs(40)).await;
-    let per_job = count_by_job(&results);
-    for job in &jobs {
-        assert_eq!(
-            per_job.get(job["id"].as_str().unwrap()),
-            Some(&1),
-            "exactly one result per job"
-        );
-    }
+    assert_one_result_each(&results, &jobs);
     assert!(results.iter().all(|r| r["status"] == "sent"));
     let sends = gmail_sends_by_job(&app);
     assert_eq!(sends.len(), 30);
@@ -307,14 +315,7 @@ async fn kill_9_with_200_jobs_in_flight_then_restart_gives_every_job_exactly_one
 
     let _restarted = Program::start(&app, "worker").await;
     let results = all_results(&mut tap, 200, Duration::from_secs(60)).await;
-    let per_job = count_by_job(&results);
-    for job in &jobs {
-        assert_eq!(
-            per_job.get(job["id"].as_str().unwrap()),
-            Some(&1),
-            "exactly one result per job"
-        );
-    }
+    assert_one_result_each(&results, &jobs);
     let sends = gmail_sends_by_job(&app);
     assert_eq!(sends.len(), 200, "every job was sent");
     let duplicates: usize = sends.values().map(|n| n - 1).sum();
@@ -353,10 +354,7 @@ async fn closing_every_amqp_connection_mid_run_loses_and_doubles_nothing() {
     .await;
     app.standins.set_send_delay(Duration::from_millis(100));
     let mut tap = app.amqp.tap_results().await;
-    let jobs: Vec<Value> = (0..60).map(|_| app.job("org_g")).collect();
-    for job in &jobs {
-        app.amqp.publish_job(job).await;
-    }
+    let jobs = publish_jobs(&app, "org_g", 60).await;
     tap.results(10, WAIT).await;
     let status = Command::new("rabbitmqctl")
         .args(["close_all_connections", "mail-dispatch test"])
@@ -368,14 +366,7 @@ async fn closing_every_amqp_connection_mid_run_loses_and_doubles_nothing() {
         String::from_utf8_lossy(&status.stderr)
     );
     let results = all_results(&mut tap, 60, Duration::from_secs(60)).await;
-    let per_job = count_by_job(&results);
-    for job in &jobs {
-        assert_eq!(
-            per_job.get(job["id"].as_str().unwrap()),
-            Some(&1),
-            "exactly one result per job"
-        );
-    }
+    assert_one_result_each(&results, &jobs);
     let sends = gmail_sends_by_job(&app);
     assert_eq!(sends.len(), 60);
     assert!(sends.values().all(|n| *n == 1), "no job sent twice");
@@ -403,10 +394,7 @@ async fn a_postgresql_restart_mid_run_delays_jobs_but_loses_none() {
     .await;
     app.standins.set_send_delay(Duration::from_millis(100));
     let mut tap = app.amqp.tap_results().await;
-    let jobs: Vec<Value> = (0..60).map(|_| app.job("org_g")).collect();
-    for job in &jobs {
-        app.amqp.publish_job(job).await;
-    }
+    let jobs = publish_jobs(&app, "org_g", 60).await;
     tap.results(10, WAIT).await;
     let version = std::fs::read_dir("/etc/postgresql")
         .unwrap()
@@ -429,14 +417,7 @@ async fn a_postgresql_restart_mid_run_delays_jobs_but_loses_none() {
         String::from_utf8_lossy(&status.stderr)
     );
     let results = all_results(&mut tap, 60, Duration::from_secs(90)).await;
-    let per_job = count_by_job(&results);
-    for job in &jobs {
-        assert_eq!(
-            per_job.get(job["id"].as_str().unwrap()),
-            Some(&1),
-            "exactly one result per job"
-        );
-    }
+    assert_one_result_each(&results, &jobs);
     assert!(
         results.iter().all(|r| r["status"] == "sent"),
         "{results:#?}"
