@@ -1,6 +1,13 @@
 //! The idempotency ledger: a job id is claimed before sending, completed with its
 //! result after, and marked published once the broker confirmed the result.
+//!
+//! Every statement here is prepared once per connection (`prepare_cached`) and
+//! counted in `QueryCounts::ledger_writes` once per execution. Claims and
+//! completions also come in batched forms ([`Store::claim_jobs`],
+//! [`Store::complete_jobs`]): one statement for many jobs, which the group-commit
+//! batcher (`ledger_batch.rs`) uses to merge concurrent requests.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::{Store, StoreError};
@@ -20,70 +27,157 @@ pub enum Claim {
     Published,
 }
 
+/// Claims a batch of job ids in one statement. The input is distinct and sorted by
+/// job id (so that concurrent batches, from this or another replica, lock rows in
+/// the same order). In a data-modifying CTE the outer `SELECT` sees `job_ledger`
+/// as it was before the statement: a job id that `claimed` did not return shows
+/// its unchanged state there (`existing`). `existing` is NULL only when another
+/// transaction inserted the row after this statement's snapshot: that row is
+/// claimed or completed under a live lease, hence `Busy`.
+const CLAIM_JOBS: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[]) AS t(job_id, organization_id)
+),
+claimed AS (
+    INSERT INTO job_ledger (job_id, organization_id, state, lease_until)
+    SELECT job_id, organization_id, 'claimed', now() + make_interval(secs => $3::float8)
+    FROM input
+    ON CONFLICT (job_id) DO UPDATE SET
+        state = CASE WHEN job_ledger.state = 'completed' THEN 'completed' ELSE 'claimed' END,
+        lease_until = EXCLUDED.lease_until,
+        claims = job_ledger.claims + 1,
+        updated_at = now()
+    WHERE job_ledger.state = 'retrying'
+       OR (job_ledger.state IN ('claimed', 'completed') AND job_ledger.lease_until < now())
+    RETURNING job_id, state, claims, result
+)
+SELECT i.job_id, c.state, c.claims, c.result, l.state AS existing
+FROM input i
+LEFT JOIN claimed c ON c.job_id = i.job_id
+LEFT JOIN job_ledger l ON l.job_id = i.job_id";
+
+/// Records the outcomes of a batch of claimed jobs in one statement (distinct job
+/// ids, sorted).
+const COMPLETE_JOBS: &str = "
+UPDATE job_ledger l SET state = 'completed', result = i.result,
+    lease_until = now() + make_interval(secs => $3::float8), updated_at = now()
+FROM unnest($1::text[], $2::jsonb[]) AS i(job_id, result)
+WHERE l.job_id = i.job_id AND l.state <> 'published'";
+
 impl Store {
     /// Claims `job_id` for `lease`. A claim whose lease expired (its worker
     /// crashed) is taken over; a job waiting for a retry is claimable again; a
     /// completed job whose publisher's lease expired is handed over for publishing.
+    ///
+    /// One statement; concurrent callers can share one through
+    /// [`Store::claim_job_batched`].
     pub async fn claim_job(
         &self,
         job_id: &str,
         organization_id: &str,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        let mut claims = self
+            .claim_jobs(&[(job_id.to_owned(), organization_id.to_owned())], lease)
+            .await?;
+        Ok(claims.pop().expect("one answer per job id"))
+    }
+
+    /// [`Store::claim_job`] for many `(job_id, organization_id)` at once, in ONE
+    /// statement; the answers come in the order of `items`. A job id given twice
+    /// is answered as if claimed twice in a row: the first occurrence claims it, a
+    /// later one finds that claim (`Busy`, or `Published` if it was published).
+    pub async fn claim_jobs(
+        &self,
+        items: &[(String, String)],
+        lease: Duration,
+    ) -> Result<Vec<Claim>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Distinct job ids, sorted: ON CONFLICT cannot touch a row twice in one
+        // statement, and a fixed order keeps concurrent batches from deadlocking.
+        let mut order: Vec<&(String, String)> = items.iter().collect();
+        order.sort_by(|a, b| a.0.cmp(&b.0));
+        order.dedup_by(|a, b| a.0 == b.0);
+        let job_ids: Vec<&str> = order.iter().map(|(id, _)| id.as_str()).collect();
+        let orgs: Vec<&str> = order.iter().map(|(_, org)| org.as_str()).collect();
+
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
-        let lease_secs = lease.as_secs_f64();
-        let claimed = client
-            .query_opt(
-                "INSERT INTO job_ledger (job_id, organization_id, state, lease_until)
-                 VALUES ($1, $2, 'claimed', now() + make_interval(secs => $3::float8))
-                 ON CONFLICT (job_id) DO UPDATE SET
-                     state = CASE WHEN job_ledger.state = 'completed' THEN 'completed' ELSE 'claimed' END,
-                     lease_until = EXCLUDED.lease_until,
-                     claims = job_ledger.claims + 1,
-                     updated_at = now()
-                 WHERE job_ledger.state = 'retrying'
-                    OR (job_ledger.state IN ('claimed', 'completed') AND job_ledger.lease_until < now())
-                 RETURNING state, claims, result",
-                &[&job_id, &organization_id, &lease_secs],
-            )
+        let statement = client.prepare_cached(CLAIM_JOBS).await?;
+        let rows = client
+            .query(&statement, &[&job_ids, &orgs, &lease.as_secs_f64()])
             .await?;
-        if let Some(row) = claimed {
-            let state: &str = row.get(0);
-            return Ok(if state == "completed" {
-                Claim::Completed(row.get::<_, Option<serde_json::Value>>(2))
-            } else {
-                Claim::Acquired { claims: row.get(1) }
-            });
+        drop(client);
+
+        let mut found: HashMap<String, Claim> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let claim = match row.get::<_, Option<&str>>(1) {
+                Some("completed") => Claim::Completed(row.get(3)),
+                Some(_) => Claim::Acquired { claims: row.get(2) },
+                None if row.get::<_, Option<&str>>(4) == Some("published") => Claim::Published,
+                None => Claim::Busy,
+            };
+            found.insert(row.get(0), claim);
         }
-        let row = client
-            .query_one("SELECT state FROM job_ledger WHERE job_id = $1", &[&job_id])
-            .await?;
-        let state: &str = row.get(0);
-        Ok(if state == "published" {
-            Claim::Published
-        } else {
-            Claim::Busy
-        })
+        let mut answered = std::collections::HashSet::with_capacity(items.len());
+        items
+            .iter()
+            .map(|(job_id, _)| {
+                let claim = found.get(job_id.as_str()).ok_or_else(|| {
+                    StoreError::Unavailable(format!("no claim answer for job id {job_id}"))
+                })?;
+                Ok(if answered.insert(job_id.as_str()) {
+                    claim.clone()
+                } else if *claim == Claim::Published {
+                    Claim::Published
+                } else {
+                    // The first occurrence just claimed (or found claimed) it.
+                    Claim::Busy
+                })
+            })
+            .collect()
     }
 
     /// Records the outcome of a claimed job (before its result is published).
     /// `lease` protects the publishing that follows from a concurrent redelivery.
+    ///
+    /// One statement; concurrent callers can share one through
+    /// [`Store::complete_job_batched`].
     pub async fn complete_job(
         &self,
         job_id: &str,
         result: &serde_json::Value,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        self.complete_jobs(&[(job_id.to_owned(), result.clone())], lease)
+            .await
+    }
+
+    /// [`Store::complete_job`] for many `(job_id, result)` at once, in ONE
+    /// statement. A job id given twice keeps its last result.
+    pub async fn complete_jobs(
+        &self,
+        items: &[(String, serde_json::Value)],
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        // Distinct job ids (the last occurrence wins), sorted.
+        let mut order: Vec<(usize, &(String, serde_json::Value))> =
+            items.iter().enumerate().collect();
+        order.sort_by(|a, b| a.1.0.cmp(&b.1.0).then(b.0.cmp(&a.0)));
+        order.dedup_by(|a, b| a.1.0 == b.1.0);
+        let job_ids: Vec<&str> = order.iter().map(|(_, (id, _))| id.as_str()).collect();
+        let results: Vec<&serde_json::Value> = order.iter().map(|(_, (_, r))| r).collect();
+
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
+        let statement = client.prepare_cached(COMPLETE_JOBS).await?;
         client
-            .execute(
-                "UPDATE job_ledger SET state = 'completed', result = $2,
-                     lease_until = now() + make_interval(secs => $3::float8), updated_at = now()
-                 WHERE job_id = $1 AND state <> 'published'",
-                &[&job_id, result, &lease.as_secs_f64()],
-            )
+            .execute(&statement, &[&job_ids, &results, &lease.as_secs_f64()])
             .await?;
         Ok(())
     }
@@ -99,11 +193,16 @@ impl Store {
     ) -> Result<Claim, StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
-        let inserted = client
-            .execute(
+        let statement = client
+            .prepare_cached(
                 "INSERT INTO job_ledger (job_id, organization_id, state, result, lease_until)
                  VALUES ($1, $2, 'completed', $3, now() + make_interval(secs => $4::float8))
                  ON CONFLICT (job_id) DO NOTHING",
+            )
+            .await?;
+        let inserted = client
+            .execute(
+                &statement,
                 &[&job_id, &organization_id, result, &lease.as_secs_f64()],
             )
             .await?;
@@ -122,12 +221,12 @@ impl Store {
         }
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
-        client
-            .execute(
+        let statement = client
+            .prepare_cached(
                 "UPDATE job_ledger SET state = 'published', updated_at = now() WHERE job_id = ANY($1)",
-                &[&job_ids],
             )
             .await?;
+        client.execute(&statement, &[&job_ids]).await?;
         Ok(())
     }
 
@@ -137,13 +236,13 @@ impl Store {
     pub async fn release_job(&self, job_id: &str) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
-        client
-            .execute(
+        let statement = client
+            .prepare_cached(
                 "UPDATE job_ledger SET state = 'retrying', lease_until = NULL, updated_at = now()
                  WHERE job_id = $1 AND state = 'claimed'",
-                &[&job_id],
             )
             .await?;
+        client.execute(&statement, &[&job_id]).await?;
         Ok(())
     }
 
@@ -152,13 +251,13 @@ impl Store {
     pub async fn release_publish(&self, job_id: &str) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
-        client
-            .execute(
+        let statement = client
+            .prepare_cached(
                 "UPDATE job_ledger SET lease_until = now(), updated_at = now()
                  WHERE job_id = $1 AND state = 'completed'",
-                &[&job_id],
             )
             .await?;
+        client.execute(&statement, &[&job_id]).await?;
         Ok(())
     }
 
@@ -167,16 +266,18 @@ impl Store {
     /// deleting are skipped. Returns how many were deleted.
     pub async fn prune_ledger(&self, retention: Duration, batch: i64) -> Result<u64, StoreError> {
         let client = self.ledger_client().await?;
+        let statement = client
+            .prepare_cached(
+                "DELETE FROM job_ledger WHERE job_id IN (
+                     SELECT job_id FROM job_ledger
+                     WHERE state = 'published' AND updated_at < now() - make_interval(secs => $1::float8)
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .await?;
         let mut total = 0;
         loop {
             let n = client
-                .execute(
-                    "DELETE FROM job_ledger WHERE job_id IN (
-                         SELECT job_id FROM job_ledger
-                         WHERE state = 'published' AND updated_at < now() - make_interval(secs => $1::float8)
-                         LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                    &[&retention.as_secs_f64(), &batch],
-                )
+                .execute(&statement, &[&retention.as_secs_f64(), &batch])
                 .await?;
             total += n;
             if (n as i64) < batch {
@@ -190,13 +291,13 @@ impl Store {
     pub async fn reopen_job(&self, job_id: &str) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
-        client
-            .execute(
+        let statement = client
+            .prepare_cached(
                 "UPDATE job_ledger SET state = 'retrying', result = NULL, lease_until = NULL, updated_at = now()
                  WHERE job_id = $1",
-                &[&job_id],
             )
             .await?;
+        client.execute(&statement, &[&job_id]).await?;
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 mod cipher;
 mod integrations;
 mod ledger;
+mod ledger_batch;
 mod listener;
 mod oauth_states;
 mod pacing;
@@ -33,6 +34,9 @@ pub enum StoreError {
     Cipher(#[from] CipherError),
     #[error("invalid database URL: {0}")]
     Config(String),
+    /// One error answered to every request of a batched ledger statement.
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
@@ -51,6 +55,7 @@ impl StoreError {
         match self {
             StoreError::Unavailable(_) => true,
             StoreError::Query(e) => e.is_closed() || e.code().is_none(),
+            StoreError::Shared(e) => e.is_unavailable(),
             _ => false,
         }
     }
@@ -111,6 +116,8 @@ pub struct Store {
     /// fraction of a second of ledger writes, which at worst re-opens the duplicate
     /// window for the jobs in flight then. Integrations and tokens stay synchronous.
     ledger_pool: Pool,
+    /// Group commit of ledger claims and completions (`ledger_batch.rs`).
+    ledger_batch: ledger_batch::LedgerBatcher,
     counts: std::sync::Arc<QueryCounts>,
     cipher: std::sync::Arc<TokenCipher>,
     pg_config: tokio_postgres::Config,
@@ -163,6 +170,7 @@ impl Store {
         Ok(Store {
             pool: build(pg_config.clone())?,
             ledger_pool: build(ledger_config)?,
+            ledger_batch: Default::default(),
             counts: Default::default(),
             cipher: std::sync::Arc::new(cipher),
             pg_config,

@@ -191,7 +191,7 @@ impl Dispatcher {
         };
         match self
             .store
-            .claim_job(&job.id, &job.organization_id, self.config.claim_lease)
+            .claim_job_batched(&job.id, &job.organization_id, self.config.claim_lease)
             .await
         {
             Ok(Claim::Acquired { .. }) => {}
@@ -539,7 +539,11 @@ impl Dispatcher {
         // the claim's lease keeps a redelivery from sending again meanwhile.
         let mut delay = Duration::from_millis(100);
         for _ in 0..6 {
-            match self.store.complete_job(job_id, &value, PUBLISH_LEASE).await {
+            match self
+                .store
+                .complete_job_batched(job_id, &value, PUBLISH_LEASE)
+                .await
+            {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record the outcome; retrying");

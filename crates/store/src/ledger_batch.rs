@@ -1,0 +1,928 @@
+//! Group commit for the idempotency ledger: concurrent claims are merged into one
+//! `claim_jobs` statement, concurrent completions into one `complete_jobs`
+//! statement.
+//!
+//! There is no timer and no background task. A caller that finds fewer than
+//! [`MAX_IN_FLIGHT`] statements of its kind running becomes a *leader*: it runs
+//! one statement at once, for its own request plus everything already pending (at
+//! most [`MAX_BATCH`] jobs). A caller that finds every slot taken queues its
+//! request and waits. When a leader's statement returns, the leader hands its slot
+//! to the oldest pending request, whose caller becomes the next leader and takes
+//! everything that accumulated meanwhile ("natural batching"), and only then answers
+//! the requests of its batch. So a lone job pays no extra latency, a leader runs
+//! exactly one statement (no caller is kept serving others), and under load each
+//! statement carries what arrived while the previous one ran.
+//!
+//! Up to [`MAX_IN_FLIGHT`] statements of each kind run at once (two: a slow
+//! statement does not stop the other, and batches stay large); each holds one
+//! connection of the ledger pool while it runs.
+//!
+//! A job id appears at most once per statement (ON CONFLICT cannot touch a row
+//! twice): a request for a job id already in the batch being formed stays pending
+//! for the next one, as does a request with a different lease. A failed statement
+//! answers every request of its batch with the error ([`StoreError::Shared`]). A
+//! leader whose caller is cancelled mid-statement still hands its slot on (its
+//! `Slot` does so when dropped); the requests of that abandoned batch are answered
+//! with `StoreError::Unavailable`, so nobody waits forever.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::{Claim, Store, StoreError};
+
+/// At most this many jobs per statement.
+const MAX_BATCH: usize = 256;
+/// At most this many statements of one kind (claim, complete) at once.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// The pending claims and completions, shared by a [`Store`] and its clones.
+#[derive(Clone, Default)]
+pub(crate) struct LedgerBatcher {
+    claims: Arc<Queue<ClaimOp>>,
+    completes: Arc<Queue<CompleteOp>>,
+}
+
+impl Store {
+    /// [`Store::claim_job`], through group commit: concurrent calls (from this
+    /// store and its clones) share one statement. See the module documentation.
+    pub async fn claim_job_batched(
+        &self,
+        job_id: &str,
+        organization_id: &str,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let request = Request {
+            job_id: job_id.to_owned(),
+            payload: organization_id.to_owned(),
+            lease,
+        };
+        self.ledger_batch.claims.submit(self, request).await
+    }
+
+    /// [`Store::complete_job`], through group commit: concurrent calls (from this
+    /// store and its clones) share one statement. See the module documentation.
+    pub async fn complete_job_batched(
+        &self,
+        job_id: &str,
+        result: &serde_json::Value,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let request = Request {
+            job_id: job_id.to_owned(),
+            payload: result.clone(),
+            lease,
+        };
+        self.ledger_batch.completes.submit(self, request).await
+    }
+}
+
+/// A kind of batched statement.
+trait Op: Sized + 'static {
+    /// What a request carries besides its job id and lease.
+    type Payload: Send + 'static;
+    /// The answer to one request.
+    type Output: Send + 'static;
+    /// Runs one statement for `items` (distinct job ids); one output per item, in order.
+    fn run(
+        store: &Store,
+        items: Vec<(String, Self::Payload)>,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<Self::Output>, StoreError>> + Send;
+}
+
+struct ClaimOp;
+
+impl Op for ClaimOp {
+    type Payload = String;
+    type Output = Claim;
+
+    async fn run(
+        store: &Store,
+        items: Vec<(String, String)>,
+        lease: Duration,
+    ) -> Result<Vec<Claim>, StoreError> {
+        store.claim_jobs(&items, lease).await
+    }
+}
+
+struct CompleteOp;
+
+impl Op for CompleteOp {
+    type Payload = serde_json::Value;
+    type Output = ();
+
+    async fn run(
+        store: &Store,
+        items: Vec<(String, serde_json::Value)>,
+        lease: Duration,
+    ) -> Result<Vec<()>, StoreError> {
+        store.complete_jobs(&items, lease).await?;
+        Ok(vec![(); items.len()])
+    }
+}
+
+struct Request<P> {
+    job_id: String,
+    payload: P,
+    lease: Duration,
+}
+
+/// A queued request and where to answer it.
+struct Entry<O: Op> {
+    request: Request<O::Payload>,
+    reply: oneshot::Sender<Reply<O>>,
+}
+
+enum Reply<O: Op> {
+    /// The statement ran: this request's answer.
+    Done(Result<O::Output, StoreError>),
+    /// The request comes back with a slot: its caller leads the next statement.
+    Lead(Request<O::Payload>, Slot<O>),
+}
+
+struct State<O: Op> {
+    pending: VecDeque<Entry<O>>,
+    /// Slots taken: statements running, or handed to a caller about to run one.
+    /// Invariant: `pending` is empty unless every slot is taken, and a slot is
+    /// only released when `pending` is empty.
+    in_flight: usize,
+}
+
+struct Queue<O: Op> {
+    state: Mutex<State<O>>,
+}
+
+impl<O: Op> Default for Queue<O> {
+    fn default() -> Self {
+        Queue {
+            state: Mutex::new(State {
+                pending: VecDeque::new(),
+                in_flight: 0,
+            }),
+        }
+    }
+}
+
+/// The right to run one statement. Dropped — after the statement, or with a
+/// cancelled leader, or in an answer nobody received — it passes itself to the
+/// oldest pending request, or is released if none is pending.
+struct Slot<O: Op> {
+    queue: Option<Arc<Queue<O>>>,
+}
+
+impl<O: Op> Drop for Slot<O> {
+    fn drop(&mut self) {
+        if let Some(queue) = self.queue.take() {
+            queue.pass_on();
+        }
+    }
+}
+
+fn abandoned() -> StoreError {
+    StoreError::Unavailable("ledger batch abandoned: its leader was cancelled".into())
+}
+
+impl<O: Op> Queue<O> {
+    fn lock(&self) -> MutexGuard<'_, State<O>> {
+        // Nothing panics while holding the lock; a poisoned state is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn submit(
+        self: &Arc<Self>,
+        store: &Store,
+        request: Request<O::Payload>,
+    ) -> Result<O::Output, StoreError> {
+        let waiting = {
+            let mut state = self.lock();
+            if state.in_flight < MAX_IN_FLIGHT {
+                state.in_flight += 1;
+                Err(request)
+            } else {
+                let (reply, receiver) = oneshot::channel();
+                state.pending.push_back(Entry { request, reply });
+                Ok(receiver)
+            }
+        };
+        let (request, slot) = match waiting {
+            Err(request) => (
+                request,
+                Slot {
+                    queue: Some(self.clone()),
+                },
+            ),
+            Ok(receiver) => match receiver.await {
+                Ok(Reply::Done(answer)) => return answer,
+                Ok(Reply::Lead(request, slot)) => (request, slot),
+                Err(_) => return Err(abandoned()),
+            },
+        };
+        self.lead(store, request, slot).await
+    }
+
+    /// Runs one statement for `own` and what is pending, then hands `slot` on.
+    async fn lead(
+        &self,
+        store: &Store,
+        own: Request<O::Payload>,
+        slot: Slot<O>,
+    ) -> Result<O::Output, StoreError> {
+        let lease = own.lease;
+        let others = self.take_batch(&own);
+        let mut items = Vec::with_capacity(others.len() + 1);
+        let mut replies = Vec::with_capacity(others.len());
+        items.push((own.job_id, own.payload));
+        for Entry { request, reply } in others {
+            items.push((request.job_id, request.payload));
+            replies.push(reply);
+        }
+        let result = O::run(store, items, lease).await;
+        // What accumulated meanwhile goes out before this batch is answered.
+        drop(slot);
+        match result {
+            Ok(outputs) => {
+                let mut outputs = outputs.into_iter();
+                let own = outputs.next();
+                for (reply, output) in replies.into_iter().zip(outputs) {
+                    let _ = reply.send(Reply::Done(Ok(output)));
+                }
+                own.ok_or_else(|| StoreError::Unavailable("ledger batch gave no answer".into()))
+            }
+            Err(error) => {
+                let error = Arc::new(error);
+                for reply in replies {
+                    let _ = reply.send(Reply::Done(Err(StoreError::Shared(error.clone()))));
+                }
+                Err(Arc::try_unwrap(error).unwrap_or_else(StoreError::Shared))
+            }
+        }
+    }
+
+    /// Takes the pending requests that can share a statement with `own`: oldest
+    /// first, same lease, job ids distinct, at most `MAX_BATCH` in all. Requests
+    /// whose caller gave up are dropped.
+    fn take_batch(&self, own: &Request<O::Payload>) -> Vec<Entry<O>> {
+        let mut state = self.lock();
+        if state.pending.is_empty() {
+            return Vec::new();
+        }
+        let mut batch = Vec::new();
+        let mut ids = HashSet::from([own.job_id.clone()]);
+        let mut kept = VecDeque::new();
+        let mut pending = std::mem::take(&mut state.pending);
+        while let Some(entry) = pending.pop_front() {
+            if batch.len() + 1 >= MAX_BATCH {
+                kept.push_back(entry);
+                kept.append(&mut pending);
+                break;
+            }
+            if entry.reply.is_closed() {
+                continue;
+            }
+            if entry.request.lease == own.lease && !ids.contains(&entry.request.job_id) {
+                ids.insert(entry.request.job_id.clone());
+                batch.push(entry);
+            } else {
+                kept.push_back(entry);
+            }
+        }
+        state.pending = kept;
+        batch
+    }
+
+    /// A slot was given back: hand it to the oldest pending request whose caller
+    /// still waits, or release it.
+    fn pass_on(self: Arc<Self>) {
+        loop {
+            let entry = {
+                let mut state = self.lock();
+                match state.pending.pop_front() {
+                    Some(entry) => entry,
+                    None => {
+                        state.in_flight -= 1;
+                        return;
+                    }
+                }
+            };
+            let slot = Slot {
+                queue: Some(self.clone()),
+            };
+            match entry.reply.send(Reply::Lead(entry.request, slot)) {
+                Ok(()) => return,
+                // Its caller is gone: the slot goes to the next one (not through
+                // `Drop`, which would recurse).
+                Err(Reply::Lead(_, mut slot)) => slot.queue = None,
+                Err(Reply::Done(_)) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PoolSettings, TokenCipher};
+    use secrecy::SecretString;
+    use serde_json::json;
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio_postgres::NoTls;
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    fn admin_url() -> String {
+        std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    }
+
+    /// A fresh migrated database (as `mail-dispatch-test-support`'s `TestDb`, which
+    /// this crate cannot use), dropped with the value.
+    struct TestDb {
+        name: String,
+        url: String,
+        store: Store,
+    }
+
+    impl TestDb {
+        async fn new() -> TestDb {
+            let name = format!(
+                "md_test_{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..10]
+            );
+            let admin = admin_url();
+            let (client, conn) = tokio_postgres::connect(&admin, NoTls)
+                .await
+                .expect("PostgreSQL must run on 127.0.0.1:5432 (see README)");
+            let conn = tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create test database");
+            drop(client);
+            let _ = conn.await;
+            let (base, _) = admin.rsplit_once('/').expect("URL names a database");
+            let url = format!("{base}/{name}");
+            let key = SecretString::from(TokenCipher::generate_key());
+            let store = Store::connect(
+                &url,
+                TokenCipher::new(&key, &[]).unwrap(),
+                PoolSettings::default(),
+            )
+            .unwrap();
+            store.migrate().await.expect("migrations apply");
+            TestDb { name, url, store }
+        }
+
+        async fn client(&self) -> tokio_postgres::Client {
+            let (client, conn) = tokio_postgres::connect(&self.url, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+        }
+
+        fn statements(&self) -> u64 {
+            self.store.counts().ledger_writes.load(Relaxed)
+        }
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            let name = self.name.clone();
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    if let Ok((client, conn)) = tokio_postgres::connect(&admin_url(), NoTls).await {
+                        tokio::spawn(conn);
+                        let _ = client
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    fn items(ids: &[&str]) -> Vec<(String, String)> {
+        ids.iter()
+            .map(|id| (id.to_string(), "org_1".to_string()))
+            .collect()
+    }
+
+    /// Waits until `n` requests are pending in `queue`.
+    async fn pending<O: Op>(queue: &Queue<O>, n: usize) {
+        for _ in 0..500 {
+            if queue.lock().pending.len() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} requests never became pending");
+    }
+
+    async fn in_flight<O: Op>(queue: &Queue<O>, n: usize) {
+        for _ in 0..500 {
+            if queue.lock().in_flight == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("in_flight never became {n}");
+    }
+
+    #[tokio::test]
+    async fn one_claim_statement_answers_every_state_in_input_order() {
+        let db = TestDb::new().await;
+        let store = &db.store;
+        // Unsorted input: the answers still come in input order.
+        let ids = [
+            "j5", "j1", "j3", "j2", "j4", "j6", "j0", "j7", "j8", "j9", "ja", "jb",
+        ];
+        let first = store.claim_jobs(&items(&ids), LEASE).await.unwrap();
+        assert_eq!(first, vec![Claim::Acquired { claims: 1 }; ids.len()]);
+        assert_eq!(db.statements(), 1);
+
+        let client = db.client().await;
+        client
+            .batch_execute(
+                "UPDATE job_ledger SET state = 'published' WHERE job_id IN ('j1', 'j2');
+                 UPDATE job_ledger SET state = 'completed', result = '{\"r\": 3}',
+                     lease_until = now() - interval '1 second' WHERE job_id = 'j3';
+                 UPDATE job_ledger SET state = 'completed', result = '{\"r\": 4}' WHERE job_id = 'j4';
+                 UPDATE job_ledger SET state = 'retrying', lease_until = NULL WHERE job_id = 'j5';
+                 UPDATE job_ledger SET lease_until = now() - interval '1 second' WHERE job_id = 'j6';",
+            )
+            .await
+            .unwrap();
+        // j0, j7.. are live claims; jz and jy are new.
+        let again = store
+            .claim_jobs(
+                &items(&["jz", "j0", "j1", "j2", "j3", "j4", "j5", "j6", "j7", "jy"]),
+                LEASE,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            vec![
+                Claim::Acquired { claims: 1 },
+                Claim::Busy,
+                Claim::Published,
+                Claim::Published,
+                Claim::Completed(Some(json!({"r": 3}))),
+                Claim::Busy,
+                Claim::Acquired { claims: 2 },
+                Claim::Acquired { claims: 2 },
+                Claim::Busy,
+                Claim::Acquired { claims: 1 },
+            ]
+        );
+        assert_eq!(db.statements(), 2, "one statement per batch");
+        // The handed-over completed job keeps its state and result, with a fresh lease.
+        let row = client
+            .query_one(
+                "SELECT state, result, lease_until > now() FROM job_ledger WHERE job_id = 'j3'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, &str>(0), "completed");
+        assert_eq!(row.get::<_, serde_json::Value>(1), json!({"r": 3}));
+        assert!(row.get::<_, bool>(2));
+
+        // The single-item form answers the same way.
+        assert_eq!(
+            store.claim_job("j1", "org_1", LEASE).await.unwrap(),
+            Claim::Published
+        );
+        assert_eq!(
+            store.claim_job("j9", "org_1", LEASE).await.unwrap(),
+            Claim::Busy
+        );
+        assert_eq!(
+            store.claim_job("new", "org_1", LEASE).await.unwrap(),
+            Claim::Acquired { claims: 1 }
+        );
+        assert_eq!(db.statements(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_job_id_twice_in_one_claim_call_is_claimed_once() {
+        let db = TestDb::new().await;
+        let store = &db.store;
+        let answers = store
+            .claim_jobs(&items(&["a", "b", "a", "a"]), LEASE)
+            .await
+            .unwrap();
+        assert_eq!(
+            answers,
+            vec![
+                Claim::Acquired { claims: 1 },
+                Claim::Acquired { claims: 1 },
+                Claim::Busy,
+                Claim::Busy,
+            ]
+        );
+        store.mark_published(&["a".to_string()]).await.unwrap();
+        let answers = store.claim_jobs(&items(&["a", "a"]), LEASE).await.unwrap();
+        assert_eq!(answers, vec![Claim::Published, Claim::Published]);
+        let claims: i32 = db
+            .client()
+            .await
+            .query_one("SELECT claims FROM job_ledger WHERE job_id = 'a'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(claims, 1);
+    }
+
+    #[tokio::test]
+    async fn one_complete_statement_records_results_and_leaves_published_jobs_alone() {
+        let db = TestDb::new().await;
+        let store = &db.store;
+        store
+            .claim_jobs(&items(&["c1", "c2", "c3"]), LEASE)
+            .await
+            .unwrap();
+        store.mark_published(&["c3".to_string()]).await.unwrap();
+        let before = db.statements();
+        store
+            .complete_jobs(
+                &[
+                    ("c2".into(), json!({"n": 2})),
+                    ("c1".into(), json!({"n": 1})),
+                    ("c3".into(), json!({"n": 3})),
+                    ("unknown".into(), json!({"n": 0})),
+                    // A job id twice keeps its last result.
+                    ("c2".into(), json!({"n": 22})),
+                ],
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        assert_eq!(db.statements() - before, 1);
+        let rows = db
+            .client()
+            .await
+            .query(
+                "SELECT job_id, state, result, lease_until > now() + interval '20 seconds'
+                 FROM job_ledger ORDER BY job_id",
+                &[],
+            )
+            .await
+            .unwrap();
+        let rows: Vec<(String, String, Option<serde_json::Value>, Option<bool>)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "c1".into(),
+                    "completed".into(),
+                    Some(json!({"n": 1})),
+                    Some(true)
+                ),
+                (
+                    "c2".into(),
+                    "completed".into(),
+                    Some(json!({"n": 22})),
+                    Some(true)
+                ),
+                ("c3".into(), "published".into(), None, Some(true)),
+            ]
+        );
+        // The single-item form.
+        store
+            .complete_job("c1", &json!({"n": 11}), LEASE)
+            .await
+            .unwrap();
+        assert_eq!(db.statements() - before, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_hundred_concurrent_jobs_share_a_few_statements() {
+        let db = TestDb::new().await;
+        let claim_all = |prefix: &'static str| {
+            let tasks: Vec<_> = (0..200)
+                .map(|i| {
+                    let store = db.store.clone();
+                    tokio::spawn(async move {
+                        store
+                            .claim_job_batched(&format!("{prefix}{i:03}"), "org_1", LEASE)
+                            .await
+                    })
+                })
+                .collect();
+            async move {
+                let mut answers = Vec::new();
+                for task in tasks {
+                    answers.push(task.await.unwrap().unwrap());
+                }
+                answers
+            }
+        };
+
+        let answers = claim_all("job").await;
+        assert_eq!(answers, vec![Claim::Acquired { claims: 1 }; 200]);
+        let claims = db.statements();
+        assert!(claims < 40, "200 claims took {claims} statements");
+
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let store = db.store.clone();
+                tokio::spawn(async move {
+                    store
+                        .complete_job_batched(&format!("job{i:03}"), &json!({ "i": i }), LEASE)
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let completes = db.statements() - claims;
+        assert!(
+            completes < 40,
+            "200 completions took {completes} statements"
+        );
+        let client = db.client().await;
+        let rows = client
+            .query(
+                "SELECT job_id, result FROM job_ledger WHERE state = 'completed' ORDER BY job_id",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 200);
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(row.get::<_, String>(0), format!("job{i:03}"));
+            assert_eq!(row.get::<_, serde_json::Value>(1), json!({ "i": i }));
+        }
+
+        // Mixed answers through the batcher: published, completed with a live
+        // lease (busy), completed with an expired lease (handed over), retrying.
+        client
+            .batch_execute(
+                "UPDATE job_ledger SET state = 'published' WHERE job_id < 'job050';
+                 UPDATE job_ledger SET lease_until = now() - interval '1 second'
+                     WHERE job_id >= 'job100' AND job_id < 'job150';
+                 UPDATE job_ledger SET state = 'retrying', lease_until = NULL WHERE job_id >= 'job150';",
+            )
+            .await
+            .unwrap();
+        let answers = claim_all("job").await;
+        for (i, answer) in answers.iter().enumerate() {
+            let expected = match i {
+                0..50 => Claim::Published,
+                50..100 => Claim::Busy,
+                100..150 => Claim::Completed(Some(json!({ "i": i }))),
+                _ => Claim::Acquired { claims: 2 },
+            };
+            assert_eq!(*answer, expected, "job{i:03}");
+        }
+        assert_eq!(db.store.ledger_batch.claims.lock().in_flight, 0);
+        assert_eq!(db.store.ledger_batch.completes.lock().in_flight, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_job_id_pending_twice_waits_for_the_next_statement() {
+        let db = TestDb::new().await;
+        let queue = &db.store.ledger_batch.claims;
+        // Hold every slot: the leaders' statements wait on the table lock.
+        let mut blocker = db.client().await;
+        let tx = blocker.transaction().await.unwrap();
+        tx.batch_execute("LOCK TABLE job_ledger IN EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let spawn_claim = |id: &'static str| {
+            let store = db.store.clone();
+            tokio::spawn(async move { store.claim_job_batched(id, "org_1", LEASE).await })
+        };
+        let leaders: Vec<_> = (0..MAX_IN_FLIGHT)
+            .map(|i| spawn_claim(["l0", "l1", "l2", "l3"][i]))
+            .collect();
+        in_flight(queue, MAX_IN_FLIGHT).await;
+        let mut waiters = Vec::new();
+        for (n, id) in ["x", "y", "x", "x", "z"].into_iter().enumerate() {
+            waiters.push(spawn_claim(id));
+            pending(queue, n + 1).await;
+        }
+        tx.commit().await.unwrap();
+
+        for leader in leaders {
+            assert_eq!(
+                leader.await.unwrap().unwrap(),
+                Claim::Acquired { claims: 1 }
+            );
+        }
+        let mut answers = Vec::new();
+        for waiter in waiters {
+            answers.push(waiter.await.unwrap().unwrap());
+        }
+        // y and z are claimed; x once (two batches carrying x may run at once,
+        // so which of its three requests wins is open), the others find it busy.
+        assert_eq!(answers[1], Claim::Acquired { claims: 1 });
+        assert_eq!(answers[4], Claim::Acquired { claims: 1 });
+        let mut xs = vec![answers[0].clone(), answers[2].clone(), answers[3].clone()];
+        xs.sort_by_key(|c| *c == Claim::Busy);
+        assert_eq!(
+            xs,
+            vec![Claim::Acquired { claims: 1 }, Claim::Busy, Claim::Busy]
+        );
+        // The leaders, then three batches: each carries x at most once.
+        assert_eq!(db.statements(), MAX_IN_FLIGHT as u64 + 3);
+        assert_eq!(queue.lock().in_flight, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failed_statement_answers_every_waiter_with_the_error() {
+        let db = TestDb::new().await;
+        let client = db.client().await;
+        client
+            .batch_execute("ALTER TABLE job_ledger RENAME TO job_ledger_away")
+            .await
+            .unwrap();
+        let claims: Vec<_> = (0..100)
+            .map(|i| {
+                let store = db.store.clone();
+                tokio::spawn(async move {
+                    store
+                        .claim_job_batched(&format!("f{i}"), "org_1", LEASE)
+                        .await
+                })
+            })
+            .collect();
+        let completes: Vec<_> = (0..100)
+            .map(|i| {
+                let store = db.store.clone();
+                tokio::spawn(async move {
+                    store
+                        .complete_job_batched(&format!("f{i}"), &json!({}), LEASE)
+                        .await
+                })
+            })
+            .collect();
+        let all = async {
+            for claim in claims {
+                let err = claim.await.unwrap().unwrap_err();
+                assert!(!err.is_unavailable(), "{err}");
+                assert!(format!("{err:?}").contains("job_ledger"), "{err:?}");
+            }
+            for complete in completes {
+                let err = complete.await.unwrap().unwrap_err();
+                assert!(!err.is_unavailable(), "{err}");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .expect("every waiter is answered");
+        assert!(db.statements() < 100);
+
+        // The batcher works again once the table is back.
+        client
+            .batch_execute("ALTER TABLE job_ledger_away RENAME TO job_ledger")
+            .await
+            .unwrap();
+        assert_eq!(
+            db.store
+                .claim_job_batched("f1", "org_1", LEASE)
+                .await
+                .unwrap(),
+            Claim::Acquired { claims: 1 }
+        );
+        assert_eq!(db.store.ledger_batch.claims.lock().in_flight, 0);
+        assert_eq!(db.store.ledger_batch.completes.lock().in_flight, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_closed_pool_answers_every_waiter_as_unavailable() {
+        let db = TestDb::new().await;
+        db.store.ledger_pool.close();
+        let claims: Vec<_> = (0..50)
+            .map(|i| {
+                let store = db.store.clone();
+                tokio::spawn(async move {
+                    store
+                        .claim_job_batched(&format!("p{i}"), "org_1", LEASE)
+                        .await
+                })
+            })
+            .collect();
+        let all = async {
+            for claim in claims {
+                assert!(claim.await.unwrap().unwrap_err().is_unavailable());
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .expect("every waiter is answered");
+        assert_eq!(db.store.ledger_batch.claims.lock().in_flight, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_cancelled_leader_hands_its_slot_on() {
+        let db = TestDb::new().await;
+        let queue = &db.store.ledger_batch.claims;
+        let mut blocker = db.client().await;
+        let tx = blocker.transaction().await.unwrap();
+        tx.batch_execute("LOCK TABLE job_ledger IN EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let spawn_claim = |id: String| {
+            let store = db.store.clone();
+            tokio::spawn(async move { store.claim_job_batched(&id, "org_1", LEASE).await })
+        };
+        let leaders: Vec<_> = (0..MAX_IN_FLIGHT)
+            .map(|i| spawn_claim(format!("leader{i}")))
+            .collect();
+        in_flight(queue, MAX_IN_FLIGHT).await;
+        let waiters: Vec<_> = (0..10).map(|i| spawn_claim(format!("w{i}"))).collect();
+        pending(queue, 10).await;
+        // Cancel every leader mid-statement.
+        for leader in &leaders {
+            leader.abort();
+        }
+        for leader in leaders {
+            assert!(leader.await.unwrap_err().is_cancelled());
+        }
+        tx.commit().await.unwrap();
+        let all = async {
+            for waiter in waiters {
+                assert_eq!(
+                    waiter.await.unwrap().unwrap(),
+                    Claim::Acquired { claims: 1 }
+                );
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .expect("the waiters are answered");
+        assert_eq!(queue.lock().in_flight, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn waiters_of_a_cancelled_batch_get_an_error_not_a_hang() {
+        let db = TestDb::new().await;
+        let queue = &db.store.ledger_batch.claims;
+        let mut blocker = db.client().await;
+        let tx = blocker.transaction().await.unwrap();
+        tx.batch_execute("LOCK TABLE job_ledger IN EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let spawn_claim = |id: String| {
+            let store = db.store.clone();
+            tokio::spawn(async move { store.claim_job_batched(&id, "org_1", LEASE).await })
+        };
+        let mut leaders: Vec<_> = (0..MAX_IN_FLIGHT)
+            .map(|i| spawn_claim(format!("leader{i}")))
+            .collect();
+        in_flight(queue, MAX_IN_FLIGHT).await;
+        // Queued one by one, so that waiters[0] is the oldest.
+        let mut waiters = Vec::new();
+        for i in 0..10 {
+            waiters.push(spawn_claim(format!("w{i}")));
+            pending(queue, i + 1).await;
+        }
+        // Cancelling one leader hands its slot to w0, which takes the nine others
+        // into its (blocked) statement.
+        let first = leaders.remove(0);
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        pending(queue, 0).await;
+        // w0 is cancelled in turn: its batch is abandoned.
+        let w0 = waiters.remove(0);
+        w0.abort();
+        assert!(w0.await.unwrap_err().is_cancelled());
+        let all = async {
+            for waiter in waiters {
+                let err = waiter.await.unwrap().unwrap_err();
+                assert!(err.is_unavailable(), "{err}");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .expect("the waiters are answered");
+        tx.commit().await.unwrap();
+        for leader in leaders {
+            assert_eq!(
+                leader.await.unwrap().unwrap(),
+                Claim::Acquired { claims: 1 }
+            );
+        }
+        assert_eq!(queue.lock().in_flight, 0);
+        // The batcher goes on.
+        assert_eq!(
+            db.store
+                .claim_job_batched("after", "org_1", LEASE)
+                .await
+                .unwrap(),
+            Claim::Acquired { claims: 1 }
+        );
+    }
+}
