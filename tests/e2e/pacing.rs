@@ -261,3 +261,75 @@ async fn one_organization_flooding_does_not_delay_another() {
         "the quiet organization waited for {flood_done} of the flood's jobs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_against_a_throttled_mailbox_is_scheduled_at_the_rate_it_accepts() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        concurrency: 32,
+        pacing: PacingConfig {
+            org_max_in_flight: 16,
+            graph_mailbox_concurrency: 4,
+            ..permissive()
+        },
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_flood",
+        Vendor::Microsoft,
+        "a@flood.example",
+        "a@flood.example",
+        "Flood",
+    )
+    .await;
+    // The provider takes 2 messages a second from this mailbox and answers 429 beyond.
+    app.standins.set_mailbox_limit("a@flood.example", Some(2.0));
+    let mut tap = app.amqp.tap_results().await;
+    let flood: Vec<_> = (0..200).map(|_| app.job("org_flood")).collect();
+    for job in &flood {
+        app.amqp.publish_job(job).await;
+    }
+    // Before the first 429 the backlog is spread at the rate the pacer expects
+    // (4 concurrent sends), about 10 s; each job that comes back then meets the
+    // limit, and the pacer reschedules the rest at the rate the mailbox accepts.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let topology = &app.amqp.topology;
+    let mut waiting = Vec::new();
+    for tier in &topology.delay_tiers {
+        waiting.push((
+            tier.as_secs(),
+            app.amqp.queue_len(&topology.delay_queue(*tier)).await,
+        ));
+    }
+    let long: u32 = waiting
+        .iter()
+        .filter(|(secs, _)| *secs >= 15)
+        .map(|(_, n)| n)
+        .sum();
+    println!("deferred jobs by delay tier (s, jobs): {waiting:?}");
+    // Retried every second, the backlog would all sit in the 1 s tier and come
+    // back 200 at a time; scheduled at ~2/s, most of it waits tens of seconds.
+    assert!(
+        long >= 100,
+        "only {long} of the flood's jobs wait 15 s or more: {waiting:?}"
+    );
+    let throttled = app.standins.throttled("a@flood.example");
+    let sent = app.standins.received().len();
+    println!("after 12 s: {sent} sent, {throttled} refused with 429");
+    assert!(
+        sent >= 12,
+        "the mailbox still sends at its rate ({sent} in 12 s)"
+    );
+    assert!(
+        (throttled as usize) < 3 * sent.max(1) + 10,
+        "{throttled} 429s for {sent} accepted sends: the worker keeps hammering the mailbox"
+    );
+    // Nothing was dropped: every job is still either done or waiting.
+    let done = tap.settle(Duration::from_millis(10)).await.len() as u32;
+    let queued: u32 = waiting.iter().map(|(_, n)| n).sum::<u32>()
+        + app.amqp.queue_len(&topology.jobs_queue).await;
+    assert!(
+        done + queued + 32 >= 200,
+        "{done} done + {queued} queued (+ at most 32 in flight) of 200"
+    );
+}

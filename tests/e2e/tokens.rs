@@ -126,15 +126,14 @@ async fn microsofts_rotated_refresh_token_replaces_the_stored_one() {
     assert!(stored.expose_secret().starts_with("ms-rt-"));
     // And it is the one the provider just issued: a later refresh uses it.
     app.standins.invalidate_access(
-        &app.db
+        app.db
             .store
             .access_token("org_ms")
             .await
             .unwrap()
             .unwrap()
             .0
-            .expose_secret()
-            .to_owned(),
+            .expose_secret(),
     );
     let job = app.job("org_ms");
     app.amqp.publish_job(&job).await;
@@ -369,4 +368,60 @@ async fn a_token_refused_again_after_a_refresh_marks_the_integration_needs_reaut
         .await
         .expect("needs_reauth event");
     assert_eq!(event.body["organization_id"], "org_ms");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_cache_is_bounded_and_keeps_no_refresh_lock_behind() {
+    let app = TestApp::spawn().await;
+    let endpoints = app.endpoints();
+    let service = mail_dispatch_providers::TokenService::new(
+        mail_dispatch_providers::oauth_http_client(Duration::from_secs(5)),
+        endpoints.microsoft.as_ref(),
+        endpoints.google.as_ref(),
+    );
+    let tokens =
+        mail_dispatch_worker::Tokens::new(app.db.store.clone(), service, Duration::from_secs(120))
+            .with_max_entries(4);
+    let mut issued = Vec::new();
+    for i in 0..10 {
+        let org = format!("org_{i}");
+        let account = format!("user{i}@customer.com");
+        let (access, refresh) = app.standins.issue(Vendor::Google, &account);
+        let expires = chrono::Utc::now() + chrono::Duration::minutes(60 + i);
+        app.store_grant(&org, Vendor::Google, &account, &access, &refresh, expires)
+            .await;
+        issued.push((org, access));
+    }
+    for (org, access) in &issued {
+        let token = tokens
+            .access_token(org, mail_dispatch_domain::ProviderKind::Google, None)
+            .await
+            .unwrap();
+        assert_eq!(token.expose_secret(), access);
+    }
+    let (cached, locks) = tokens.entries();
+    assert!(cached <= 4, "{cached} tokens cached, bound 4");
+    assert!(cached >= 1);
+    assert_eq!(locks, 0, "refresh locks are dropped once nobody waits");
+    // The last one read is still served from memory; an evicted one is read again.
+    let reads = |t: &TestApp| t.db.store.counts().snapshot()[1];
+    let before = reads(&app);
+    let (last_org, last_access) = issued.last().unwrap();
+    let token = tokens
+        .access_token(last_org, mail_dispatch_domain::ProviderKind::Google, None)
+        .await
+        .unwrap();
+    assert_eq!(token.expose_secret(), last_access);
+    assert_eq!(reads(&app), before, "cached token read from memory");
+    let (first_org, first_access) = &issued[0];
+    let token = tokens
+        .access_token(first_org, mail_dispatch_domain::ProviderKind::Google, None)
+        .await
+        .unwrap();
+    assert_eq!(token.expose_secret(), first_access);
+    assert_eq!(
+        reads(&app),
+        before + 1,
+        "evicted token read from PostgreSQL again"
+    );
 }

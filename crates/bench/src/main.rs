@@ -10,6 +10,7 @@
 
 mod bare;
 mod child;
+mod fairness;
 mod load;
 mod pgstats;
 mod procfs;
@@ -68,7 +69,8 @@ enum Internal {
 enum Scenario {
     /// N jobs over M organizations, as fast as the worker takes them.
     Throughput,
-    /// One noisy organization next to quiet ones (not implemented yet).
+    /// One organization floods (`--jobs`) against a mailbox the sandbox throttles,
+    /// while a quiet one sends `--quiet-jobs`: the quiet one's latency.
     Fairness,
 }
 
@@ -107,6 +109,19 @@ struct BenchArgs {
     fault_rate: f64,
     #[arg(long, value_enum, default_value_t = Scenario::Throughput)]
     scenario: Scenario,
+    /// Fairness: the flooding organization's publish rate, jobs/s (0: a burst).
+    #[arg(long, default_value_t = 2000.0)]
+    flood_rate: f64,
+    /// Fairness: sends per second the sandbox accepts from the flooding mailbox
+    /// (beyond: 429 with Retry-After).
+    #[arg(long, default_value_t = 10.0)]
+    flood_mailbox_rate: f64,
+    /// Fairness: the quiet organization's jobs.
+    #[arg(long, default_value_t = 200)]
+    quiet_jobs: usize,
+    /// Fairness: the quiet organization's publish rate, jobs/s.
+    #[arg(long, default_value_t = 20.0)]
+    quiet_rate: f64,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
     /// At most this many jobs published and still without a result (0: publish all
@@ -283,9 +298,6 @@ impl Ctx {
 }
 
 async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.scenario == Scenario::Fairness {
-        bail!("the fairness scenario is not implemented yet");
-    }
     if args.jobs == 0 || args.orgs == 0 {
         bail!("--jobs and --orgs must be at least 1");
     }
@@ -314,6 +326,19 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     // On Ctrl-C the phases are dropped (which kills the child processes) and the
     // cleanup still runs.
+    if args.scenario == Scenario::Fairness {
+        let outcome = tokio::select! {
+            r = fairness::run(&args, &ctx, &worker_bin) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
+        ctx.cleanup(&args).await;
+        let report = outcome?;
+        match args.output {
+            Output::Text => print!("{}", report.text(&args)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(&report.json(&args))?),
+        }
+        return Ok(());
+    }
     let outcome = tokio::select! {
         r = phases(&args, &ctx, &worker_bin) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
@@ -403,80 +428,8 @@ async fn phases(
         Some(phase)
     };
 
-    eprintln!("[bench] starting the worker");
-    let metrics = format!("http://127.0.0.1:{}", child::free_port()?);
-    let sb = standins.graph.uri();
-    let mut cmd = Command::new(worker_bin);
-    cmd.arg("worker");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("MAIL_DISPATCH_") {
-            cmd.env_remove(k);
-        }
-    }
-    let env = [
-        ("MAIL_DISPATCH_AMQP_URL", args.amqp_url.clone()),
-        ("MAIL_DISPATCH_DATABASE_URL", ctx.db_url.clone()),
-        ("MAIL_DISPATCH_TOKEN_KEY", ctx.token_key.clone()),
-        ("MAIL_DISPATCH_QUEUE_PREFIX", ctx.prefix.clone()),
-        ("MAIL_DISPATCH_CONCURRENCY", args.concurrency.to_string()),
-        (
-            "MAIL_DISPATCH_METRICS_LISTEN",
-            metrics.trim_start_matches("http://").to_owned(),
-        ),
-        (
-            "MAIL_DISPATCH_DEFAULT_TRANSPORT",
-            format!("file://{}", ctx.outbox.display()),
-        ),
-        (
-            "MAIL_DISPATCH_DEFAULT_SENDER",
-            "no-reply@platform.example".into(),
-        ),
-        (
-            "MAIL_DISPATCH_DEFAULT_SENDER_NAME",
-            "Compliance Platform".into(),
-        ),
-        (
-            "MAIL_DISPATCH_MICROSOFT_CLIENT_ID",
-            "sandbox-microsoft-client".into(),
-        ),
-        (
-            "MAIL_DISPATCH_MICROSOFT_CLIENT_SECRET",
-            "sandbox-secret".into(),
-        ),
-        ("MAIL_DISPATCH_MICROSOFT_LOGIN_URL", sb.clone()),
-        ("MAIL_DISPATCH_GRAPH_URL", sb.clone()),
-        (
-            "MAIL_DISPATCH_GOOGLE_CLIENT_ID",
-            "sandbox-google-client.apps.googleusercontent.com".into(),
-        ),
-        (
-            "MAIL_DISPATCH_GOOGLE_CLIENT_SECRET",
-            "sandbox-secret".into(),
-        ),
-        (
-            "MAIL_DISPATCH_GOOGLE_AUTH_URL",
-            format!("{sb}/o/oauth2/v2/auth"),
-        ),
-        ("MAIL_DISPATCH_GOOGLE_TOKEN_URL", format!("{sb}/token")),
-        ("MAIL_DISPATCH_GOOGLE_REVOKE_URL", format!("{sb}/revoke")),
-        ("MAIL_DISPATCH_GMAIL_URL", sb.clone()),
-        ("RUST_LOG", "warn".into()),
-    ];
-    cmd.envs(env).stdout(Stdio::null());
-    if args.pacing == Pacing::Lifted {
-        let c = args.concurrency.to_string();
-        cmd.envs([
-            ("MAIL_DISPATCH_ORG_MAX_IN_FLIGHT", c.as_str()),
-            ("MAIL_DISPATCH_GRAPH_MAILBOX_CONCURRENCY", c.as_str()),
-            ("MAIL_DISPATCH_GMAIL_MAILBOX_PER_MINUTE", "100000000"),
-            ("MAIL_DISPATCH_MICROSOFT_DAILY_RECIPIENTS", "2000000000"),
-            ("MAIL_DISPATCH_GOOGLE_DAILY_MESSAGES", "2000000000"),
-        ]);
-    }
-    let mut worker = Proc::spawn("worker", cmd, &ctx.tmp.join("worker.log"))?;
-    worker
-        .wait_ready_url(&http, &format!("{metrics}/readyz"), Duration::from_secs(60))
-        .await?;
+    let (mut worker, metrics) =
+        spawn_worker(args, ctx, worker_bin, &standins, &http, args.pacing).await?;
 
     // The worker created and migrated the database; store the integrations as a
     // finished connect flow would.
@@ -582,6 +535,93 @@ async fn phases(
     })
 }
 
+/// Starts `mail-dispatch worker` against this run's queues, database and sandbox,
+/// and waits until it is ready. Returns it and its metrics base URL.
+async fn spawn_worker(
+    args: &BenchArgs,
+    ctx: &Ctx,
+    worker_bin: &std::path::Path,
+    standins: &StandIns,
+    http: &reqwest::Client,
+    pacing: Pacing,
+) -> anyhow::Result<(Proc, String)> {
+    eprintln!("[bench] starting the worker");
+    let metrics = format!("http://127.0.0.1:{}", child::free_port()?);
+    let sb = standins.graph.uri();
+    let mut cmd = Command::new(worker_bin);
+    cmd.arg("worker");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MAIL_DISPATCH_") {
+            cmd.env_remove(k);
+        }
+    }
+    let env = [
+        ("MAIL_DISPATCH_AMQP_URL", args.amqp_url.clone()),
+        ("MAIL_DISPATCH_DATABASE_URL", ctx.db_url.clone()),
+        ("MAIL_DISPATCH_TOKEN_KEY", ctx.token_key.clone()),
+        ("MAIL_DISPATCH_QUEUE_PREFIX", ctx.prefix.clone()),
+        ("MAIL_DISPATCH_CONCURRENCY", args.concurrency.to_string()),
+        (
+            "MAIL_DISPATCH_METRICS_LISTEN",
+            metrics.trim_start_matches("http://").to_owned(),
+        ),
+        (
+            "MAIL_DISPATCH_DEFAULT_TRANSPORT",
+            format!("file://{}", ctx.outbox.display()),
+        ),
+        (
+            "MAIL_DISPATCH_DEFAULT_SENDER",
+            "no-reply@platform.example".into(),
+        ),
+        (
+            "MAIL_DISPATCH_DEFAULT_SENDER_NAME",
+            "Compliance Platform".into(),
+        ),
+        (
+            "MAIL_DISPATCH_MICROSOFT_CLIENT_ID",
+            "sandbox-microsoft-client".into(),
+        ),
+        (
+            "MAIL_DISPATCH_MICROSOFT_CLIENT_SECRET",
+            "sandbox-secret".into(),
+        ),
+        ("MAIL_DISPATCH_MICROSOFT_LOGIN_URL", sb.clone()),
+        ("MAIL_DISPATCH_GRAPH_URL", sb.clone()),
+        (
+            "MAIL_DISPATCH_GOOGLE_CLIENT_ID",
+            "sandbox-google-client.apps.googleusercontent.com".into(),
+        ),
+        (
+            "MAIL_DISPATCH_GOOGLE_CLIENT_SECRET",
+            "sandbox-secret".into(),
+        ),
+        (
+            "MAIL_DISPATCH_GOOGLE_AUTH_URL",
+            format!("{sb}/o/oauth2/v2/auth"),
+        ),
+        ("MAIL_DISPATCH_GOOGLE_TOKEN_URL", format!("{sb}/token")),
+        ("MAIL_DISPATCH_GOOGLE_REVOKE_URL", format!("{sb}/revoke")),
+        ("MAIL_DISPATCH_GMAIL_URL", sb.clone()),
+        ("RUST_LOG", "warn".into()),
+    ];
+    cmd.envs(env).stdout(Stdio::null());
+    if pacing == Pacing::Lifted {
+        let c = args.concurrency.to_string();
+        cmd.envs([
+            ("MAIL_DISPATCH_ORG_MAX_IN_FLIGHT", c.as_str()),
+            ("MAIL_DISPATCH_GRAPH_MAILBOX_CONCURRENCY", c.as_str()),
+            ("MAIL_DISPATCH_GMAIL_MAILBOX_PER_MINUTE", "100000000"),
+            ("MAIL_DISPATCH_MICROSOFT_DAILY_RECIPIENTS", "2000000000"),
+            ("MAIL_DISPATCH_GOOGLE_DAILY_MESSAGES", "2000000000"),
+        ]);
+    }
+    let mut worker = Proc::spawn("worker", cmd, &ctx.tmp.join("worker.log"))?;
+    worker
+        .wait_ready_url(http, &format!("{metrics}/readyz"), Duration::from_secs(60))
+        .await?;
+    Ok((worker, metrics))
+}
+
 /// Our results queues (quorum, like the jobs queues) and the bare loop's objects.
 async fn declare_ours(broker: &Broker, ctx: &Ctx) -> anyhow::Result<()> {
     let channel = broker.channel().await?;
@@ -643,10 +683,15 @@ fn vendor_of(i: usize) -> Option<Vendor> {
 
 /// N jobs, round-robin over the organizations, no attachments.
 fn make_jobs(n: usize, orgs: usize) -> anyhow::Result<Vec<Job>> {
+    make_jobs_for(n, |i| org_id(i % orgs))
+}
+
+/// N jobs, job `i` for organization `org(i)`, no attachments.
+fn make_jobs_for(n: usize, org: impl Fn(usize) -> String) -> anyhow::Result<Vec<Job>> {
     let jobs: Vec<Job> = (0..n)
         .map(|i| {
             let id = uuid::Uuid::new_v4().to_string();
-            let org = org_id(i % orgs);
+            let org = org(i);
             let body = json!({
                 "id": id,
                 "organization_id": org,
@@ -674,10 +719,20 @@ fn make_jobs(n: usize, orgs: usize) -> anyhow::Result<Vec<Job>> {
 /// Stores a connected, tested, active integration for every Microsoft and Google
 /// organization, with tokens the sandbox accepts (valid 50 minutes).
 async fn store_integrations(store: &Store, standins: &StandIns, orgs: usize) -> anyhow::Result<()> {
-    futures_util::stream::iter((0..orgs).filter_map(|i| vendor_of(i).map(|v| (i, v))))
-        .map(|(i, vendor)| async move {
-            let org = org_id(i);
-            let account = format!("admin@org{i}.example");
+    let connections = (0..orgs)
+        .filter_map(|i| vendor_of(i).map(|v| (org_id(i), format!("admin@org{i}.example"), v)));
+    store_connections(store, standins, connections).await
+}
+
+/// Stores a connected, tested, active integration for each (organization,
+/// account, vendor).
+async fn store_connections(
+    store: &Store,
+    standins: &StandIns,
+    connections: impl Iterator<Item = (String, String, Vendor)>,
+) -> anyhow::Result<()> {
+    futures_util::stream::iter(connections)
+        .map(|(org, account, vendor)| async move {
             let (access, refresh) = standins.issue(vendor, &account);
             store
                 .save_connection(&NewConnection {

@@ -86,6 +86,47 @@ struct State {
     scripted: HashMap<Vendor, VecDeque<ResponseTemplate>>,
     send_delay: Duration,
     token_delay: Duration,
+    /// Per-mailbox send limits (account → bucket), as a provider enforces them.
+    mailbox_limits: HashMap<String, MailboxLimit>,
+}
+
+/// A token bucket: `per_second` sends, with a burst of one second's worth.
+struct MailboxLimit {
+    per_second: f64,
+    tokens: f64,
+    refilled: std::time::Instant,
+    throttled: u64,
+}
+
+impl MailboxLimit {
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = std::time::Instant::now();
+        let burst = self.per_second.max(1.0);
+        self.tokens = (self.tokens
+            + now.duration_since(self.refilled).as_secs_f64() * self.per_second)
+            .min(burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            self.throttled += 1;
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
+        }
+    }
+}
+
+impl State {
+    /// `Err(wait)` when `account`'s mailbox is over its limit.
+    fn over_limit(&mut self, account: &str) -> Result<(), Duration> {
+        match self.mailbox_limits.get_mut(account) {
+            Some(limit) => limit.take(),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The four stand-ins and what they saw.
@@ -508,8 +549,8 @@ impl Respond for GraphSend {
         s.attempt_times
             .push((Vendor::Microsoft, std::time::Instant::now()));
         let delay = s.send_delay;
-        match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
-            Some((Vendor::Microsoft, _)) => {}
+        let account = match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
+            Some((Vendor::Microsoft, account)) => account,
             _ => {
                 return graph_error(
                     401,
@@ -521,6 +562,10 @@ impl Respond for GraphSend {
                     "Bearer realm=\"\", error=\"invalid_token\"",
                 );
             }
+        };
+        if let Err(wait) = s.over_limit(&account) {
+            // Graph gives Retry-After in whole seconds.
+            return graph_throttled(wait.as_secs_f64().ceil().max(1.0) as u64);
         }
         if let Some(scripted) = s
             .scripted
@@ -589,8 +634,8 @@ impl Respond for GmailSend {
         s.attempt_times
             .push((Vendor::Google, std::time::Instant::now()));
         let delay = s.send_delay;
-        match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
-            Some((Vendor::Google, _)) => {}
+        let account = match bearer(request).and_then(|t| s.access.get(&t).cloned()) {
+            Some((Vendor::Google, account)) => account,
             _ => {
                 return google_error(
                     401,
@@ -600,6 +645,9 @@ impl Respond for GmailSend {
                 )
                 .insert_header("WWW-Authenticate", "Bearer realm=\"https://accounts.google.com/\", error=\"invalid_token\"");
             }
+        };
+        if let Err(wait) = s.over_limit(&account) {
+            return gmail_rate_limited(wait);
         }
         if let Some(scripted) = s
             .scripted
@@ -852,6 +900,36 @@ impl StandIns {
     }
 
     /// Delays every send answer (a slow provider).
+    /// Limits sends from `account`'s mailbox to `per_second` (a token bucket with
+    /// one second of burst); over it, Graph answers 429 `ApplicationThrottled`
+    /// with `Retry-After` and Gmail 429 `rateLimitExceeded` with the time to
+    /// retry at, as the providers document. `None` lifts the limit.
+    pub fn set_mailbox_limit(&self, account: &str, per_second: Option<f64>) {
+        let mut s = self.state.lock().unwrap();
+        match per_second {
+            Some(rate) if rate > 0.0 => {
+                s.mailbox_limits.insert(
+                    account.to_owned(),
+                    MailboxLimit {
+                        per_second: rate,
+                        tokens: rate.max(1.0),
+                        refilled: std::time::Instant::now(),
+                        throttled: 0,
+                    },
+                );
+            }
+            _ => {
+                s.mailbox_limits.remove(account);
+            }
+        }
+    }
+
+    /// How many sends from `account`'s mailbox were refused by its limit.
+    pub fn throttled(&self, account: &str) -> u64 {
+        let s = self.state.lock().unwrap();
+        s.mailbox_limits.get(account).map_or(0, |l| l.throttled)
+    }
+
     pub fn set_send_delay(&self, d: Duration) {
         self.state.lock().unwrap().send_delay = d;
     }

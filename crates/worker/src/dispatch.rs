@@ -399,7 +399,8 @@ impl Dispatcher {
                         } = e.class
                             && provider != ProviderKind::Default
                         {
-                            self.pause_mailbox(&job.organization_id, wait).await;
+                            self.pause_mailbox(&job.organization_id, provider, wait)
+                                .await;
                         }
                         if job.not_after.is_some_and(|limit| Utc::now() + wait > limit) {
                             result.error = Some(JobError {
@@ -512,9 +513,11 @@ impl Dispatcher {
 
     /// The provider throttled this mailbox: no job of it goes to the provider, on any
     /// replica, until the wait is over.
-    async fn pause_mailbox(&self, org: &str, wait: Duration) {
-        let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+    async fn pause_mailbox(&self, org: &str, provider: ProviderKind, wait: Duration) {
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(wait).unwrap_or_default();
         self.pacer.apply_pause(org, until);
+        self.pacer.throttled(org, provider, now);
         if let Err(e) = self.store.pause_mailbox(org, until, "throttled").await {
             tracing::warn!(error = %e, "could not share the mailbox pause with other replicas");
         }

@@ -17,10 +17,20 @@
 //!   messages per day) are counted per mailbox and UTC day, summed over replicas
 //!   through PostgreSQL (flushed in batches); a job the provider would refuse today
 //!   is deferred, and fails with `quota_exceeded` only when its budget runs out.
+//! - **Deferred jobs are scheduled, not just postponed.** Each organization has a
+//!   queue of wake-up slots, spaced by the rate the pacer expects it to send at
+//!   (its in-flight cap or mailbox cap over its mean send time, Gmail's rate, and
+//!   after a 429 a learnt rate: halved at each 429, grown by each accepted send).
+//!   A deferred job gets the next slot, so a flood of 20,000 jobs comes back about
+//!   as fast as its mailbox can take them instead of all at once every second: the
+//!   work of cycling a backlog through the delay queues stays small, and other
+//!   organizations' jobs do not queue behind it.
+//! - **Memory is bounded.** Per-mailbox entries are dropped when they carry no
+//!   information any more (see [`Pacer::prune`], run every few seconds).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use mail_dispatch_domain::ProviderKind;
@@ -96,9 +106,11 @@ pub struct Permit {
     pacer: Arc<Pacer>,
     organization_id: String,
     _mailbox_slot: Option<OwnedSemaphorePermit>,
+    provider: ProviderKind,
     /// Units of today's limit reserved at admission; given back unless sent.
     daily_units: u32,
     sent: bool,
+    admitted_at: Instant,
 }
 
 impl Permit {
@@ -110,7 +122,9 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        let send_secs = self.admitted_at.elapsed().as_secs_f64();
         let mut s = self.pacer.state.lock().expect("poisoned");
+        s.learn_send(&self.organization_id, self.provider, send_secs, self.sent);
         if !self.sent
             && self.daily_units > 0
             && let Some(d) = s.daily.get_mut(&self.organization_id)
@@ -143,6 +157,95 @@ struct State {
     /// Gmail: theoretical arrival time of the next send (GCRA).
     gmail_tat: HashMap<String, DateTime<Utc>>,
     daily: HashMap<String, DailyCount>,
+    /// Deferral scheduling per organization.
+    flows: HashMap<String, Flow>,
+    /// Mean send time per provider over every organization (the prior of a new flow).
+    provider_send_secs: [f64; 3],
+}
+
+/// What the pacer learnt of one organization's sending.
+#[derive(Clone, Debug)]
+struct Flow {
+    /// The next free wake-up slot for a deferred job.
+    next_slot: DateTime<Utc>,
+    /// Mean duration of one send (exponentially weighted), seconds.
+    send_secs: f64,
+    /// Sends per second the provider accepts for this mailbox, learnt from 429s;
+    /// `None` while no 429 limits it.
+    accepted_rate: Option<f64>,
+    /// When `accepted_rate` was last halved (at most once per second).
+    last_throttle: Option<DateTime<Utc>>,
+    /// Accepted sends counted since `window_start`, and the rate of the window before.
+    window_start: Instant,
+    window_accepted: u32,
+    previous_window_rate: Option<f64>,
+}
+
+impl Flow {
+    /// Sends per second the provider accepted lately, if any were counted. A window
+    /// younger than a second counts as a second: two sends accepted in the first
+    /// 100 ms say "2 per second", not "20".
+    fn recent_accepted_rate(&self) -> Option<f64> {
+        let elapsed = self.window_start.elapsed().as_secs_f64();
+        let current =
+            (self.window_accepted > 0).then(|| f64::from(self.window_accepted) / elapsed.max(1.0));
+        match (current, self.previous_window_rate) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// Weight of the newest sample in the send-time averages.
+const EWMA_WEIGHT: f64 = 0.1;
+/// The learnt rate never goes below this (sends per second).
+const MIN_RATE: f64 = 0.2;
+/// Growth of the learnt rate per accepted send.
+const RATE_GROWTH: f64 = 1.05;
+/// The prior mean send time before anything was measured.
+const DEFAULT_SEND_SECS: f64 = 0.25;
+
+fn provider_index(p: ProviderKind) -> usize {
+    match p {
+        ProviderKind::Microsoft => 0,
+        ProviderKind::Google => 1,
+        ProviderKind::Default => 2,
+    }
+}
+
+impl State {
+    fn flow(&mut self, org: &str, provider: ProviderKind, now: DateTime<Utc>) -> &mut Flow {
+        let prior = self.provider_send_secs[provider_index(provider)];
+        self.flows.entry(org.to_owned()).or_insert_with(|| Flow {
+            next_slot: now,
+            send_secs: prior,
+            accepted_rate: None,
+            last_throttle: None,
+            window_start: Instant::now(),
+            window_accepted: 0,
+            previous_window_rate: None,
+        })
+    }
+
+    fn learn_send(&mut self, org: &str, provider: ProviderKind, secs: f64, accepted: bool) {
+        let global = &mut self.provider_send_secs[provider_index(provider)];
+        *global += EWMA_WEIGHT * (secs - *global);
+        if let Some(flow) = self.flows.get_mut(org) {
+            flow.send_secs += EWMA_WEIGHT * (secs - flow.send_secs);
+            if accepted {
+                let window = flow.window_start.elapsed().as_secs_f64();
+                if window >= 1.0 {
+                    flow.previous_window_rate = Some(f64::from(flow.window_accepted) / window);
+                    flow.window_start = Instant::now();
+                    flow.window_accepted = 0;
+                }
+                flow.window_accepted += 1;
+                if let Some(rate) = flow.accepted_rate.as_mut() {
+                    *rate *= RATE_GROWTH;
+                }
+            }
+        }
+    }
 }
 
 /// The pacer of one worker.
@@ -176,8 +279,110 @@ impl Pacer {
     pub fn new(config: PacingConfig) -> Arc<Self> {
         Arc::new(Pacer {
             config,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                provider_send_secs: [DEFAULT_SEND_SECS; 3],
+                ..State::default()
+            }),
         })
+    }
+
+    /// Sends per second this organization is expected to manage through `provider`.
+    fn expected_rate(&self, flow: &Flow, provider: ProviderKind) -> f64 {
+        let c = &self.config;
+        let parallel = match provider {
+            ProviderKind::Microsoft => c.org_max_in_flight.min(c.graph_mailbox_concurrency),
+            _ => c.org_max_in_flight,
+        }
+        .max(1) as f64;
+        let mut rate = parallel / flow.send_secs.max(1e-4);
+        if provider == ProviderKind::Google {
+            rate = rate.min(f64::from(c.gmail_mailbox_per_minute.max(1)) / 60.0);
+        }
+        if let Some(accepted) = flow.accepted_rate {
+            rate = rate.min(accepted);
+        }
+        rate.max(MIN_RATE)
+    }
+
+    /// Gives a deferred job of `org` its wake-up slot: not before `until`, and
+    /// after the jobs of `org` deferred before it, one expected send time apart.
+    fn schedule(
+        &self,
+        s: &mut State,
+        org: &str,
+        provider: ProviderKind,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> DateTime<Utc> {
+        let flow = s.flow(org, provider, now).clone();
+        let spacing =
+            chrono::Duration::microseconds((1e6 / self.expected_rate(&flow, provider)) as i64);
+        let wake = until.max(flow.next_slot);
+        s.flows.get_mut(org).expect("just inserted").next_slot = wake + spacing;
+        wake
+    }
+
+    /// The provider throttled `org`'s mailbox (a 429): its learnt rate becomes
+    /// half the expected one, or the rate the provider accepted lately if that is
+    /// lower (at most once a second, since one burst brings several 429s at once).
+    pub fn throttled(&self, org: &str, provider: ProviderKind, now: DateTime<Utc>) {
+        let mut s = self.state.lock().expect("poisoned");
+        let flow = s.flow(org, provider, now).clone();
+        if flow
+            .last_throttle
+            .is_some_and(|t| now - t < chrono::Duration::seconds(1))
+        {
+            return;
+        }
+        let mut halved = self.expected_rate(&flow, provider) / 2.0;
+        if let Some(accepted) = flow.recent_accepted_rate() {
+            halved = halved.min(accepted);
+        }
+        let halved = halved.max(MIN_RATE);
+        let flow = s.flows.get_mut(org).expect("just inserted");
+        flow.accepted_rate = Some(halved);
+        flow.last_throttle = Some(now);
+    }
+
+    /// Drops what carries no information any more, so memory stays bounded by the
+    /// organizations active recently rather than by every organization ever seen:
+    /// ended pauses, Gmail rate entries already in the past, idle Graph slots,
+    /// daily counts of other days (and, past `max_daily_entries`, those far below
+    /// their limit: the next flush brings back the shared total of a mailbox that
+    /// sends again), and flows with no slot ahead whose learnt rate has recovered
+    /// or is older than ten minutes.
+    pub fn prune(&self, now: DateTime<Utc>, max_daily_entries: usize) {
+        let c = self.config;
+        let mut s = self.state.lock().expect("poisoned");
+        s.pauses.retain(|_, until| *until > now);
+        s.gmail_tat.retain(|_, tat| *tat > now);
+        s.graph_slots
+            .retain(|_, slots| Arc::strong_count(slots) > 1);
+        let today = now.date_naive();
+        s.daily
+            .retain(|_, d| d.unflushed > 0 || d.day == Some(today));
+        if s.daily.len() > max_daily_entries {
+            let far_below = c.google_daily_messages.min(c.microsoft_daily_recipients) / 2;
+            s.daily
+                .retain(|_, d| d.unflushed > 0 || d.shared >= far_below);
+        }
+        let stale = chrono::Duration::minutes(10);
+        s.flows.retain(|_, f| {
+            f.next_slot > now
+                || f.last_throttle
+                    .is_some_and(|t| f.accepted_rate.is_some() && now - t < stale)
+        });
+    }
+
+    /// How many entries the pacer holds (for tests and the memory bound).
+    pub fn entries(&self) -> usize {
+        let s = self.state.lock().expect("poisoned");
+        s.in_flight.len()
+            + s.pauses.len()
+            + s.graph_slots.len()
+            + s.gmail_tat.len()
+            + s.daily.len()
+            + s.flows.len()
     }
 
     /// Asks to send one message of `org` through `provider` to `recipients` recipients.
@@ -188,8 +393,25 @@ impl Pacer {
         recipients: usize,
         now: DateTime<Utc>,
     ) -> Admission {
-        let c = &self.config;
         let mut s = self.state.lock().expect("poisoned");
+        match self.admit_locked(&mut s, org, provider, recipients, now) {
+            Admission::Defer { until, reason } => Admission::Defer {
+                until: self.schedule(&mut s, org, provider, until, now),
+                reason,
+            },
+            go => go,
+        }
+    }
+
+    fn admit_locked(
+        self: &Arc<Self>,
+        s: &mut State,
+        org: &str,
+        provider: ProviderKind,
+        recipients: usize,
+        now: DateTime<Utc>,
+    ) -> Admission {
+        let c = &self.config;
         let busy = |reason| Admission::Defer {
             until: now + chrono::Duration::from_std(BUSY_RETRY).expect("small"),
             reason,
@@ -265,12 +487,15 @@ impl Pacer {
         if daily_units > 0 {
             s.daily.entry(org.to_owned()).or_default().unflushed += daily_units;
         }
+        s.flow(org, provider, now);
         Admission::Go(Permit {
             pacer: Arc::clone(self),
             organization_id: org.to_owned(),
             _mailbox_slot: mailbox_slot,
+            provider,
             daily_units,
             sent: false,
+            admitted_at: Instant::now(),
         })
     }
 
@@ -411,7 +636,8 @@ mod tests {
             panic!()
         };
         assert_eq!(reason, DeferReason::MailboxRate);
-        assert_eq!(until, now() + chrono::Duration::seconds(1));
+        // The deferral inside `take_while` took the slot at +1 s.
+        assert_eq!(until, now() + chrono::Duration::seconds(2));
         go(p.admit("g", ProviderKind::Google, 1, until));
     }
 
@@ -458,5 +684,128 @@ mod tests {
 
     fn reason_of(a: Admission) -> DeferReason {
         reason(a)
+    }
+
+    fn wake(a: Admission) -> DateTime<Utc> {
+        match a {
+            Admission::Go(_) => panic!("admitted"),
+            Admission::Defer { until, .. } => until,
+        }
+    }
+
+    fn ms(n: i64) -> chrono::Duration {
+        chrono::Duration::milliseconds(n)
+    }
+
+    #[test]
+    fn deferred_jobs_of_a_busy_organization_get_spaced_slots_not_one_instant() {
+        let p = Pacer::new(config());
+        let _held: Vec<_> = (0..3)
+            .map(|_| go(p.admit("a", ProviderKind::Default, 1, now())))
+            .collect();
+        // 3 in flight over the prior 0.25 s per send: 12 per second, 83 ms apart.
+        let wakes: Vec<_> = (0..4)
+            .map(|_| wake(p.admit("a", ProviderKind::Default, 1, now())))
+            .collect();
+        let first = now() + chrono::Duration::from_std(BUSY_RETRY).unwrap();
+        assert_eq!(wakes[0], first);
+        for (i, w) in wakes.iter().enumerate() {
+            let expected = first + chrono::Duration::microseconds(83_333 * i as i64);
+            assert!(
+                (*w - expected).num_milliseconds().abs() <= 1,
+                "{i}: {w} vs {expected}"
+            );
+        }
+        // Another organization's deferrals do not queue behind them.
+        let _b: Vec<_> = (0..3)
+            .map(|_| go(p.admit("b", ProviderKind::Default, 1, now())))
+            .collect();
+        assert_eq!(wake(p.admit("b", ProviderKind::Default, 1, now())), first);
+    }
+
+    #[test]
+    fn gmail_deferrals_come_back_one_rate_interval_apart() {
+        let p = Pacer::new(config());
+        while matches!(
+            p.admit("g", ProviderKind::Google, 1, now()),
+            Admission::Go(_)
+        ) {}
+        // The first deferral above took the slot at +1 s; the next ones follow at 1/s.
+        let next: Vec<_> = (0..3)
+            .map(|_| wake(p.admit("g", ProviderKind::Google, 1, now())))
+            .collect();
+        assert_eq!(
+            next,
+            vec![
+                now() + chrono::Duration::seconds(2),
+                now() + chrono::Duration::seconds(3),
+                now() + chrono::Duration::seconds(4)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_429_halves_the_expected_rate_once_a_second_and_accepted_sends_win_it_back() {
+        let p = Pacer::new(PacingConfig {
+            microsoft_daily_recipients: 1000,
+            ..config()
+        });
+        let until = now() + chrono::Duration::seconds(10);
+        p.apply_pause("m", until);
+        let spacing = |p: &Arc<Pacer>| {
+            let a = wake(p.admit("m", ProviderKind::Microsoft, 1, now()));
+            let b = wake(p.admit("m", ProviderKind::Microsoft, 1, now()));
+            (b - a).num_milliseconds()
+        };
+        // Graph: 2 concurrent over 0.25 s = 8 per second.
+        assert_eq!(spacing(&p), 125);
+        p.throttled("m", ProviderKind::Microsoft, now());
+        assert_eq!(spacing(&p), 250);
+        // A second 429 of the same burst does not halve again.
+        p.throttled("m", ProviderKind::Microsoft, now() + ms(500));
+        assert_eq!(spacing(&p), 250);
+        p.throttled("m", ProviderKind::Microsoft, now() + ms(1500));
+        assert_eq!(spacing(&p), 500);
+        // Accepted sends grow the learnt rate back.
+        let later = until + chrono::Duration::seconds(1);
+        for _ in 0..40 {
+            go(p.admit("m", ProviderKind::Microsoft, 1, later)).mark_sent();
+        }
+        let s = p.state.lock().unwrap();
+        let rate = s.flows["m"].accepted_rate.unwrap();
+        assert!(rate > 3.0, "learnt rate after 40 accepted sends: {rate}");
+    }
+
+    #[test]
+    fn pruning_forgets_idle_mailboxes_and_keeps_what_still_matters() {
+        let p = Pacer::new(config());
+        for i in 0..100 {
+            let org = format!("org-{i}");
+            go(p.admit(&org, ProviderKind::Microsoft, 1, now())).mark_sent();
+            go(p.admit(&org, ProviderKind::Google, 1, now())).mark_sent();
+        }
+        let busy = go(p.admit("busy", ProviderKind::Microsoft, 1, now()));
+        p.apply_pause("paused", now() + chrono::Duration::seconds(60));
+        assert!(p.entries() > 300, "{}", p.entries());
+        // A minute later, on the same day: counts not yet flushed are kept.
+        let later = now() + chrono::Duration::minutes(1);
+        p.prune(later, 1_000_000);
+        let s = p.state.lock().unwrap();
+        assert_eq!(s.daily.len(), 101, "unflushed daily counts are kept");
+        assert!(s.gmail_tat.is_empty());
+        assert_eq!(
+            s.graph_slots.len(),
+            1,
+            "only the mailbox with a send under way"
+        );
+        assert!(s.pauses.is_empty() || s.pauses.contains_key("paused"));
+        drop(s);
+        drop(busy);
+        // The next day, everything flushed or not from yesterday is gone.
+        for d in p.state.lock().unwrap().daily.values_mut() {
+            d.unflushed = 0;
+        }
+        p.prune(now() + chrono::Duration::days(1), 1_000_000);
+        assert_eq!(p.entries(), 0);
     }
 }

@@ -39,6 +39,9 @@ struct Cached {
     expires_at: DateTime<Utc>,
 }
 
+/// The token cache holds at most this many organizations' tokens.
+pub const MAX_CACHED_TOKENS: usize = 100_000;
+
 /// The token cache of one process.
 pub struct Tokens {
     store: Store,
@@ -46,6 +49,8 @@ pub struct Tokens {
     margin: chrono::Duration,
     cache: Mutex<HashMap<String, Cached>>,
     refresh_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Past this many cached tokens, the cache makes room (see `remember`).
+    max_entries: usize,
 }
 
 impl Tokens {
@@ -56,7 +61,22 @@ impl Tokens {
             margin: chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::minutes(2)),
             cache: Mutex::new(HashMap::new()),
             refresh_locks: Mutex::new(HashMap::new()),
+            max_entries: MAX_CACHED_TOKENS,
         }
+    }
+
+    /// The same with another bound on the cache (tests).
+    pub fn with_max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries.max(1);
+        self
+    }
+
+    /// How many tokens and refresh locks are held.
+    pub fn entries(&self) -> (usize, usize) {
+        (
+            self.cache.lock().expect("poisoned").len(),
+            self.refresh_locks.lock().expect("poisoned").len(),
+        )
     }
 
     pub fn service(&self) -> &TokenService {
@@ -102,7 +122,23 @@ impl Tokens {
             .entry(org.to_owned())
             .or_default()
             .clone();
-        let _guard = lock.lock().await;
+        let guard = lock.lock().await;
+        let outcome = self.load_or_refresh(org, provider, rejected).await;
+        drop(guard);
+        let mut locks = self.refresh_locks.lock().expect("poisoned");
+        // Nobody else waits on it (the map's and this clone are the only ones).
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(org);
+        }
+        outcome
+    }
+
+    async fn load_or_refresh(
+        &self,
+        org: &str,
+        provider: ProviderKind,
+        rejected: Option<&SecretString>,
+    ) -> Result<SecretString, TokenError> {
         // Another task of this process may have refreshed while we waited.
         if let Some(t) = self.cached(org, rejected) {
             return Ok(t);
@@ -182,7 +218,18 @@ impl Tokens {
     }
 
     fn remember(&self, org: &str, token: &SecretString, expires_at: DateTime<Utc>) {
-        self.cache.lock().expect("poisoned").insert(
+        let mut cache = self.cache.lock().expect("poisoned");
+        if cache.len() >= self.max_entries {
+            // Expired tokens first; then the half that expires soonest.
+            cache.retain(|_, c| self.usable(c.expires_at));
+            if cache.len() >= self.max_entries {
+                let mut expiries: Vec<_> = cache.values().map(|c| c.expires_at).collect();
+                expiries.sort_unstable();
+                let cutoff = expiries[expiries.len() / 2];
+                cache.retain(|_, c| c.expires_at > cutoff);
+            }
+        }
+        cache.insert(
             org.to_owned(),
             Cached {
                 token: token.clone(),

@@ -25,6 +25,10 @@ pub struct ProviderEndpoints {
     pub http_timeout: Duration,
 }
 
+/// Past this many mailboxes with a daily count, the pacer forgets those far below
+/// their limit (the next flush brings a sending mailbox's total back).
+const PACER_DAILY_ENTRIES: usize = 10_000;
+
 impl Dispatcher {
     /// Builds the dispatcher and its senders, caches and token service.
     pub fn build(
@@ -77,7 +81,10 @@ impl Dispatcher {
                 loop {
                     tokio::select! {
                         () = &mut marks => {}
-                        _ = flush.tick() => this.pacer.flush_daily(&this.store).await,
+                        _ = flush.tick() => {
+                            this.pacer.flush_daily(&this.store).await;
+                            this.pacer.prune(chrono::Utc::now(), PACER_DAILY_ENTRIES);
+                        }
                         _ = prune.tick() => match this.store.prune_ledger(this.config.ledger_retention, 1000).await {
                             Ok(0) => {}
                             Ok(n) => tracing::info!(deleted = n, "pruned finished ledger entries"),
