@@ -166,7 +166,11 @@ impl Store {
                 .map_err(|e| StoreError::Config(e.to_string()))
         };
         let mut ledger_config = pg_config.clone();
-        ledger_config.options("-c synchronous_commit=off");
+        // Custom plans: a generic plan cached while the ledger was small (a fresh
+        // deployment, a test) keeps sequential scans forever on that connection.
+        // Measured: the batched completion became a seq scan + hash join over the
+        // whole table, and PostgreSQL's CPU per job grew with the table.
+        ledger_config.options("-c synchronous_commit=off -c plan_cache_mode=force_custom_plan");
         Ok(Store {
             pool: build(pg_config.clone())?,
             ledger_pool: build(ledger_config)?,
