@@ -20,6 +20,8 @@ pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 50); do curl -sf http://127.0.0.1:18091/_sandbox/messages >/dev/null && break; sleep 0.1; done
 curl -sf -X POST -d '{"latency_ms": 10, "throttle_next": 1, "retry_after_secs": 2, "fail_next": 1}' http://127.0.0.1:18091/_sandbox/faults | grep -q '"ok":true'
+curl -sf -X POST -d '{"mailbox_limits": {"admin@example.com": 5}}' http://127.0.0.1:18091/_sandbox/faults | grep -q '"ok":true'
+curl -sf -X POST -d '{"mailbox_limits": {"admin@example.com": null}}' http://127.0.0.1:18091/_sandbox/faults | grep -q '"ok":true'
 curl -sf -X POST -d '{"provider": "google", "account": "a@b.example"}' http://127.0.0.1:18091/_sandbox/consent | grep -q '"ok":true'
 curl -sf -X POST -d '{"account": "a@b.example"}' http://127.0.0.1:18091/_sandbox/revoke | grep -q '"ok":true'
 curl -sf http://127.0.0.1:18091/_sandbox/ | grep -q "mail-dispatch sandbox"

@@ -56,6 +56,8 @@ struct Faults {
     throttle_next: u32,
     retry_after_secs: Option<u64>,
     fail_next: u32,
+    /// Mailbox → messages per second it may send (beyond: 429); `null` lifts it.
+    mailbox_limits: std::collections::HashMap<String, Option<f64>>,
 }
 
 struct SetFaults(StandIns);
@@ -73,6 +75,9 @@ impl Respond for SetFaults {
             f.retry_after_secs.unwrap_or(5),
             f.fail_next,
         );
+        for (account, per_second) in &f.mailbox_limits {
+            self.0.set_mailbox_limit(account, *per_second);
+        }
         ResponseTemplate::new(200).set_body_json(json!({"ok": true}))
     }
 }
