@@ -20,7 +20,8 @@
 //! - **Deferred jobs are scheduled, not just postponed.** Each organization has a
 //!   queue of wake-up slots, spaced by the rate the pacer expects it to send at
 //!   (its in-flight cap or mailbox cap over its mean send time, Gmail's rate, and
-//!   after a 429 a learnt rate: halved at each 429, grown by each accepted send).
+//!   after a 429 a learnt rate: what the provider accepted lately, at most half
+//!   the expected rate, then grown by each accepted send).
 //!   A deferred job gets the next slot, so a flood of 20,000 jobs comes back about
 //!   as fast as its mailbox can take them instead of all at once every second: the
 //!   work of cycling a backlog through the delay queues stays small, and other
@@ -241,7 +242,8 @@ impl State {
                 }
                 flow.window_accepted += 1;
                 if let Some(rate) = flow.accepted_rate.as_mut() {
-                    *rate *= RATE_GROWTH;
+                    // Bounded: past any expected rate it no longer limits anything.
+                    *rate = (*rate * RATE_GROWTH).min(1e6);
                 }
             }
         }
