@@ -34,7 +34,7 @@ pub enum Claim {
 /// its unchanged state there (`existing`). `existing` is NULL only when another
 /// transaction inserted the row after this statement's snapshot: that row is
 /// claimed or completed under a live lease, hence `Busy`.
-const CLAIM_JOBS: &str = "
+pub(crate) const CLAIM_JOBS: &str = "
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[]) AS t(job_id, organization_id)
 ),
@@ -58,7 +58,7 @@ LEFT JOIN job_ledger l ON l.job_id = i.job_id";
 
 /// Records the outcomes of a batch of claimed jobs in one statement (distinct job
 /// ids, sorted).
-const COMPLETE_JOBS: &str = "
+pub(crate) const COMPLETE_JOBS: &str = "
 UPDATE job_ledger l SET state = 'completed', result = i.result,
     lease_until = now() + make_interval(secs => $3::float8), updated_at = now()
 FROM unnest($1::text[], $2::jsonb[]) AS i(job_id, result)

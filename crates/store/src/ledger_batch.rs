@@ -434,6 +434,64 @@ mod tests {
         panic!("in_flight never became {n}");
     }
 
+    /// The plan PostgreSQL would run for `sql` on a ledger connection, prepared
+    /// while the ledger was empty and executed often enough to cache a generic plan,
+    /// once the ledger has grown (and no ANALYZE has invalidated that plan yet).
+    async fn cached_plan_after_growth(db: &TestDb, sql: &str, args: &str) -> String {
+        db.client()
+            .await
+            .batch_execute("TRUNCATE job_ledger; ANALYZE job_ledger")
+            .await
+            .unwrap();
+        let ledger = db.store.ledger_client().await.unwrap();
+        ledger
+            .batch_execute(&format!("PREPARE probe AS {sql}"))
+            .await
+            .unwrap();
+        for _ in 0..6 {
+            ledger
+                .batch_execute(&format!("EXECUTE probe({args})"))
+                .await
+                .unwrap();
+        }
+        db.client()
+            .await
+            .batch_execute(
+                "INSERT INTO job_ledger (job_id, organization_id, state)
+                 SELECT 'bulk-' || g, 'org_1', 'published' FROM generate_series(1, 20000) g",
+            )
+            .await
+            .unwrap();
+        let rows = ledger
+            .query(&format!("EXPLAIN EXECUTE probe({args})"), &[])
+            .await
+            .unwrap();
+        let plan: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        ledger.batch_execute("DEALLOCATE probe").await.unwrap();
+        plan.join("\n")
+    }
+
+    #[tokio::test]
+    async fn ledger_statements_prepared_on_an_empty_ledger_never_scan_it_whole() {
+        let db = TestDb::new().await;
+        let claim = cached_plan_after_growth(
+            &db,
+            crate::ledger::CLAIM_JOBS,
+            "ARRAY['a','b'], ARRAY['org_1','org_1'], 60",
+        )
+        .await;
+        assert!(!claim.contains("Seq Scan on job_ledger"), "{claim}");
+        assert!(claim.contains("job_ledger_pkey"), "{claim}");
+        let complete = cached_plan_after_growth(
+            &db,
+            crate::ledger::COMPLETE_JOBS,
+            "ARRAY['a','b'], ARRAY['{}','{}']::jsonb[], 60",
+        )
+        .await;
+        assert!(!complete.contains("Seq Scan on job_ledger"), "{complete}");
+        assert!(complete.contains("job_ledger_pkey"), "{complete}");
+    }
+
     #[tokio::test]
     async fn one_claim_statement_answers_every_state_in_input_order() {
         let db = TestDb::new().await;

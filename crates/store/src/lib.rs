@@ -166,11 +166,13 @@ impl Store {
                 .map_err(|e| StoreError::Config(e.to_string()))
         };
         let mut ledger_config = pg_config.clone();
-        // Custom plans: a generic plan cached while the ledger was small (a fresh
-        // deployment, a test) keeps sequential scans forever on that connection.
-        // Measured: the batched completion became a seq scan + hash join over the
-        // whole table, and PostgreSQL's CPU per job grew with the table.
-        ledger_config.options("-c synchronous_commit=off -c plan_cache_mode=force_custom_plan");
+        // No sequential scans: every ledger statement finds its rows by key (or by
+        // the partial index, for pruning), but a generic plan cached while the
+        // ledger was small (a fresh deployment, a test) would keep a seq scan +
+        // hash join forever on that connection. Measured: PostgreSQL's CPU per job
+        // then grew with the table. With seq scans ruled out, the cached generic
+        // plans stay index lookups and no statement is planned again.
+        ledger_config.options("-c synchronous_commit=off -c enable_seqscan=off");
         Ok(Store {
             pool: build(pg_config.clone())?,
             ledger_pool: build(ledger_config)?,
