@@ -324,30 +324,54 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ctx.db_name,
         worker_bin.display()
     );
-    // On Ctrl-C the phases are dropped (which kills the child processes) and the
-    // cleanup still runs.
-    if args.scenario == Scenario::Fairness {
-        let outcome = tokio::select! {
-            r = fairness::run(&args, &ctx, &worker_bin) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-        };
-        ctx.cleanup(&args).await;
-        let report = outcome?;
-        match args.output {
-            Output::Text => print!("{}", report.text(&args)),
-            Output::Json => println!("{}", serde_json::to_string_pretty(&report.json(&args))?),
+    match args.scenario {
+        Scenario::Fairness => {
+            interruptible(&args, &ctx, fairness::run(&args, &ctx, &worker_bin)).await
         }
-        return Ok(());
+        Scenario::Throughput => interruptible(&args, &ctx, phases(&args, &ctx, &worker_bin)).await,
     }
+}
+
+/// What a scenario reports, as text or JSON.
+trait Printed {
+    fn text(&self, args: &BenchArgs) -> String;
+    fn json(&self, args: &BenchArgs) -> Value;
+}
+
+impl Printed for Report {
+    fn text(&self, args: &BenchArgs) -> String {
+        Report::text(self, args)
+    }
+    fn json(&self, args: &BenchArgs) -> Value {
+        Report::json(self, args)
+    }
+}
+
+impl Printed for fairness::FairnessReport {
+    fn text(&self, args: &BenchArgs) -> String {
+        fairness::FairnessReport::text(self, args)
+    }
+    fn json(&self, args: &BenchArgs) -> Value {
+        fairness::FairnessReport::json(self, args)
+    }
+}
+
+/// Runs a scenario until it ends or Ctrl-C (which drops it, killing its child
+/// processes); cleans up either way, then prints its report.
+async fn interruptible<R: Printed>(
+    args: &BenchArgs,
+    ctx: &Ctx,
+    scenario: impl Future<Output = anyhow::Result<R>>,
+) -> anyhow::Result<()> {
     let outcome = tokio::select! {
-        r = phases(&args, &ctx, &worker_bin) => r,
+        r = scenario => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    ctx.cleanup(&args).await;
+    ctx.cleanup(args).await;
     let report = outcome?;
     match args.output {
-        Output::Text => print!("{}", report.text(&args)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report.json(&args))?),
+        Output::Text => print!("{}", report.text(args)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report.json(args))?),
     }
     Ok(())
 }
