@@ -13,9 +13,12 @@
 //! exactly one statement (no caller is kept serving others), and under load each
 //! statement carries what arrived while the previous one ran.
 //!
-//! Up to [`MAX_IN_FLIGHT`] statements of each kind run at once (two: a slow
-//! statement does not stop the other, and batches stay large); each holds one
-//! connection of the ledger pool while it runs.
+//! Up to [`MAX_IN_FLIGHT`] statements of each kind run at once; each holds one
+//! connection of the ledger pool while it runs. One: measured with the benchmark
+//! at 64 jobs in flight, one statement at a time carries about 3 jobs where two
+//! carried 1.8. PostgreSQL's CPU per job fell by a quarter, and throughput rose
+//! 5–9 % (BENCHMARKS.md, "one ledger statement of each kind at a time"). Claims and completions still run side by
+//! side, since each kind has its own slot.
 //!
 //! A job id appears at most once per statement (ON CONFLICT cannot touch a row
 //! twice): a request for a job id already in the batch being formed stays pending
@@ -36,7 +39,7 @@ use crate::{Claim, Store, StoreError};
 /// At most this many jobs per statement.
 const MAX_BATCH: usize = 256;
 /// At most this many statements of one kind (claim, complete) at once.
-const MAX_IN_FLIGHT: usize = 2;
+const MAX_IN_FLIGHT: usize = 1;
 
 /// The pending claims and completions, shared by a [`Store`] and its clones.
 #[derive(Clone, Default)]
@@ -783,8 +786,9 @@ mod tests {
         for waiter in waiters {
             answers.push(waiter.await.unwrap().unwrap());
         }
-        // y and z are claimed; x once (two batches carrying x may run at once,
-        // so which of its three requests wins is open), the others find it busy.
+        // y and z are claimed; x once (with several statements in flight, batches
+        // carrying x may run at once, so which of its requests wins is open), the
+        // others find it busy.
         assert_eq!(answers[1], Claim::Acquired { claims: 1 });
         assert_eq!(answers[4], Claim::Acquired { claims: 1 });
         let mut xs = vec![answers[0].clone(), answers[2].clone(), answers[3].clone()];
