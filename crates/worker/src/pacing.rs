@@ -20,8 +20,8 @@
 //! - **Deferred jobs are scheduled, not just postponed.** Each organization has a
 //!   queue of wake-up slots, spaced by the rate the pacer expects it to send at
 //!   (its in-flight cap or mailbox cap over its mean send time, Gmail's rate, and
-//!   after a 429 a learnt rate: what the provider accepted lately, at most half
-//!   the expected rate, then grown by each accepted send).
+//!   after a 429 a learnt rate: what the provider accepted lately, or half the
+//!   expected rate when nothing was, then grown by each accepted send).
 //!   A deferred job gets the next slot, so a flood of 20,000 jobs comes back about
 //!   as fast as its mailbox can take them instead of all at once every second: the
 //!   work of cycling a backlog through the delay queues stays small, and other
@@ -324,9 +324,11 @@ impl Pacer {
         wake
     }
 
-    /// The provider throttled `org`'s mailbox (a 429): its learnt rate becomes
-    /// half the expected one, or the rate the provider accepted lately if that is
-    /// lower (at most once a second, since one burst brings several 429s at once).
+    /// The provider throttled `org`'s mailbox (a 429): its learnt rate becomes the
+    /// rate the provider accepted lately, or half the expected rate when nothing
+    /// was accepted lately (at most once a second, since one burst brings several
+    /// 429s at once). Not halving what was measured: 429s that follow are mostly
+    /// from jobs scheduled at the old rate, and would drive the rate to the floor.
     pub fn throttled(&self, org: &str, provider: ProviderKind, now: DateTime<Utc>) {
         let mut s = self.state.lock().expect("poisoned");
         let flow = s.flow(org, provider, now).clone();
@@ -336,11 +338,12 @@ impl Pacer {
         {
             return;
         }
-        let mut halved = self.expected_rate(&flow, provider) / 2.0;
-        if let Some(accepted) = flow.recent_accepted_rate() {
-            halved = halved.min(accepted);
+        let expected = self.expected_rate(&flow, provider);
+        let halved = match flow.recent_accepted_rate() {
+            Some(accepted) => accepted.min(expected),
+            None => expected / 2.0,
         }
-        let halved = halved.max(MIN_RATE);
+        .max(MIN_RATE);
         let flow = s.flows.get_mut(org).expect("just inserted");
         flow.accepted_rate = Some(halved);
         flow.last_throttle = Some(now);
@@ -776,6 +779,28 @@ mod tests {
         let s = p.state.lock().unwrap();
         let rate = s.flows["m"].accepted_rate.unwrap();
         assert!(rate > 3.0, "learnt rate after 40 accepted sends: {rate}");
+    }
+
+    #[test]
+    fn after_a_429_the_rate_the_provider_accepted_is_kept_not_halved_again() {
+        let p = Pacer::new(PacingConfig {
+            microsoft_daily_recipients: 1000,
+            ..config()
+        });
+        // Four sends accepted (within the last second), then a 429.
+        for _ in 0..4 {
+            go(p.admit("m", ProviderKind::Microsoft, 1, now())).mark_sent();
+        }
+        p.throttled("m", ProviderKind::Microsoft, now());
+        let rate = |p: &Arc<Pacer>| p.state.lock().unwrap().flows["m"].accepted_rate.unwrap();
+        // 4 accepted over (at least) a second; less if this thread was descheduled.
+        let first = rate(&p);
+        assert!(first > 1.0 && first <= 4.0, "{first}");
+        // More 429s from jobs scheduled at the old rate: the measured rate stands
+        // (halving at each would leave a quarter of it).
+        p.throttled("m", ProviderKind::Microsoft, now() + ms(1500));
+        p.throttled("m", ProviderKind::Microsoft, now() + ms(3000));
+        assert!(rate(&p) > first / 2.0, "{} after {first}", rate(&p));
     }
 
     #[test]
