@@ -384,6 +384,17 @@ mod tests {
             client
         }
 
+        /// A session holding an exclusive lock on `job_ledger` until it runs COMMIT:
+        /// every ledger statement waits behind it.
+        async fn lock_ledger(&self) -> tokio_postgres::Client {
+            let client = self.client().await;
+            client
+                .batch_execute("BEGIN; LOCK TABLE job_ledger IN EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            client
+        }
+
         fn statements(&self) -> u64 {
             self.store.counts().ledger_writes.load(Relaxed)
         }
@@ -414,6 +425,14 @@ mod tests {
         ids.iter()
             .map(|id| (id.to_string(), "org_1".to_string()))
             .collect()
+    }
+
+    fn spawn_claim(
+        store: &Store,
+        id: impl Into<String>,
+    ) -> tokio::task::JoinHandle<Result<Claim, StoreError>> {
+        let (store, id) = (store.clone(), id.into());
+        tokio::spawn(async move { store.claim_job_batched(&id, "org_1", LEASE).await })
     }
 
     /// Waits until `n` requests are pending in `queue`.
@@ -756,25 +775,17 @@ mod tests {
         let db = TestDb::new().await;
         let queue = &db.store.ledger_batch.claims;
         // Hold every slot: the leaders' statements wait on the table lock.
-        let mut blocker = db.client().await;
-        let tx = blocker.transaction().await.unwrap();
-        tx.batch_execute("LOCK TABLE job_ledger IN EXCLUSIVE MODE")
-            .await
-            .unwrap();
-        let spawn_claim = |id: &'static str| {
-            let store = db.store.clone();
-            tokio::spawn(async move { store.claim_job_batched(id, "org_1", LEASE).await })
-        };
+        let blocker = db.lock_ledger().await;
         let leaders: Vec<_> = (0..MAX_IN_FLIGHT)
-            .map(|i| spawn_claim(["l0", "l1", "l2", "l3"][i]))
+            .map(|i| spawn_claim(&db.store, ["l0", "l1", "l2", "l3"][i]))
             .collect();
         in_flight(queue, MAX_IN_FLIGHT).await;
         let mut waiters = Vec::new();
         for (n, id) in ["x", "y", "x", "x", "z"].into_iter().enumerate() {
-            waiters.push(spawn_claim(id));
+            waiters.push(spawn_claim(&db.store, id));
             pending(queue, n + 1).await;
         }
-        tx.commit().await.unwrap();
+        blocker.batch_execute("COMMIT").await.unwrap();
 
         for leader in leaders {
             assert_eq!(
@@ -891,20 +902,14 @@ mod tests {
     async fn a_cancelled_leader_hands_its_slot_on() {
         let db = TestDb::new().await;
         let queue = &db.store.ledger_batch.claims;
-        let mut blocker = db.client().await;
-        let tx = blocker.transaction().await.unwrap();
-        tx.batch_execute("LOCK TABLE job_ledger IN EXCLUSIVE MODE")
-            .await
-            .unwrap();
-        let spawn_claim = |id: String| {
-            let store = db.store.clone();
-            tokio::spawn(async move { store.claim_job_batched(&id, "org_1", LEASE).await })
-        };
+        let blocker = db.lock_ledger().await;
         let leaders: Vec<_> = (0..MAX_IN_FLIGHT)
-            .map(|i| spawn_claim(format!("leader{i}")))
+            .map(|i| spawn_claim(&db.store, format!("leader{i}")))
             .collect();
         in_flight(queue, MAX_IN_FLIGHT).await;
-        let waiters: Vec<_> = (0..10).map(|i| spawn_claim(format!("w{i}"))).collect();
+        let waiters: Vec<_> = (0..10)
+            .map(|i| spawn_claim(&db.store, format!("w{i}")))
+            .collect();
         pending(queue, 10).await;
         // Cancel every leader mid-statement.
         for leader in &leaders {
@@ -913,7 +918,7 @@ mod tests {
         for leader in leaders {
             assert!(leader.await.unwrap_err().is_cancelled());
         }
-        tx.commit().await.unwrap();
+        blocker.batch_execute("COMMIT").await.unwrap();
         let all = async {
             for waiter in waiters {
                 assert_eq!(
@@ -932,23 +937,15 @@ mod tests {
     async fn waiters_of_a_cancelled_batch_get_an_error_not_a_hang() {
         let db = TestDb::new().await;
         let queue = &db.store.ledger_batch.claims;
-        let mut blocker = db.client().await;
-        let tx = blocker.transaction().await.unwrap();
-        tx.batch_execute("LOCK TABLE job_ledger IN EXCLUSIVE MODE")
-            .await
-            .unwrap();
-        let spawn_claim = |id: String| {
-            let store = db.store.clone();
-            tokio::spawn(async move { store.claim_job_batched(&id, "org_1", LEASE).await })
-        };
+        let blocker = db.lock_ledger().await;
         let mut leaders: Vec<_> = (0..MAX_IN_FLIGHT)
-            .map(|i| spawn_claim(format!("leader{i}")))
+            .map(|i| spawn_claim(&db.store, format!("leader{i}")))
             .collect();
         in_flight(queue, MAX_IN_FLIGHT).await;
         // Queued one by one, so that waiters[0] is the oldest.
         let mut waiters = Vec::new();
         for i in 0..10 {
-            waiters.push(spawn_claim(format!("w{i}")));
+            waiters.push(spawn_claim(&db.store, format!("w{i}")));
             pending(queue, i + 1).await;
         }
         // Cancelling one leader hands its slot to w0, which takes the nine others
@@ -970,7 +967,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(20), all)
             .await
             .expect("the waiters are answered");
-        tx.commit().await.unwrap();
+        blocker.batch_execute("COMMIT").await.unwrap();
         for leader in leaders {
             assert_eq!(
                 leader.await.unwrap().unwrap(),
