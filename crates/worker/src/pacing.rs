@@ -216,8 +216,18 @@ fn provider_index(p: ProviderKind) -> usize {
 
 impl State {
     fn flow(&mut self, org: &str, provider: ProviderKind, now: DateTime<Utc>) -> &mut Flow {
+        if !self.flows.contains_key(org) {
+            // Looked up first: this runs for every admitted job, and `entry` would
+            // allocate the key each time.
+            self.flows
+                .insert(org.to_owned(), self.new_flow(provider, now));
+        }
+        self.flows.get_mut(org).expect("just inserted")
+    }
+
+    fn new_flow(&self, provider: ProviderKind, now: DateTime<Utc>) -> Flow {
         let prior = self.provider_send_secs[provider_index(provider)];
-        self.flows.entry(org.to_owned()).or_insert_with(|| Flow {
+        Flow {
             next_slot: now,
             send_secs: prior,
             accepted_rate: None,
@@ -225,7 +235,7 @@ impl State {
             window_start: Instant::now(),
             window_accepted: 0,
             previous_window_rate: None,
-        })
+        }
     }
 
     fn learn_send(&mut self, org: &str, provider: ProviderKind, secs: f64, accepted: bool) {
