@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use mail_dispatch_store::IntegrationStatus;
-use mail_dispatch_test_support::standins::{self, Consent, Vendor};
+use mail_dispatch_test_support::standins::{Consent, Vendor};
 use mail_dispatch_test_support::{ADMIN_TOKEN, APP_ORIGIN, TestApp, TestAppOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -90,11 +90,37 @@ impl<'a> Api<'a> {
         panic!("too many redirects");
     }
 
-    async fn connect(&self, org: &str, provider: &str) -> HashMap<String, String> {
+    /// The consent, as far as the browser's return to the host application.
+    async fn consent(&self, org: &str, provider: &str) -> HashMap<String, String> {
         let url = self.authorize(org, provider).await;
         let back = self.browse(&url).await;
         assert_eq!(back.path(), "/settings/smtp");
         back.query_pairs().into_owned().collect()
+    }
+
+    /// The host application confirms a consent in the admin's session.
+    async fn confirm(&self, org: &str, connection: &str) -> (StatusCode, Value) {
+        self.call(
+            Method::POST,
+            &format!("/v1/organizations/{org}/integration/confirm"),
+            Some(json!({"connection": connection})),
+        )
+        .await
+    }
+
+    /// The whole connect flow: consent, then the host application's confirmation.
+    /// Returns the browser's return parameters, `status` replaced by the confirmation's.
+    async fn connect(&self, org: &str, provider: &str) -> HashMap<String, String> {
+        let mut params = self.consent(org, provider).await;
+        if let Some(connection) = params.get("connection").cloned() {
+            let (status, body) = self.confirm(org, &connection).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            params.insert("status".into(), body["status"].as_str().unwrap().into());
+            if let Some(code) = body["test"]["error"]["code"].as_str() {
+                params.insert("error".into(), code.into());
+            }
+        }
+        params
     }
 
     async fn save_sender(&self, org: &str, body: Value) -> (StatusCode, Value) {
@@ -164,7 +190,7 @@ async fn connecting_microsoft_then_saving_and_testing_the_sender_routes_jobs_thr
     let url = api.authorize("org_ms", "microsoft").await;
     let consent = url::Url::parse(&url).unwrap();
     let q: HashMap<String, String> = consent.query_pairs().into_owned().collect();
-    assert_eq!(consent.path(), "/common/oauth2/v2.0/authorize");
+    assert_eq!(consent.path(), "/organizations/oauth2/v2.0/authorize");
     assert_eq!(q["response_type"], "code");
     assert_eq!(q["code_challenge_method"], "S256");
     assert_eq!(
@@ -175,6 +201,7 @@ async fn connecting_microsoft_then_saving_and_testing_the_sender_routes_jobs_thr
     for s in [
         "offline_access",
         "https://graph.microsoft.com/Mail.Send",
+        "https://graph.microsoft.com/User.Read",
         "openid",
         "email",
         "profile",
@@ -192,6 +219,16 @@ async fn connecting_microsoft_then_saving_and_testing_the_sender_routes_jobs_thr
         exchange.contains_key("code_verifier"),
         "the code is exchanged with the PKCE verifier"
     );
+    // Not used until the host application confirms it in the admin's session.
+    assert_eq!(api.integration("org_ms").await["status"], "not_configured");
+    let (status, confirmed) = api.confirm("org_ms", &params["connection"]).await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["status"], "connected");
+    let (status, again) = api.confirm("org_ms", &params["connection"]).await;
+    assert_eq!(
+        (status, again["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("connection_used"))
+    );
 
     let view = api.integration("org_ms").await;
     assert_eq!(view["status"], "pending_sender");
@@ -204,19 +241,22 @@ async fn connecting_microsoft_then_saving_and_testing_the_sender_routes_jobs_thr
     );
 
     let (status, outcome) = api
-        .save_sender("org_ms", json!({"email": "notifications@customer.com", "name": "Compliance Team - Customer Inc"}))
+        .save_sender(
+            "org_ms",
+            json!({"email": "admin@customer.com", "name": "Compliance Team - Customer Inc"}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{outcome}");
     assert_eq!(outcome["status"], "sent", "{outcome:#}");
     assert_eq!(outcome["integration"]["status"], "active");
     assert_eq!(
         outcome["integration"]["sender"],
-        json!({"email": "notifications@customer.com", "name": "Compliance Team - Customer Inc"})
+        json!({"email": "admin@customer.com", "name": "Compliance Team - Customer Inc"})
     );
     let test = &app.standins.graph_messages()[0]["message"];
     assert_eq!(
         test["from"]["emailAddress"]["address"],
-        "notifications@customer.com"
+        "admin@customer.com"
     );
     assert_eq!(
         test["toRecipients"][0]["emailAddress"]["address"], "admin@customer.com",
@@ -227,12 +267,12 @@ async fn connecting_microsoft_then_saving_and_testing_the_sender_routes_jobs_thr
         test["body"]["content"]
             .as_str()
             .unwrap()
-            .contains("notifications@customer.com")
+            .contains("admin@customer.com")
     );
 
     let r = eventually_provider(&app, &mut tap, "org_ms", "microsoft").await;
     assert_eq!(r["status"], "sent");
-    assert_eq!(r["sender"]["email"], "notifications@customer.com");
+    assert_eq!(r["sender"]["email"], "admin@customer.com");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -287,8 +327,7 @@ async fn a_failing_test_send_leaves_the_integration_inactive_and_jobs_on_the_pla
         Consent::Approve("admin@customer.com".into()),
     );
     api.connect("org_ms", "microsoft").await;
-    app.standins
-        .script(Vendor::Microsoft, [standins::graph_send_as_denied()]);
+    // The stand-in refuses another mailbox as Graph does: no Mail.Send.Shared, no Send As.
     let (status, outcome) = api
         .save_sender(
             "org_ms",
@@ -299,6 +338,13 @@ async fn a_failing_test_send_leaves_the_integration_inactive_and_jobs_on_the_pla
     assert_eq!(outcome["status"], "failed");
     assert_eq!(outcome["error"]["code"], "sender_not_allowed");
     assert_eq!(outcome["error"]["provider_code"], "ErrorSendAsDenied");
+    assert!(
+        outcome["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MAIL_DISPATCH_MICROSOFT_SHARED_MAILBOXES"),
+        "the admin learns what is missing: {outcome}"
+    );
     assert_eq!(outcome["integration"]["status"], "pending_sender");
     assert!(
         outcome["integration"]["sender"].is_null(),
@@ -464,6 +510,11 @@ async fn every_organization_route_requires_the_bearer_token() {
             "/v1/organizations/org_1/integration/sender",
             Some(json!({"email": "a@customer.com"})),
         ),
+        (
+            Method::POST,
+            "/v1/organizations/org_1/integration/confirm",
+            Some(json!({"connection": "anything"})),
+        ),
     ];
     for (method, path, body) in routes {
         for token in [
@@ -519,6 +570,7 @@ async fn forged_expired_and_reused_states_are_rejected_with_nothing_stored() {
             &verifier,
             RETURN_TO,
             Duration::ZERO,
+            mail_dispatch_store::StatePurpose::Connect,
         )
         .await
         .unwrap();
@@ -756,6 +808,7 @@ async fn the_openapi_document_lists_every_route() {
     let paths = doc["paths"].as_object().unwrap();
     for (path, method) in [
         ("/v1/organizations/{org}/integration/authorize", "post"),
+        ("/v1/organizations/{org}/integration/confirm", "post"),
         ("/v1/oauth/callback", "get"),
         ("/v1/organizations/{org}/integration/sender", "put"),
         ("/v1/organizations/{org}/integration", "get"),
@@ -778,6 +831,8 @@ async fn the_openapi_document_lists_every_route() {
     );
     for schema in [
         "AuthorizeRequest",
+        "ConfirmRequest",
+        "ConfirmResponse",
         "SenderRequest",
         "TestOutcome",
         "IntegrationView",
@@ -789,6 +844,6 @@ async fn the_openapi_document_lists_every_route() {
         );
     }
     // Every route the router serves is documented, and nothing else.
-    assert_eq!(paths.len(), 4);
+    assert_eq!(paths.len(), 5);
     let _ = IntegrationStatus::Active;
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod config_changes;
+mod connect;
 mod delivery;
 mod invalid_jobs;
 mod operability;

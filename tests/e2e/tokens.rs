@@ -332,42 +332,65 @@ async fn tokens_never_appear_in_plaintext_in_the_database() {
     }
 }
 
+/// Graph refusing a fresh token a second time does not prove the grant dead:
+/// one more refresh decides. If the provider grants it, the grant is kept and
+/// the job is tried again; if it refuses, the integration needs reauthorization.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_token_refused_again_after_a_refresh_marks_the_integration_needs_reauth() {
+async fn a_second_401_after_a_refresh_is_confirmed_by_one_more_refresh_before_the_grant_is_dropped()
+{
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "admin@customer.com",
-        "admin@customer.com",
-        "Admin",
-    )
-    .await;
+    for org in ["org_ok", "org_dead"] {
+        let account = format!("admin@{org}.example");
+        app.connect(org, Vendor::Microsoft, &account, &account, "Admin")
+            .await;
+    }
     let unauthorized = || {
         wiremock::ResponseTemplate::new(401).set_body_json(serde_json::json!({"error": {
             "code": "InvalidAuthenticationToken", "message": "Access token validation failure. Invalid audience.",
             "innerError": {"date": "2026-11-28T10:15:03", "request-id": "r", "client-request-id": "c"}}}))
     };
+    let mut results = app.amqp.tap_results().await;
+
+    // The grant still refreshes: kept, and the job goes out on a later attempt.
     app.standins
         .script(Vendor::Microsoft, [unauthorized(), unauthorized()]);
-    let mut results = app.amqp.tap_results().await;
-    let job = app.job("org_ms");
+    let job = app.job("org_ok");
     app.amqp.publish_job(&job).await;
     let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
-    assert_eq!(r["error"]["code"], "auth_revoked", "{r:#}");
-    assert_eq!(r["error"]["provider_status"], 401);
+    assert_eq!(r["status"], "sent", "{r:#}");
     assert_eq!(
         app.standins.refreshes(Vendor::Microsoft).len(),
-        1,
-        "refreshed once, not in a loop"
+        2,
+        "one refresh after each 401, not a loop"
     );
-    let integration = app.db.store.integration("org_ms").await.unwrap().unwrap();
+    let integration = app.db.store.integration("org_ok").await.unwrap().unwrap();
+    assert_eq!(integration.status, IntegrationStatus::Active);
+
+    // The confirming refresh is refused: the grant is dead. Token answers are
+    // slowed so that the grant can be revoked between the two refreshes.
+    app.standins.set_token_delay(Duration::from_millis(300));
+    app.standins
+        .script(Vendor::Microsoft, [unauthorized(), unauthorized()]);
+    let job = app.job("org_dead");
+    app.amqp.publish_job(&job).await;
+    // The first refresh succeeds; the provider refuses the one that confirms.
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.standins.refreshes(Vendor::Microsoft).len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "no refresh");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    app.standins.revoke_account("admin@org_dead.example");
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["error"]["code"], "auth_revoked", "{r:#}");
+    let integration = app.db.store.integration("org_dead").await.unwrap().unwrap();
     assert_eq!(integration.status, IntegrationStatus::NeedsReauth);
     let event = results
-        .wait_for(WAIT, |s| s.routing_key == "integration.needs_reauth")
+        .wait_for(WAIT, |s| {
+            s.routing_key == "integration.needs_reauth" && s.body["organization_id"] == "org_dead"
+        })
         .await
         .expect("needs_reauth event");
-    assert_eq!(event.body["organization_id"], "org_ms");
+    assert_eq!(event.body["organization_id"], "org_dead");
 }
 
 #[tokio::test(flavor = "multi_thread")]

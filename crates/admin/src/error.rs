@@ -16,7 +16,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable, for programs: `unauthorized`, `invalid_request`, `payload_too_large`,
     /// `unsupported_media_type`, `provider_not_configured`, `return_to_not_allowed`,
-    /// `not_configured`, `sender_not_allowed`, `invalid_sender`, `not_found`, `internal`.
+    /// `not_configured`, `sender_not_allowed`, `invalid_sender`, `connection_unknown`,
+    /// `connection_used`, `connection_expired`, `not_found`, `internal`.
     pub code: &'static str,
     /// For people.
     pub message: String,

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod connect;
 mod error;
 mod extract;
 mod routes;
@@ -19,6 +20,7 @@ use subtle::ConstantTimeEq as _;
 use url::Url;
 use utoipa::OpenApi as _;
 
+pub use connect::{expire_pending_connections, run_upkeep};
 pub use error::{ApiError, ErrorBody};
 pub use routes::ApiDoc;
 
@@ -26,6 +28,8 @@ pub use routes::ApiDoc;
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// How long an authorization request (`state`) stays valid.
 pub const STATE_TTL: Duration = Duration::from_secs(600);
+/// How long a consent received by the callback waits for the host application's confirmation.
+pub const CONNECTION_TTL: Duration = Duration::from_secs(900);
 
 /// Settings of the admin API.
 #[derive(Clone, Debug)]
@@ -37,6 +41,10 @@ pub struct AdminConfig {
     /// Accept a Gmail sender that is one of the account's verified aliases.
     pub google_check_aliases: bool,
     pub state_ttl: Duration,
+    /// How long a consent waits for `POST …/integration/confirm`.
+    pub connection_ttl: Duration,
+    /// `Mail.Send.Shared` is requested: a sender may be another mailbox.
+    pub microsoft_shared_mailboxes: bool,
     /// Platform name in test messages.
     pub product_name: String,
 }
@@ -66,7 +74,8 @@ pub fn app(state: AdminState) -> Router {
             "/{org}/integration",
             get(routes::get_integration).delete(routes::delete_integration),
         )
-        .route("/{org}/integration/authorize", post(routes::authorize))
+        .route("/{org}/integration/authorize", post(connect::authorize))
+        .route("/{org}/integration/confirm", post(connect::confirm))
         .route("/{org}/integration/sender", put(routes::put_sender))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -74,7 +83,7 @@ pub fn app(state: AdminState) -> Router {
         ));
     Router::new()
         .nest("/v1/organizations", organizations)
-        .route("/v1/oauth/callback", get(routes::callback))
+        .route("/v1/oauth/callback", get(connect::callback))
         .route(
             "/v1/openapi.json",
             get(|| async { axum::Json(ApiDoc::openapi()) }),

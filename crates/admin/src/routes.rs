@@ -1,22 +1,19 @@
-//! The handlers, their request and response shapes, and the OpenAPI document.
+//! Sender (save and test), integration view and disconnect; the OpenAPI document.
+//! The connect flow is in `connect.rs`.
 
 use axum::Json;
-use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
-use base64::Engine as _;
+use axum::extract::State;
+use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::address::display_name_problem;
 use mail_dispatch_domain::{
     EmailAddress, ErrorCode, JobError, Mailbox, OutgoingMessage, ProviderKind,
 };
-use mail_dispatch_providers::oauth::id_token_email;
-use mail_dispatch_store::{Fallback, Integration, NewConnection, StateLookup};
+use mail_dispatch_store::{Fallback, Integration};
 use mail_dispatch_worker::sender::InProcessRetry;
 use rand::RngCore as _;
-use secrecy::ExposeSecret as _;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{OpenApi, ToSchema};
 
 use crate::AdminState;
 use crate::error::{ApiError, ErrorBody};
@@ -25,8 +22,8 @@ use crate::extract::{ApiJson, OrgId};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "mail-dispatch admin API", description = "Connect an organization's Microsoft 365 or Google Workspace account, save and test its sender, disconnect it."),
-    paths(authorize, callback, put_sender, get_integration, delete_integration),
-    components(schemas(AuthorizeRequest, AuthorizeResponse, SenderRequest, TestOutcome, IntegrationView, SenderView, ErrorBody, DisconnectResponse, TestError)),
+    paths(crate::connect::authorize, crate::connect::callback, crate::connect::confirm, put_sender, get_integration, delete_integration),
+    components(schemas(crate::connect::AuthorizeRequest, crate::connect::AuthorizeResponse, crate::connect::ConfirmRequest, crate::connect::ConfirmResponse, crate::connect::ConfirmStatus, SenderRequest, TestOutcome, TestStatus, IntegrationView, SenderView, ErrorBody, DisconnectResponse, TestError)),
     modifiers(&BearerAuth),
     tags((name = "integration", description = "An organization's mail provider"))
 )]
@@ -43,22 +40,6 @@ impl utoipa::Modify for BearerAuth {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct AuthorizeRequest {
-    /// `microsoft` or `google`.
-    pub provider: String,
-    /// Where the admin's browser is sent back after consent; its origin must be allowed.
-    pub return_to: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AuthorizeResponse {
-    /// The provider's consent page, with `state` and a PKCE S256 challenge.
-    pub authorization_url: String,
-    /// The `state` stops working at this instant.
-    pub expires_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -81,10 +62,28 @@ pub struct TestError {
     pub provider_code: Option<String>,
 }
 
+/// Whether a test message went out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TestStatus {
+    /// The provider accepted it: the integration is now active with this sender.
+    Sent,
+    Failed,
+}
+
+impl TestStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            TestStatus::Sent => "sent",
+            TestStatus::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TestOutcome {
     /// `sent` (the integration is now active) or `failed`.
-    pub status: String,
+    pub status: TestStatus,
     pub provider_message_id: Option<String>,
     pub error: Option<TestError>,
     pub integration: IntegrationView,
@@ -125,16 +124,7 @@ pub struct DisconnectResponse {
     pub revoked: bool,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct CallbackQuery {
-    pub code: Option<String>,
-    pub state: Option<String>,
-    pub error: Option<String>,
-    pub error_description: Option<String>,
-}
-
-fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
+pub(crate) fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
     match i {
         None => IntegrationView {
             organization_id: org.to_owned(),
@@ -164,272 +154,6 @@ fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
             last_error: i.last_error.clone(),
         },
     }
-}
-
-fn parse_provider(raw: &str) -> Result<ProviderKind, ApiError> {
-    match ProviderKind::parse(raw) {
-        Some(p @ (ProviderKind::Microsoft | ProviderKind::Google)) => Ok(p),
-        _ => Err(ApiError::invalid(
-            "provider must be `microsoft` or `google`",
-        )),
-    }
-}
-
-fn random_state() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// Starts connecting a provider: returns its consent page.
-#[utoipa::path(post, path = "/v1/organizations/{org}/integration/authorize", tag = "integration",
-    params(("org" = String, Path, description = "Organization id")),
-    request_body = AuthorizeRequest,
-    responses((status = 200, body = AuthorizeResponse), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
-    security(("admin_token" = [])))]
-pub async fn authorize(
-    State(state): State<AdminState>,
-    OrgId(org): OrgId,
-    ApiJson(req): ApiJson<AuthorizeRequest>,
-) -> Result<Json<AuthorizeResponse>, ApiError> {
-    let provider = parse_provider(&req.provider)?;
-    let return_to = url::Url::parse(&req.return_to)
-        .map_err(|_| ApiError::invalid("return_to must be an absolute URL"))?;
-    if !state.config.return_origins.contains(&return_to.origin()) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "return_to_not_allowed",
-            "return_to is not on an allowed origin (MAIL_DISPATCH_RETURN_ORIGINS)",
-        ));
-    }
-    let service = state.dispatcher.senders.tokens.service();
-    let oauth_state = random_state();
-    let (url, verifier) = service.authorize_url(provider, &oauth_state).map_err(|_| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "provider_not_configured",
-            format!("{provider} is not configured on this deployment"),
-        )
-    })?;
-    let expires_at = state
-        .dispatcher
-        .store
-        .create_oauth_state(
-            &oauth_state,
-            &org,
-            provider,
-            &verifier,
-            return_to.as_str(),
-            state.config.state_ttl,
-        )
-        .await?;
-    tracing::info!(org.id = %org, %provider, "authorization started");
-    Ok(Json(AuthorizeResponse {
-        authorization_url: url.to_string(),
-        expires_at,
-    }))
-}
-
-/// `return_to` with the outcome in its query.
-fn back_to(return_to: &str, params: &[(&str, &str)]) -> Response {
-    let mut url = match url::Url::parse(return_to) {
-        Ok(u) => u,
-        Err(_) => return (StatusCode::BAD_REQUEST, "invalid return_to").into_response(),
-    };
-    {
-        let mut q = url.query_pairs_mut();
-        for (k, v) in params {
-            q.append_pair(k, v);
-        }
-    }
-    (StatusCode::SEE_OTHER, [(header::LOCATION, url.to_string())]).into_response()
-}
-
-/// Only well-formed OAuth error codes go back in the redirect (RFC 6749 §4.1.2.1).
-fn oauth_error_code(raw: &str) -> &str {
-    if !raw.is_empty()
-        && raw.len() <= 64
-        && raw.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-    {
-        raw
-    } else {
-        "provider_error"
-    }
-}
-
-/// Where the admin's browser lands after the provider's consent page.
-#[utoipa::path(get, path = "/v1/oauth/callback", tag = "integration", params(CallbackQuery),
-    responses((status = 303, description = "Redirect to return_to with `status` (connected, active, test_failed, error) and, on error, `error`"),
-              (status = 400, description = "Unknown state: nowhere safe to redirect to")))]
-pub async fn callback(State(state): State<AdminState>, Query(q): Query<CallbackQuery>) -> Response {
-    let store = &state.dispatcher.store;
-    let Some(oauth_state) = q
-        .state
-        .as_deref()
-        .filter(|s| !s.is_empty() && s.len() <= 200)
-    else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Html("<p>Missing state. Start again from the settings page.</p>"),
-        )
-            .into_response();
-    };
-    let pending = match store.consume_oauth_state(oauth_state).await {
-        Ok(StateLookup::Valid(p)) => p,
-        Ok(StateLookup::Expired { return_to }) => {
-            return back_to(
-                &return_to,
-                &[("status", "error"), ("error", "state_expired")],
-            );
-        }
-        Ok(StateLookup::Reused { return_to }) => {
-            return back_to(
-                &return_to,
-                &[("status", "error"), ("error", "state_reused")],
-            );
-        }
-        Ok(StateLookup::Unknown) => {
-            tracing::warn!("OAuth callback with an unknown state");
-            return (StatusCode::BAD_REQUEST, Html("<p>Unknown or forged authorization state. Start again from the settings page.</p>"))
-                .into_response();
-        }
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let org = pending.organization_id.as_str();
-    let provider = pending.provider;
-    let ret = pending.return_to.as_str();
-    let p = provider.as_str();
-    if let Some(error) = q.error.as_deref() {
-        tracing::info!(
-            org.id = org,
-            %provider,
-            error = oauth_error_code(error),
-            description = q.error_description.as_deref().unwrap_or_default(),
-            "provider refused the authorization"
-        );
-        return back_to(
-            ret,
-            &[
-                ("status", "error"),
-                ("error", oauth_error_code(error)),
-                ("provider", p),
-            ],
-        );
-    }
-    let Some(code) = q.code.as_deref().filter(|c| !c.is_empty()) else {
-        return back_to(
-            ret,
-            &[
-                ("status", "error"),
-                ("error", "missing_code"),
-                ("provider", p),
-            ],
-        );
-    };
-    let service = state.dispatcher.senders.tokens.service();
-    let grant = match service
-        .exchange_code(provider, code, &pending.pkce_verifier)
-        .await
-    {
-        Ok(g) => g,
-        Err(e) => {
-            tracing::warn!(org.id = org, %provider, error = %e, "code exchange failed");
-            return back_to(
-                ret,
-                &[
-                    ("status", "error"),
-                    ("error", "token_exchange_failed"),
-                    ("provider", p),
-                ],
-            );
-        }
-    };
-    let Some(refresh_token) = grant.refresh_token.clone() else {
-        tracing::warn!(org.id = org, %provider, "no refresh token granted");
-        return back_to(
-            ret,
-            &[
-                ("status", "error"),
-                ("error", "no_refresh_token"),
-                ("provider", p),
-            ],
-        );
-    };
-    let account = match provider {
-        ProviderKind::Microsoft => state
-            .dispatcher
-            .senders
-            .graph
-            .account_email(&grant.access_token)
-            .await
-            .ok(),
-        _ => grant.id_token.as_deref().and_then(id_token_email),
-    };
-    let Some(account) = account else {
-        return back_to(
-            ret,
-            &[
-                ("status", "error"),
-                ("error", "account_unknown"),
-                ("provider", p),
-            ],
-        );
-    };
-    let previous = match store.integration(org).await {
-        Ok(p) => p,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let saved = store
-        .save_connection(&NewConnection {
-            organization_id: org.to_owned(),
-            provider,
-            account_email: account.clone(),
-            refresh_token,
-            access_token: Some((grant.access_token.clone(), grant.expires_at)),
-            granted_scopes: grant.scopes.clone(),
-        })
-        .await;
-    let saved = match saved {
-        Ok(s) => s,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    // The other caches learn of it by NOTIFY; this process's token cache must not
-    // keep a token of the previous grant meanwhile.
-    state.dispatcher.senders.tokens.forget(org);
-    tracing::info!(org.id = org, %provider, "provider connected");
-
-    // A reconnect of an organization whose sender is saved re-runs the test.
-    let reconnect = previous
-        .as_ref()
-        .is_some_and(|i| i.provider == provider && i.sender_email.is_some());
-    if let (true, Some(email), Some(name)) = (
-        reconnect,
-        saved.sender_email.clone(),
-        Some(saved.sender_name.clone()),
-    ) {
-        let Ok(sender_email) = EmailAddress::parse(&email) else {
-            return back_to(ret, &[("status", "connected"), ("provider", p)]);
-        };
-        let sender = Mailbox::new(sender_email, name);
-        let recipient = EmailAddress::parse(&account).map(|a| Mailbox::new(a, None));
-        let Ok(recipient) = recipient else {
-            return back_to(ret, &[("status", "connected"), ("provider", p)]);
-        };
-        return match test_send(&state, org, provider, &sender, &recipient, saved.fallback).await {
-            Ok((outcome, _)) if outcome.status == "sent" => {
-                back_to(ret, &[("status", "active"), ("provider", p)])
-            }
-            Ok((outcome, _)) => {
-                let code = outcome.error.map(|e| e.code).unwrap_or_default();
-                back_to(
-                    ret,
-                    &[("status", "test_failed"), ("error", &code), ("provider", p)],
-                )
-            }
-            Err(e) => e.into_response(),
-        };
-    }
-    back_to(ret, &[("status", "connected"), ("provider", p)])
 }
 
 /// The test message: a small notification saying what was configured.
@@ -494,12 +218,13 @@ fn html_escape(s: &str) -> String {
 async fn test_send(
     state: &AdminState,
     org: &str,
-    provider: ProviderKind,
+    integration: &Integration,
     sender: &Mailbox,
     to: &Mailbox,
     fallback: Fallback,
-) -> Result<(TestOutcome, bool), ApiError> {
+) -> Result<TestOutcome, ApiError> {
     let store = &state.dispatcher.store;
+    let provider = integration.provider;
     let message = test_message(state, org, provider, sender, to);
     let retry = InProcessRetry {
         attempts: 2,
@@ -515,21 +240,25 @@ async fn test_send(
         .send(provider, org, &message, retry)
         .await;
     let (status, message_id, error) = match outcome {
-        Ok(accepted) => ("sent", accepted.provider_message_id, None),
+        Ok(accepted) => (TestStatus::Sent, accepted.provider_message_id, None),
         Err(mail_dispatch_worker::SendFailure::Send(e)) => {
-            ("failed", None, Some(e.to_job_error(e.final_code())))
+            let mut error = e.to_job_error(e.final_code());
+            if let Some(hint) = send_as_hint(state, integration, sender, &error) {
+                error.message = format!("{} ({hint})", error.message);
+            }
+            (TestStatus::Failed, None, Some(error))
         }
-        Err(mail_dispatch_worker::SendFailure::Revoked { reason, .. }) => (
-            "failed",
-            None,
-            Some(JobError::new(
+        Err(mail_dispatch_worker::SendFailure::Revoked { reason, code, .. }) => {
+            let mut error = JobError::new(
                 ErrorCode::AuthRevoked,
                 format!("the provider refused the grant: {reason}"),
-            )),
-        ),
+            );
+            error.provider_code = code;
+            (TestStatus::Failed, None, Some(error))
+        }
         Err(mail_dispatch_worker::SendFailure::Store(e)) => return Err(ApiError::internal(e)),
     };
-    let sent = status == "sent";
+    let sent = status == TestStatus::Sent;
     if let Some(e) = &error
         && e.code == ErrorCode::AuthRevoked
     {
@@ -542,29 +271,105 @@ async fn test_send(
             .save_sender(org, sender.email.as_str(), sender.name.as_deref(), fallback)
             .await?;
     }
+    record_test(state, org, provider, sender, status, message_id, error).await
+}
+
+/// Stores a test's outcome (the integration turns active if it was sent).
+async fn record_test(
+    state: &AdminState,
+    org: &str,
+    provider: ProviderKind,
+    sender: &Mailbox,
+    status: TestStatus,
+    message_id: Option<String>,
+    error: Option<JobError>,
+) -> Result<TestOutcome, ApiError> {
+    let store = &state.dispatcher.store;
+    let sent = status == TestStatus::Sent;
     let record = serde_json::json!({
-        "status": status,
+        "status": status.as_str(),
         "sender": {"email": sender.email.as_str(), "name": sender.name},
         "provider_message_id": message_id,
         "error": error,
     });
     let integration = store.record_test(org, &record, sent).await?;
     state.dispatcher.senders.tokens.forget(org);
-    tracing::info!(org.id = org, %provider, status, "sender test");
-    Ok((
-        TestOutcome {
-            status: status.into(),
-            provider_message_id: message_id,
-            error: error.map(|e| TestError {
-                code: e.code.as_str().into(),
-                message: e.message,
-                provider_status: e.provider_status,
-                provider_code: e.provider_code,
-            }),
-            integration: view(org, integration.as_ref()),
-        },
-        sent,
-    ))
+    tracing::info!(org.id = org, %provider, status = status.as_str(), "sender test");
+    Ok(TestOutcome {
+        status,
+        provider_message_id: message_id,
+        error: error.map(|e| TestError {
+            code: e.code.as_str().into(),
+            message: e.message,
+            provider_status: e.provider_status,
+            provider_code: e.provider_code,
+        }),
+        integration: view(org, integration.as_ref()),
+    })
+}
+
+/// Graph refuses a sender other than the signed-in mailbox unless the app has
+/// `Mail.Send.Shared` and the user Send As rights on it: say which is missing.
+fn send_as_hint(
+    state: &AdminState,
+    integration: &Integration,
+    sender: &Mailbox,
+    error: &JobError,
+) -> Option<&'static str> {
+    let other_mailbox = !integration
+        .account_email
+        .as_deref()
+        .is_some_and(|a| a.eq_ignore_ascii_case(sender.email.as_str()));
+    (integration.provider == ProviderKind::Microsoft
+        && error.provider_code.as_deref() == Some("ErrorSendAsDenied")
+        && other_mailbox)
+        .then_some(if state.config.microsoft_shared_mailboxes {
+            "the connected user needs Send As rights on this mailbox in Exchange Online"
+        } else {
+            "sending as another mailbox needs MAIL_DISPATCH_MICROSOFT_SHARED_MAILBOXES=true on this deployment and Send As rights for the connected user"
+        })
+}
+
+/// After a reconnect: the saved sender goes through the same check and test as
+/// on its first save (the account may be another one).
+pub(crate) async fn retest_saved_sender(
+    state: &AdminState,
+    org: &str,
+    integration: &Integration,
+    sender_email: &str,
+) -> Result<TestOutcome, ApiError> {
+    let provider = integration.provider;
+    let email = EmailAddress::parse(sender_email).map_err(ApiError::internal)?;
+    let sender = Mailbox::new(email.clone(), integration.sender_name.clone());
+    if provider == ProviderKind::Google
+        && let Err(refused) = check_google_sender(state, org, integration, &email).await
+    {
+        let error = JobError::new(ErrorCode::SenderNotAllowed, refused.message);
+        return record_test(
+            state,
+            org,
+            provider,
+            &sender,
+            TestStatus::Failed,
+            None,
+            Some(error),
+        )
+        .await;
+    }
+    let recipient = integration
+        .account_email
+        .as_deref()
+        .and_then(|a| EmailAddress::parse(a).ok())
+        .ok_or_else(|| ApiError::internal("connected account without an address"))?;
+    test_send(
+        state,
+        org,
+        integration,
+        &sender,
+        &Mailbox::new(recipient, None),
+        integration.fallback,
+    )
+    .await
 }
 
 /// Saves the sender and sends a test message through the provider.
@@ -630,10 +435,10 @@ pub async fn put_sender(
         check_google_sender(&state, &org, &integration, &email).await?;
     }
     let sender = Mailbox::new(email, name.map(str::to_owned));
-    let (outcome, _) = test_send(
+    let outcome = test_send(
         &state,
         &org,
-        integration.provider,
+        &integration,
         &sender,
         &Mailbox::new(recipient, None),
         fallback,
@@ -713,20 +518,10 @@ pub async fn delete_integration(
 ) -> Result<Json<DisconnectResponse>, ApiError> {
     let deleted = state.dispatcher.store.delete_integration(&org).await?;
     state.dispatcher.senders.tokens.forget(&org);
-    let mut revoked = false;
-    if let Some((ProviderKind::Google, Some(refresh))) = &deleted {
-        // RFC 7009 at Google's revoke endpoint; a grant already gone answers 400.
-        let answer = state
-            .http
-            .post(state.config.google_revoke_url.clone())
-            .form(&[("token", refresh.expose_secret())])
-            .send()
-            .await;
-        revoked = matches!(&answer, Ok(r) if r.status().is_success());
-        if !revoked {
-            tracing::warn!(org.id = %org, status = answer.as_ref().ok().map(|r| r.status().as_u16()), "Google did not confirm the revocation");
-        }
-    }
+    let revoked = match &deleted {
+        Some((provider, Some(refresh))) => crate::connect::revoke(&state, *provider, refresh).await,
+        _ => false,
+    };
     tracing::info!(org.id = %org, deleted = deleted.is_some(), revoked, "integration disconnected");
     Ok(Json(DisconnectResponse {
         status: "not_configured".into(),

@@ -772,6 +772,8 @@ async fn store_connections(
                         chrono::Utc::now() + chrono::Duration::minutes(50),
                     )),
                     granted_scopes: None,
+                    account_id: None,
+                    account_tenant: None,
                 })
                 .await?;
             store

@@ -152,13 +152,16 @@ pub async fn run_until(
     ));
     let admin_server = match (admin_config, admin_listener) {
         (Some(config), Some(listener)) => {
-            let app = mail_dispatch_admin::app(mail_dispatch_admin::AdminState::new(
-                dispatcher.clone(),
-                config,
-            ));
+            let state = mail_dispatch_admin::AdminState::new(dispatcher.clone(), config);
+            let app = mail_dispatch_admin::app(state.clone());
             tracing::info!(listen = %settings.admin_listen, "admin API listening");
             let shutdown = shutdown.clone();
+            let upkeep = tokio::spawn(mail_dispatch_admin::run_upkeep(
+                state.clone(),
+                Duration::from_secs(60),
+            ));
             Some(tokio::spawn(async move {
+                let _upkeep = tokio_util::task::AbortOnDropHandle::new(upkeep);
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move { shutdown.cancelled().await })
                     .await
@@ -172,7 +175,13 @@ pub async fn run_until(
         shutdown.clone(),
     ));
     if roles.worker {
+        let keepalive = tokio::spawn(mail_dispatch_worker::keepalive::run(
+            dispatcher.clone(),
+            dispatcher.config.keepalive,
+            shutdown.clone(),
+        ));
         mail_dispatch_worker::runner::run(dispatcher, health, shutdown.clone()).await;
+        keepalive.abort();
     } else {
         shutdown.cancelled().await;
     }

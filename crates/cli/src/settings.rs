@@ -15,7 +15,7 @@
 //! | `MAIL_DISPATCH_METRICS_LISTEN` | `127.0.0.1:9090` |
 //! | `MAIL_DISPATCH_DEFAULT_SENDER` / `_NAME` | `no-reply@localhost` / `Notifications` |
 //! | `MAIL_DISPATCH_DEFAULT_TRANSPORT` | `file://./outbox` |
-//! | `MAIL_DISPATCH_MICROSOFT_CLIENT_ID` / `_SECRET` / `_TENANT` | — / — / `common` |
+//! | `MAIL_DISPATCH_MICROSOFT_CLIENT_ID` / `_SECRET` / `_TENANT` | — / — / `organizations` |
 //! | `MAIL_DISPATCH_MICROSOFT_LOGIN_URL` | `https://login.microsoftonline.com` |
 //! | `MAIL_DISPATCH_GRAPH_URL` | `https://graph.microsoft.com` |
 //! | `MAIL_DISPATCH_GOOGLE_CLIENT_ID` / `_SECRET` | — |
@@ -38,6 +38,9 @@
 //! | `MAIL_DISPATCH_MICROSOFT_DAILY_RECIPIENTS` | `10000` per mailbox and UTC day, all replicas |
 //! | `MAIL_DISPATCH_GOOGLE_DAILY_MESSAGES` | `2000` per user and UTC day, all replicas |
 //! | `MAIL_DISPATCH_LEDGER_RETENTION_SECS` | `604800` (7 days) |
+//! | `MAIL_DISPATCH_KEEPALIVE_INTERVAL_SECS` | `3600` |
+//! | `MAIL_DISPATCH_KEEPALIVE_IDLE_DAYS` | `14` |
+//! | `MAIL_DISPATCH_CONNECTION_TTL_SECS` | `900` |
 //! | `MAIL_DISPATCH_QUEUE_PREFIX` | empty: prefix of every exchange and queue name |
 //! | `MAIL_DISPATCH_PRODUCT_NAME` | `mail-dispatch`: named in test messages |
 //! | `MAIL_DISPATCH_LOG_FORMAT` | `pretty` (`json` for production) |
@@ -55,19 +58,6 @@ use url::Url;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/mail_dispatch";
-pub const MICROSOFT_GRAPH_SCOPES: &[&str] = &[
-    "offline_access",
-    "https://graph.microsoft.com/Mail.Send",
-    "openid",
-    "email",
-    "profile",
-];
-pub const GOOGLE_SCOPES: &[&str] = &[
-    "https://www.googleapis.com/auth/gmail.send",
-    "openid",
-    "email",
-];
-
 /// Every setting, from flags or the environment.
 #[derive(Args, Debug, Clone)]
 pub struct Settings {
@@ -140,7 +130,11 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub microsoft_client_secret: Option<String>,
-    #[arg(long, env = "MAIL_DISPATCH_MICROSOFT_TENANT", default_value = "common")]
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_MICROSOFT_TENANT",
+        default_value = "organizations"
+    )]
     pub microsoft_tenant: String,
     #[arg(
         long,
@@ -247,6 +241,19 @@ pub struct Settings {
     /// Finished idempotency-ledger entries older than this are pruned.
     #[arg(long, env = "MAIL_DISPATCH_LEDGER_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub ledger_retention_secs: u64,
+    /// How often each worker looks for idle grants to refresh.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_KEEPALIVE_INTERVAL_SECS",
+        default_value_t = 3600
+    )]
+    pub keepalive_interval_secs: u64,
+    /// A grant unused for this many days is refreshed (Microsoft expires them after 90).
+    #[arg(long, env = "MAIL_DISPATCH_KEEPALIVE_IDLE_DAYS", default_value_t = 14)]
+    pub keepalive_idle_days: u64,
+    /// How long a consent received by the callback waits for the host application's confirmation.
+    #[arg(long, env = "MAIL_DISPATCH_CONNECTION_TTL_SECS", default_value_t = 900)]
+    pub connection_ttl_secs: u64,
     #[arg(long, env = "MAIL_DISPATCH_QUEUE_PREFIX", default_value = "")]
     pub queue_prefix: String,
     /// Product name shown in test messages.
@@ -325,22 +332,11 @@ impl Settings {
     }
 
     pub fn microsoft_scopes(&self) -> Vec<String> {
-        let mut s: Vec<String> = MICROSOFT_GRAPH_SCOPES
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        if self.microsoft_shared_mailboxes {
-            s.push("https://graph.microsoft.com/Mail.Send.Shared".into());
-        }
-        s
+        mail_dispatch_providers::scopes::microsoft(self.microsoft_shared_mailboxes)
     }
 
     pub fn google_scopes(&self) -> Vec<String> {
-        let mut s: Vec<String> = GOOGLE_SCOPES.iter().map(|s| s.to_string()).collect();
-        if self.google_check_aliases {
-            s.push("https://www.googleapis.com/auth/gmail.settings.basic".into());
-        }
-        s
+        mail_dispatch_providers::scopes::google(self.google_check_aliases)
     }
 
     pub fn oauth_app(&self, provider: ProviderKind) -> anyhow::Result<Option<OAuthApp>> {
@@ -415,6 +411,8 @@ impl Settings {
             google_revoke_url: self.google_revoke_url.clone(),
             google_check_aliases: self.google_check_aliases,
             state_ttl: mail_dispatch_admin::STATE_TTL,
+            connection_ttl: Duration::from_secs(self.connection_ttl_secs.max(1)),
+            microsoft_shared_mailboxes: self.microsoft_shared_mailboxes,
             product_name: self.product_name.clone(),
         }))
     }
@@ -436,6 +434,11 @@ impl Settings {
             google_daily_messages: self.google_daily_messages,
         };
         c.ledger_retention = Duration::from_secs(self.ledger_retention_secs);
+        c.keepalive = mail_dispatch_worker::keepalive::KeepAliveConfig {
+            interval: Duration::from_secs(self.keepalive_interval_secs.max(1)),
+            idle_after: Duration::from_secs(self.keepalive_idle_days * 24 * 3600),
+            ..Default::default()
+        };
         Ok(c)
     }
 }

@@ -140,26 +140,36 @@ impl GraphSender {
         Err(classify(status, &text, retry_after))
     }
 
-    /// The connected account's address, from `GET /v1.0/me` (`mail`, else `userPrincipalName`).
-    pub async fn account_email(&self, token: &SecretString) -> Result<String, SendError> {
-        let text = get_with_token(&self.http, self.me_url.clone(), token, classify).await?;
-        let me: Value = serde_json::from_str(&text).map_err(|_| {
+    /// The signed-in user, from `GET /v1.0/me?$select=…` (needs `User.Read`,
+    /// learn.microsoft.com/graph/api/user-get). `mail` is null for a user with no
+    /// Exchange Online mailbox: the user principal name is then no mail address.
+    pub async fn me(&self, token: &SecretString) -> Result<GraphUser, SendError> {
+        let mut url = self.me_url.clone();
+        url.query_pairs_mut()
+            .append_pair("$select", "id,displayName,mail,userPrincipalName");
+        let text = get_with_token(&self.http, url, token, classify).await?;
+        serde_json::from_str(&text).map_err(|_| {
             SendError::new(
                 FailureClass::unavailable(None),
-                "Graph /me answered with invalid JSON",
+                "Graph /me answered with unreadable JSON",
             )
-        })?;
-        me.get("mail")
-            .and_then(Value::as_str)
-            .or_else(|| me.get("userPrincipalName").and_then(Value::as_str))
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                SendError::permanent(
-                    ErrorCode::SenderNotAllowed,
-                    "the Microsoft account has no mailbox address",
-                )
-            })
+        })
     }
+}
+
+/// What `GET /v1.0/me` says of the signed-in user.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GraphUser {
+    /// The user's object id (`oid`).
+    pub id: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// The primary SMTP address; null without an Exchange Online mailbox.
+    #[serde(default)]
+    pub mail: Option<String>,
+    #[serde(default)]
+    pub user_principal_name: Option<String>,
 }
 
 fn join(base: &Url, path: &str) -> Url {

@@ -6,6 +6,7 @@ pub mod graph;
 pub mod mime;
 pub mod oauth;
 pub mod platform;
+pub mod scopes;
 
 use std::time::Duration;
 

@@ -190,7 +190,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ]
     .into_iter()
     .flat_map(|(k, v)| [k.to_owned(), v])
-    .chain(["--dev".to_owned()])
+    .chain([
+        "--dev".to_owned(),
+        "--microsoft-shared-mailboxes".to_owned(),
+    ])
     .collect();
     let settings = mail_dispatch::settings_from_args(flags)?;
     mail_dispatch::telemetry::init("pretty");
@@ -296,10 +299,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .context("authorize answered no URL")?;
         let back = browse(&http, url, &return_to).await?;
         let outcome: HashMap<String, String> = back.query_pairs().into_owned().collect();
+        // The host application confirms the consent in the admin's own session.
+        let connection = outcome
+            .get("connection")
+            .with_context(|| format!("the consent came back without a connection: {outcome:?}"))?;
+        let confirmed: Value = http
+            .post(format!(
+                "{admin}/v1/organizations/{}/integration/confirm",
+                org.id
+            ))
+            .bearer_auth(&admin_token)
+            .json(&json!({"connection": connection}))
+            .send()
+            .await?
+            .json()
+            .await?;
         println!(
-            "{:<8} OAuth consent as {account:<26} → {}",
+            "{:<8} OAuth consent as {account:<26} → {}, confirmed → {}",
             org.id,
-            outcome.get("status").map(String::as_str).unwrap_or("?")
+            outcome.get("status").map(String::as_str).unwrap_or("?"),
+            confirmed["status"].as_str().unwrap_or("?")
         );
         let test: Value = http
             .put(format!(

@@ -71,10 +71,16 @@ pub struct Integration {
     pub provider: ProviderKind,
     pub status: IntegrationStatus,
     pub account_email: Option<String>,
+    /// The account's stable id: Microsoft `oid`, Google `sub`.
+    pub account_id: Option<String>,
+    /// Microsoft `tid`; Google `hd` (the Workspace domain, none for consumer accounts).
+    pub account_tenant: Option<String>,
     pub sender_email: Option<String>,
     pub sender_name: Option<String>,
     pub fallback: Fallback,
     pub ever_active: bool,
+    /// When the grant was last refreshed or obtained (the keep-alive's clock).
+    pub last_refreshed_at: Option<DateTime<Utc>>,
     pub connected_at: DateTime<Utc>,
     pub last_test_at: Option<DateTime<Utc>>,
     pub last_test: Option<serde_json::Value>,
@@ -90,10 +96,13 @@ impl Integration {
             provider: ProviderKind::parse(&provider).unwrap_or(ProviderKind::Default),
             status: IntegrationStatus::parse(row.get("status")),
             account_email: row.get("account_email"),
+            account_id: row.get("account_id"),
+            account_tenant: row.get("account_tenant"),
             sender_email: row.get("sender_email"),
             sender_name: row.get("sender_name"),
             fallback: Fallback::parse(row.get("fallback")).unwrap_or(Fallback::None),
             ever_active: row.get("ever_active"),
+            last_refreshed_at: row.get("last_refreshed_at"),
             connected_at: row.get("connected_at"),
             last_test_at: row.get("last_test_at"),
             last_test: row.get("last_test"),
@@ -103,8 +112,9 @@ impl Integration {
     }
 }
 
-const INTEGRATION_COLUMNS: &str = "organization_id, provider, status, account_email, sender_email, \
-     sender_name, fallback, ever_active, connected_at, last_test_at, last_test, last_error, updated_at";
+const INTEGRATION_COLUMNS: &str = "organization_id, provider, status, account_email, account_id, \
+     account_tenant, sender_email, sender_name, fallback, ever_active, last_refreshed_at, connected_at, \
+     last_test_at, last_test, last_error, updated_at";
 
 /// The outcome of an OAuth connection, to be stored.
 #[derive(Debug)]
@@ -112,6 +122,10 @@ pub struct NewConnection {
     pub organization_id: String,
     pub provider: ProviderKind,
     pub account_email: String,
+    /// Microsoft `oid`, Google `sub`.
+    pub account_id: Option<String>,
+    /// Microsoft `tid`, Google `hd`.
+    pub account_tenant: Option<String>,
     pub refresh_token: SecretString,
     pub access_token: Option<(SecretString, DateTime<Utc>)>,
     /// The scopes the provider says it granted (space-separated), if it said.
@@ -125,6 +139,7 @@ pub struct StoredTokens {
     pub granted_scopes: Option<String>,
     pub refresh_token: Option<SecretString>,
     pub access_token: Option<(SecretString, DateTime<Utc>)>,
+    pub last_refreshed_at: Option<DateTime<Utc>>,
 }
 
 /// What a refresh decided, applied to the locked row before the lock is released.
@@ -209,11 +224,15 @@ impl Store {
             .query_one(
                 &format!(
                     "INSERT INTO integrations (organization_id, provider, status, account_email,
-                         refresh_token, access_token, access_token_expires_at, token_key_id, granted_scopes)
-                     VALUES ($1, $2, 'pending_sender', $3, $4, $5, $6, $7, $8)
+                         refresh_token, access_token, access_token_expires_at, token_key_id, granted_scopes,
+                         account_id, account_tenant, last_refreshed_at)
+                     VALUES ($1, $2, 'pending_sender', $3, $4, $5, $6, $7, $8, $9, $10, now())
                      ON CONFLICT (organization_id) DO UPDATE SET
                          status = 'pending_sender',
                          account_email = EXCLUDED.account_email,
+                         account_id = EXCLUDED.account_id,
+                         account_tenant = EXCLUDED.account_tenant,
+                         last_refreshed_at = now(),
                          refresh_token = EXCLUDED.refresh_token,
                          access_token = EXCLUDED.access_token,
                          access_token_expires_at = EXCLUDED.access_token_expires_at,
@@ -238,6 +257,8 @@ impl Store {
                     &expires,
                     &cipher.key_id(),
                     &c.granted_scopes,
+                    &c.account_id,
+                    &c.account_tenant,
                 ],
             )
             .await?;
@@ -305,6 +326,34 @@ impl Store {
             )
             .await?;
         Ok(n == 1)
+    }
+
+    /// Integrations whose grant has not been refreshed for `idle_for`, oldest first:
+    /// the keep-alive refreshes them before the provider expires them for inactivity.
+    pub async fn idle_grants(
+        &self,
+        idle_for: std::time::Duration,
+        limit: i64,
+    ) -> Result<Vec<(String, ProviderKind)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT organization_id, provider FROM integrations
+                 WHERE status <> 'needs_reauth' AND refresh_token IS NOT NULL
+                   AND COALESCE(last_refreshed_at, connected_at) < now() - make_interval(secs => $1::float8)
+                 ORDER BY COALESCE(last_refreshed_at, connected_at) LIMIT $2",
+                &[&idle_for.as_secs_f64(), &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    ProviderKind::parse(r.get(1)).unwrap_or(ProviderKind::Default),
+                )
+            })
+            .collect())
     }
 
     /// Deletes an integration and its tokens. Returns the decrypted refresh token
@@ -385,7 +434,8 @@ impl Store {
         let tx = client.transaction().await?;
         let Some(row) = tx
             .query_opt(
-                "SELECT provider, granted_scopes, refresh_token, access_token, access_token_expires_at
+                "SELECT provider, granted_scopes, refresh_token, access_token, access_token_expires_at,
+                     last_refreshed_at
                  FROM integrations WHERE organization_id = $1 FOR UPDATE",
                 &[&organization_id],
             )
@@ -404,6 +454,7 @@ impl Store {
                 })
                 .transpose()?,
             access_token: self.decrypt_access(organization_id, &row)?,
+            last_refreshed_at: row.get("last_refreshed_at"),
         };
         let current_refresh = tokens.refresh_token.clone();
         let (decision, value) = refresh(tokens).await;
@@ -423,9 +474,16 @@ impl Store {
                     .map(|t| cipher.encrypt(&ctx(organization_id, "refresh_token"), &t));
                 tx.execute(
                     "UPDATE integrations SET access_token = $2, access_token_expires_at = $3,
-                         refresh_token = COALESCE($4, refresh_token), token_key_id = $5, updated_at = now()
+                         refresh_token = COALESCE($4, refresh_token), token_key_id = $5,
+                         last_refreshed_at = now(), updated_at = now()
                      WHERE organization_id = $1",
-                    &[&organization_id, &access, &expires_at, &rotated, &cipher.key_id()],
+                    &[
+                        &organization_id,
+                        &access,
+                        &expires_at,
+                        &rotated,
+                        &cipher.key_id(),
+                    ],
                 )
                 .await?;
             }

@@ -7,6 +7,7 @@ mod ledger_batch;
 mod listener;
 mod oauth_states;
 mod pacing;
+mod pending_connections;
 
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ pub use integrations::{
 };
 pub use ledger::Claim;
 pub use listener::{IntegrationChange, spawn_change_listener};
-pub use oauth_states::{OAuthState, StateLookup};
+pub use oauth_states::{OAuthState, StateLookup, StatePurpose};
+pub use pending_connections::{ConfirmLookup, ExpiredConnection};
 
 /// Errors of the store. Callers branch on `Unavailable` (retry later, do not ack).
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +136,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../migrations/0001_init.sql")),
     (2, "oauth", include_str!("../migrations/0002_oauth.sql")),
     (3, "pacing", include_str!("../migrations/0003_pacing.sql")),
+    (4, "connect", include_str!("../migrations/0004_connect.sql")),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;

@@ -10,11 +10,31 @@ use secrecy::SecretString;
 
 use crate::{Store, StoreError};
 
+/// What a state was issued for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatePurpose {
+    /// A user's consent: the callback gets a code.
+    Connect,
+    /// A Microsoft tenant administrator's consent: the callback gets
+    /// `admin_consent=True` and no code.
+    AdminConsent,
+}
+
+impl StatePurpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            StatePurpose::Connect => "connect",
+            StatePurpose::AdminConsent => "admin_consent",
+        }
+    }
+}
+
 /// A pending authorization, as found by its state.
 #[derive(Debug)]
 pub struct OAuthState {
     pub organization_id: String,
     pub provider: ProviderKind,
+    pub purpose: StatePurpose,
     pub pkce_verifier: SecretString,
     pub return_to: String,
 }
@@ -42,6 +62,7 @@ impl Store {
         pkce_verifier: &SecretString,
         return_to: &str,
         ttl: Duration,
+        purpose: StatePurpose,
     ) -> Result<DateTime<Utc>, StoreError> {
         let verifier = self
             .cipher()
@@ -55,10 +76,10 @@ impl Store {
             .await?;
         let row = client
             .query_one(
-                "INSERT INTO oauth_states (state, organization_id, provider, pkce_verifier, return_to, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::float8))
+                "INSERT INTO oauth_states (state, organization_id, provider, pkce_verifier, return_to, expires_at, purpose)
+                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::float8), $7)
                  RETURNING expires_at",
-                &[&state, &organization_id, &provider.as_str(), &verifier, &return_to, &ttl.as_secs_f64()],
+                &[&state, &organization_id, &provider.as_str(), &verifier, &return_to, &ttl.as_secs_f64(), &purpose.as_str()],
             )
             .await?;
         Ok(row.get(0))
@@ -71,7 +92,7 @@ impl Store {
             .query_opt(
                 "UPDATE oauth_states SET consumed_at = now()
                  WHERE state = $1 AND consumed_at IS NULL AND expires_at > now()
-                 RETURNING organization_id, provider, pkce_verifier, return_to",
+                 RETURNING organization_id, provider, pkce_verifier, return_to, purpose",
                 &[&state],
             )
             .await?;
@@ -80,6 +101,11 @@ impl Store {
             return Ok(StateLookup::Valid(OAuthState {
                 organization_id: row.get("organization_id"),
                 provider: ProviderKind::parse(row.get("provider")).unwrap_or(ProviderKind::Default),
+                purpose: if row.get::<_, &str>("purpose") == "admin_consent" {
+                    StatePurpose::AdminConsent
+                } else {
+                    StatePurpose::Connect
+                },
                 pkce_verifier: self
                     .cipher()
                     .decrypt(&format!("oauth_state/{state}"), &verifier)?,

@@ -38,6 +38,14 @@ pub struct TestAppOptions {
     pub pacing: mail_dispatch_worker::pacing::PacingConfig,
     /// The platform sender's transport; default: `file://` into the test's outbox.
     pub platform_transport: Option<String>,
+    /// `MAIL_DISPATCH_MICROSOFT_SHARED_MAILBOXES`.
+    pub microsoft_shared_mailboxes: bool,
+    /// How long a consent waits for the host application's confirmation.
+    pub connection_ttl: Duration,
+    /// How often the admin API expires unconfirmed consents.
+    pub admin_upkeep_interval: Duration,
+    /// The keep-alive of idle grants (off unless a test turns it on).
+    pub keepalive: Option<mail_dispatch_worker::keepalive::KeepAliveConfig>,
 }
 
 impl Default for TestAppOptions {
@@ -63,6 +71,10 @@ impl Default for TestAppOptions {
                 google_daily_messages: 1_000_000,
             },
             platform_transport: None,
+            microsoft_shared_mailboxes: false,
+            connection_ttl: mail_dispatch_admin::CONNECTION_TTL,
+            admin_upkeep_interval: Duration::from_secs(60),
+            keepalive: None,
         }
     }
 }
@@ -84,6 +96,9 @@ impl RunningWorker {
         self.follower.abort();
     }
 }
+
+/// The Microsoft authority the tests use: the product's default.
+pub const MICROSOFT_TENANT: &str = "organizations";
 
 /// The admin API's bearer token in tests.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -145,15 +160,13 @@ impl TestApp {
             microsoft: Some(OAuthApp {
                 client_id: "ms-client-id".into(),
                 client_secret: Some(SecretString::from("ms-client-secret")),
-                auth_url: Url::parse(&format!("{ms}/common/oauth2/v2.0/authorize")).unwrap(),
-                token_url: Url::parse(&format!("{ms}/common/oauth2/v2.0/token")).unwrap(),
-                scopes: vec![
-                    "offline_access".into(),
-                    "https://graph.microsoft.com/Mail.Send".into(),
-                    "openid".into(),
-                    "email".into(),
-                    "profile".into(),
-                ],
+                auth_url: Url::parse(&format!("{ms}/{MICROSOFT_TENANT}/oauth2/v2.0/authorize"))
+                    .unwrap(),
+                token_url: Url::parse(&format!("{ms}/{MICROSOFT_TENANT}/oauth2/v2.0/token"))
+                    .unwrap(),
+                scopes: mail_dispatch_providers::scopes::microsoft(
+                    self.options.microsoft_shared_mailboxes,
+                ),
                 redirect_url: Some(
                     Url::parse(&format!("{}/v1/oauth/callback", self.admin_url)).unwrap(),
                 ),
@@ -163,11 +176,7 @@ impl TestApp {
                 client_secret: Some(SecretString::from("g-client-secret")),
                 auth_url: Url::parse(&format!("{google}/o/oauth2/v2/auth")).unwrap(),
                 token_url: Url::parse(&format!("{google}/token")).unwrap(),
-                scopes: vec![
-                    "https://www.googleapis.com/auth/gmail.send".into(),
-                    "openid".into(),
-                    "email".into(),
-                ],
+                scopes: mail_dispatch_providers::scopes::google(self.options.google_check_aliases),
                 redirect_url: Some(
                     Url::parse(&format!("{}/v1/oauth/callback", self.admin_url)).unwrap(),
                 ),
@@ -218,6 +227,13 @@ impl TestApp {
         let follower = dispatcher.follow_changes();
         let health = Arc::new(Health::default());
         let shutdown = CancellationToken::new();
+        if let Some(keepalive) = self.options.keepalive {
+            tokio::spawn(mail_dispatch_worker::keepalive::run(
+                dispatcher.clone(),
+                keepalive,
+                shutdown.clone(),
+            ));
+        }
         let handle = tokio::spawn(mail_dispatch_worker::runner::run(
             dispatcher.clone(),
             health.clone(),
@@ -262,13 +278,20 @@ impl TestApp {
                 .unwrap(),
             google_check_aliases: self.options.google_check_aliases,
             state_ttl: mail_dispatch_admin::STATE_TTL,
+            connection_ttl: self.options.connection_ttl,
+            microsoft_shared_mailboxes: self.options.microsoft_shared_mailboxes,
             product_name: "Test Platform".into(),
         };
-        let router =
-            mail_dispatch_admin::app(mail_dispatch_admin::AdminState::new(dispatcher, config));
+        let state = mail_dispatch_admin::AdminState::new(dispatcher, config);
+        let upkeep = tokio::spawn(mail_dispatch_admin::run_upkeep(
+            state.clone(),
+            self.options.admin_upkeep_interval,
+        ));
+        let router = mail_dispatch_admin::app(state);
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let handle = tokio::spawn(async move {
+            let _upkeep = tokio_util::task::AbortOnDropHandle::new(upkeep);
             let _ = axum::serve(listener, router)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
@@ -343,6 +366,8 @@ impl TestApp {
                 refresh_token: SecretString::from(refresh.to_owned()),
                 access_token: Some((SecretString::from(access.to_owned()), expires_at)),
                 granted_scopes: None,
+                account_id: None,
+                account_tenant: None,
             })
             .await
             .unwrap();
@@ -364,7 +389,7 @@ impl TestApp {
             v("GRAPH_URL", e.graph_url.to_string()),
             v("GMAIL_URL", e.gmail_url.to_string()),
             v("MICROSOFT_LOGIN_URL", self.standins.microsoft_login.uri()),
-            v("MICROSOFT_TENANT", "common".into()),
+            v("MICROSOFT_TENANT", MICROSOFT_TENANT.into()),
             v("MICROSOFT_CLIENT_ID", "ms-client-id".into()),
             v("MICROSOFT_CLIENT_SECRET", "ms-client-secret".into()),
             v(

@@ -6,7 +6,10 @@ mod db;
 pub mod standins;
 
 pub use amqp::{ResultsTap, TestAmqp};
-pub use app::{ADMIN_TOKEN, APP_ORIGIN, PLATFORM_SENDER, RunningWorker, TestApp, TestAppOptions};
+pub use app::{
+    ADMIN_TOKEN, APP_ORIGIN, MICROSOFT_TENANT, PLATFORM_SENDER, RunningWorker, TestApp,
+    TestAppOptions,
+};
 pub use db::TestDb;
 pub use standins::StandIns;
 

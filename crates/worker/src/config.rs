@@ -34,6 +34,8 @@ pub struct WorkerConfig {
     pub pacing: crate::pacing::PacingConfig,
     /// Finished ledger entries older than this are pruned.
     pub ledger_retention: Duration,
+    /// Refreshing idle grants before providers expire them.
+    pub keepalive: crate::keepalive::KeepAliveConfig,
 }
 
 impl WorkerConfig {
@@ -53,6 +55,7 @@ impl WorkerConfig {
             instance: format!("mail-dispatch-{}", std::process::id()),
             pacing: crate::pacing::PacingConfig::default(),
             ledger_retention: Duration::from_secs(7 * 24 * 3600),
+            keepalive: crate::keepalive::KeepAliveConfig::default(),
         }
     }
 }

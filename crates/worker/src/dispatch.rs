@@ -261,34 +261,25 @@ impl Dispatcher {
                 ));
                 return self.finish(&job.id, result, None, vec![]).await;
             }
-            Route::Provider { provider, sender } => (
+            Route::Provider {
+                provider, sender, ..
+            } => (
                 *provider,
                 OutgoingMessage::from_job(&job, sender.clone(), None),
                 false,
             ),
-            Route::Platform { on_behalf_of } => {
-                let default = &self.config.default_sender;
-                match on_behalf_of {
-                    None => (
-                        ProviderKind::Default,
-                        OutgoingMessage::from_job(&job, default.clone(), None),
-                        false,
-                    ),
-                    Some(org_sender) => {
-                        let from = Mailbox::new(
-                            default.email.clone(),
-                            org_sender.name.clone().or(default.name.clone()),
-                        );
-                        let reply_to =
-                            Mailbox::new(org_sender.email.clone(), org_sender.name.clone());
-                        (
-                            ProviderKind::Default,
-                            OutgoingMessage::from_job(&job, from, Some(reply_to)),
-                            true,
-                        )
-                    }
-                }
-            }
+            Route::Platform { on_behalf_of: None } => (
+                ProviderKind::Default,
+                OutgoingMessage::from_job(&job, self.config.default_sender.clone(), None),
+                false,
+            ),
+            Route::Platform {
+                on_behalf_of: Some(org_sender),
+            } => (
+                ProviderKind::Default,
+                self.stand_in_message(&job, org_sender),
+                true,
+            ),
         };
         tracing::Span::current().record("provider", provider.as_str());
         result.provider = Some(provider);
@@ -324,7 +315,11 @@ impl Dispatcher {
                 let _ = self.store.release_job(&job.id).await;
                 blocked(&e)
             }
-            Err(SendFailure::Revoked { reason, newly }) => {
+            Err(SendFailure::Revoked {
+                reason,
+                code,
+                newly,
+            }) => {
                 let events = if newly {
                     vec![NeedsReauthEvent::new(
                         &job.organization_id,
@@ -335,20 +330,22 @@ impl Dispatcher {
                 } else {
                     vec![]
                 };
-                result.error = Some(JobError::new(
+                let mut error = JobError::new(
                     ErrorCode::AuthRevoked,
                     format!(
                         "the provider refused the organization's grant ({reason}); an admin must reconnect"
                     ),
-                ));
-                self.finish(&job.id, result, None, events).await
+                );
+                error.provider_code = code;
+                self.revoked(&job, &route, result, error, events).await
             }
             Err(SendFailure::Send(e))
                 if e.final_code() == ErrorCode::AuthRevoked
                     && provider != ProviderKind::Default =>
             {
-                // The provider refused a fresh token (second 401) or the grant's scopes:
-                // only a reconnect helps. Mark it once, and tell the host application.
+                // The provider refused the grant's scopes (e.g. Gmail's
+                // insufficientPermissions): only a reconnect helps. Mark it once,
+                // and tell the host application.
                 let reason = e
                     .provider_code
                     .clone()
@@ -374,8 +371,8 @@ impl Dispatcher {
                 } else {
                     vec![]
                 };
-                result.error = Some(e.to_job_error(ErrorCode::AuthRevoked));
-                self.finish(&job.id, result, None, events).await
+                let error = e.to_job_error(ErrorCode::AuthRevoked);
+                self.revoked(&job, &route, result, error, events).await
             }
             Err(SendFailure::Send(e)) => {
                 let mut history = incoming.history.clone();
@@ -458,6 +455,71 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// The platform sender standing in for an organization: its sender's name,
+    /// the platform's address, and the organization's address as Reply-To.
+    fn stand_in_message(&self, job: &Job, org_sender: &Mailbox) -> OutgoingMessage {
+        let default = &self.config.default_sender;
+        let from = Mailbox::new(
+            default.email.clone(),
+            org_sender.name.clone().or(default.name.clone()),
+        );
+        let reply_to = Mailbox::new(org_sender.email.clone(), org_sender.name.clone());
+        OutgoingMessage::from_job(job, from, Some(reply_to))
+    }
+
+    /// This job found the organization's grant dead. With `fallback:
+    /// platform_sender` it goes out through the platform sender now (contract
+    /// §5), and the result says so; otherwise it fails with `auth_revoked`. The
+    /// `integration.needs_reauth` event goes out either way.
+    async fn revoked(
+        &self,
+        job: &Job,
+        route: &Route,
+        mut result: JobResult,
+        error: JobError,
+        events: Vec<NeedsReauthEvent>,
+    ) -> Decision {
+        let Route::Provider {
+            sender,
+            fallback: mail_dispatch_store::Fallback::PlatformSender,
+            ..
+        } = route
+        else {
+            result.error = Some(error);
+            return self.finish(&job.id, result, None, events).await;
+        };
+        let message = self.stand_in_message(job, sender);
+        tracing::Span::current().record("provider", ProviderKind::Default.as_str());
+        tracing::info!("grant refused; the platform sender stands in (fallback)");
+        let (outcome, made, _) = self
+            .senders
+            .send(
+                ProviderKind::Default,
+                &job.organization_id,
+                &message,
+                self.in_process_retry(result.attempts),
+            )
+            .await;
+        result.attempts += made;
+        result.provider = Some(ProviderKind::Default);
+        result.fallback = true;
+        result.sender = Some(message.from.clone());
+        result.completed_at = Utc::now();
+        match outcome {
+            Ok(accepted) => {
+                result.status = ResultStatus::Sent;
+                result.provider_message_id = accepted.provider_message_id;
+            }
+            // The event must go out with this job's result: a failure of the
+            // stand-in is final for this job rather than delayed without it.
+            Err(SendFailure::Send(e)) => {
+                result.error = Some(e.to_job_error(e.final_code()));
+            }
+            Err(_) => result.error = Some(error),
+        }
+        self.finish(&job.id, result, None, events).await
     }
 
     /// Asks the pacer for room. `Ok((permit, None))`: go ahead (no permit for a

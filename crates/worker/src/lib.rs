@@ -3,6 +3,7 @@
 pub mod config;
 pub mod dispatch;
 pub mod health;
+pub mod keepalive;
 pub mod metrics;
 pub mod pacing;
 pub mod published;

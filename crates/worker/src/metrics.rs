@@ -22,6 +22,9 @@ pub const DATABASE_UP: &str = "mail_dispatch_database_up";
 pub const INTEGRATIONS: &str = "mail_dispatch_integrations";
 pub const CONFIG_CACHE_EVICTIONS: &str = "mail_dispatch_config_cache_evictions_total";
 pub const DB_STATEMENTS: &str = "mail_dispatch_db_statements_total";
+pub const GRANT_KEEPALIVE: &str = "mail_dispatch_grant_keepalive_total";
+pub const GRANT_KEEPALIVE_LAST_SWEEP: &str =
+    "mail_dispatch_grant_keepalive_last_sweep_timestamp_seconds";
 
 /// Histogram buckets (seconds), so replicas' histograms aggregate (summaries do not).
 pub const SEND_DURATION_BUCKETS: &[f64] =
@@ -66,6 +69,14 @@ pub fn describe() {
     describe_counter!(
         PROVIDER_THROTTLED,
         "Throttling answers (429) seen from providers."
+    );
+    describe_counter!(
+        GRANT_KEEPALIVE,
+        "Idle grants refreshed by the keep-alive, by provider and outcome (refreshed, revoked, error)."
+    );
+    describe_gauge!(
+        GRANT_KEEPALIVE_LAST_SWEEP,
+        "When this worker's keep-alive last finished a sweep of idle grants (Unix time)."
     );
     describe_gauge!(AMQP_CONNECTED, "1 when the AMQP connection is open.");
     describe_gauge!(DATABASE_UP, "1 when PostgreSQL answered the last check.");
@@ -124,8 +135,11 @@ fn register_zeroes() {
     }
     for provider in [ProviderKind::Microsoft, ProviderKind::Google] {
         metrics::counter!(PROVIDER_THROTTLED, "provider" => provider.as_str()).absolute(0);
-        for outcome in ["ok", "revoked", "error", "misconfigured"] {
+        for outcome in ["ok", "revoked", "error", "misconfigured", "rejected"] {
             metrics::counter!(TOKEN_REFRESHES, "provider" => provider.as_str(), "outcome" => outcome).absolute(0);
+        }
+        for outcome in ["refreshed", "revoked", "error"] {
+            metrics::counter!(GRANT_KEEPALIVE, "provider" => provider.as_str(), "outcome" => outcome).absolute(0);
         }
     }
 }
@@ -163,5 +177,10 @@ pub(crate) fn dead_letter(reason: ErrorCode) {
 
 pub(crate) fn token_refresh(provider: ProviderKind, outcome: &'static str) {
     metrics::counter!(TOKEN_REFRESHES, "provider" => provider.as_str(), "outcome" => outcome)
+        .increment(1);
+}
+
+pub(crate) fn grant_keepalive(provider: ProviderKind, outcome: &'static str) {
+    metrics::counter!(GRANT_KEEPALIVE, "provider" => provider.as_str(), "outcome" => outcome)
         .increment(1);
 }

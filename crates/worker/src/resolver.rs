@@ -18,9 +18,11 @@ use mail_dispatch_store::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     /// Through the organization's active integration, from its sender.
+    /// `fallback`: the platform sender stands in if the grant turns out dead.
     Provider {
         provider: ProviderKind,
         sender: Mailbox,
+        fallback: Fallback,
     },
     /// Through the platform sender. `on_behalf_of` is set when the platform
     /// sender stands in for an organization whose grant stopped working
@@ -45,6 +47,7 @@ impl Route {
             (IntegrationStatus::Active, Some(sender)) => Route::Provider {
                 provider: i.provider,
                 sender,
+                fallback: i.fallback,
             },
             _ if !i.ever_active => Route::Platform { on_behalf_of: None },
             (_, sender) => match (i.fallback, sender) {
@@ -128,6 +131,9 @@ mod tests {
             provider: ProviderKind::Microsoft,
             status,
             account_email: Some("admin@customer.com".into()),
+            account_id: None,
+            account_tenant: None,
+            last_refreshed_at: None,
             sender_email: Some("notifications@customer.com".into()),
             sender_name: Some("Compliance".into()),
             fallback,
@@ -158,7 +164,8 @@ mod tests {
             Route::for_integration(Some(&integration(Active, true, Fallback::None))),
             Route::Provider {
                 provider: ProviderKind::Microsoft,
-                sender: sender.clone()
+                sender: sender.clone(),
+                fallback: Fallback::None,
             }
         );
         assert_eq!(

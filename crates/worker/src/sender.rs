@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use backon::Retryable as _;
 use mail_dispatch_domain::{Backoff, ErrorCode, FailureClass, OutgoingMessage, ProviderKind};
-use mail_dispatch_providers::{Accepted, GmailSender, GraphSender, PlatformSender, SendError};
+use mail_dispatch_providers::{
+    Accepted, GmailSender, GraphSender, PlatformSender, RefreshError, SendError,
+};
 use mail_dispatch_store::StoreError;
 
 use crate::tokens::{TokenError, Tokens};
@@ -19,8 +21,13 @@ pub enum SendFailure {
     #[error(transparent)]
     Send(SendError),
     /// The grant was refused. `newly`: this call marked the integration `needs_reauth`.
+    /// `code`: the provider's (`AADSTS700082`, `invalid_grant`), when it gave one.
     #[error("grant refused: {reason}")]
-    Revoked { reason: String, newly: bool },
+    Revoked {
+        reason: String,
+        code: Option<String>,
+        newly: bool,
+    },
     /// PostgreSQL could not be used (tokens live there): nothing was sent.
     #[error(transparent)]
     Store(StoreError),
@@ -38,12 +45,28 @@ impl SendFailure {
 
 fn from_token_error(e: TokenError) -> SendFailure {
     match e {
-        TokenError::Revoked { reason, newly } => SendFailure::Revoked { reason, newly },
+        TokenError::Revoked {
+            reason,
+            code,
+            newly,
+        } => SendFailure::Revoked {
+            reason,
+            code,
+            newly,
+        },
         TokenError::Store(e) => SendFailure::Store(e),
         TokenError::NotConnected => SendFailure::Send(SendError::permanent(
             ErrorCode::NotConfigured,
             "the organization has no connected provider",
         )),
+        // Neither temporary nor the organization's to fix: retrying would not help.
+        TokenError::Refresh(e @ RefreshError::Rejected { .. }) => {
+            SendFailure::Send(SendError::permanent(
+                ErrorCode::ProviderUnavailable,
+                format!("could not obtain an access token: {e}"),
+            ))
+        }
+        // Transient, or the operator's OAuth client: retried within the job's budget.
         TokenError::Refresh(e) => SendFailure::Send(SendError::new(
             FailureClass::unavailable(None),
             format!("could not obtain an access token: {e}"),
@@ -85,7 +108,10 @@ pub struct Senders {
 
 impl Senders {
     /// One attempt. For Microsoft and Google, a 401 refreshes the token once and
-    /// sends again; a second 401 means the grant itself is refused.
+    /// sends again. A second 401 alone does not prove the grant dead (Graph can
+    /// refuse a fresh token for its own reasons): one more refresh decides. If the
+    /// provider refuses that refresh, the grant is dead (`Revoked`); if it grants
+    /// it, the grant is kept and the job is retried later.
     pub async fn attempt(
         &self,
         provider: ProviderKind,
@@ -137,16 +163,24 @@ impl Senders {
                     .access_token(org, provider, Some(&token))
                     .await
                     .map_err(from_token_error)?;
-                self.send_with(provider, &fresh, msg).await.map_err(|e| {
-                    if e.class == FailureClass::Unauthorized {
-                        SendFailure::Send(SendError {
-                            class: FailureClass::Permanent(ErrorCode::AuthRevoked),
+                match self.send_with(provider, &fresh, msg).await {
+                    Err(e) if e.class == FailureClass::Unauthorized => {
+                        tracing::warn!(org.id = org, %provider, "a fresh access token was refused too; confirming the grant with one more refresh");
+                        self.tokens
+                            .access_token(org, provider, Some(&fresh))
+                            .await
+                            .map_err(from_token_error)?;
+                        Err(SendFailure::Send(SendError {
+                            class: FailureClass::unavailable(None),
+                            message: format!(
+                                "{} (two fresh access tokens refused, but the grant still refreshes: retried later)",
+                                e.message
+                            ),
                             ..e
-                        })
-                    } else {
-                        SendFailure::Send(e)
+                        }))
                     }
-                })
+                    other => other.map_err(SendFailure::Send),
+                }
             }
             other => other.map_err(SendFailure::Send),
         }

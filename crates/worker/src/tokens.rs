@@ -24,7 +24,11 @@ pub enum TokenError {
     /// The provider refused the grant. `newly` is true for the one caller that
     /// saw the refusal and marked the integration `needs_reauth` (it publishes the event).
     #[error("grant refused: {reason}")]
-    Revoked { reason: String, newly: bool },
+    Revoked {
+        reason: String,
+        code: Option<String>,
+        newly: bool,
+    },
     #[error(transparent)]
     Refresh(RefreshError),
     #[error(transparent)]
@@ -37,6 +41,37 @@ pub enum TokenError {
 struct Cached {
     token: SecretString,
     expires_at: DateTime<Utc>,
+}
+
+/// What a keep-alive refresh did.
+#[derive(Debug)]
+pub enum KeepAlive {
+    /// Refreshed recently (by any replica), or nothing to refresh.
+    NotDue,
+    Refreshed {
+        access_token: SecretString,
+        expires_at: DateTime<Utc>,
+    },
+    /// The provider refused the grant: the integration is now `needs_reauth`.
+    Revoked { reason: String, code: String },
+}
+
+/// Logs a failed refresh where its owner will see it; returns the metric outcome.
+fn refresh_failure(org: &str, provider: ProviderKind, e: &RefreshError) -> &'static str {
+    match e {
+        RefreshError::Misconfigured { .. } => {
+            tracing::error!(%provider, error = %e, "OAuth client misconfigured: an operator must fix it");
+            "misconfigured"
+        }
+        RefreshError::Rejected { .. } => {
+            tracing::error!(org.id = org, %provider, error = %e, "token endpoint refused the refresh request; not retried");
+            "rejected"
+        }
+        _ => {
+            tracing::warn!(org.id = org, %provider, error = %e, "token refresh failed");
+            "error"
+        }
+    }
 }
 
 /// The token cache holds at most this many organizations' tokens.
@@ -167,6 +202,7 @@ impl Tokens {
                         RefreshDecision::Keep,
                         Err(TokenError::Revoked {
                             reason: "no refresh token stored (integration needs reauthorization)".into(),
+                            code: None,
                             newly: false,
                         }),
                     );
@@ -185,23 +221,16 @@ impl Tokens {
                             value,
                         )
                     }
-                    Err(RefreshError::Revoked { reason }) => {
+                    Err(RefreshError::Revoked { reason, code }) => {
                         crate::metrics::token_refresh(provider, "revoked");
-                        tracing::warn!(org.id = org, %provider, %reason, "grant refused; integration needs reauthorization");
+                        tracing::warn!(org.id = org, %provider, %code, %reason, "grant refused; integration needs reauthorization");
                         (
                             RefreshDecision::Revoked { reason: reason.clone() },
-                            Err(TokenError::Revoked { reason, newly: true }),
+                            Err(TokenError::Revoked { reason, code: Some(code), newly: true }),
                         )
                     }
                     Err(e) => {
-                        let outcome = if matches!(e, RefreshError::Misconfigured { .. }) {
-                            tracing::error!(%provider, error = %e, "OAuth client misconfigured: an operator must fix it");
-                            "misconfigured"
-                        } else {
-                            tracing::warn!(org.id = org, %provider, error = %e, "token refresh failed");
-                            "error"
-                        };
-                        crate::metrics::token_refresh(provider, outcome);
+                        crate::metrics::token_refresh(provider, refresh_failure(org, provider, &e));
                         (RefreshDecision::Keep, Err(TokenError::Refresh(e)))
                     }
                 }
@@ -214,6 +243,80 @@ impl Tokens {
                 Ok(token)
             }
             Some(Err(e)) => Err(e),
+        }
+    }
+
+    /// Refreshes the organization's grant if nobody did for `idle_for`, so that a
+    /// grant used rarely does not expire for inactivity (Microsoft: 90 days,
+    /// AADSTS700082; Google: six months). The row lock and the re-read of
+    /// `last_refreshed_at` under it make this happen once across all replicas.
+    pub async fn keep_alive(
+        &self,
+        org: &str,
+        provider: ProviderKind,
+        idle_for: Duration,
+    ) -> Result<KeepAlive, TokenError> {
+        let idle_for = chrono::Duration::from_std(idle_for).unwrap_or(chrono::Duration::days(7));
+        let outcome = self
+            .store
+            .refresh_locked(org, |stored| async move {
+                let recent = stored
+                    .last_refreshed_at
+                    .is_some_and(|at| at > Utc::now() - idle_for);
+                let Some(refresh_token) = stored.refresh_token.filter(|_| !recent) else {
+                    return (RefreshDecision::Keep, Ok(KeepAlive::NotDue));
+                };
+                match self
+                    .service
+                    .refresh(provider, &refresh_token, stored.granted_scopes.as_deref())
+                    .await
+                {
+                    Ok(grant) => {
+                        crate::metrics::token_refresh(provider, "ok");
+                        tracing::info!(org.id = org, %provider, "idle grant refreshed (keep-alive)");
+                        let value = Ok(KeepAlive::Refreshed {
+                            access_token: grant.access_token.clone(),
+                            expires_at: grant.expires_at,
+                        });
+                        (
+                            RefreshDecision::Store {
+                                access_token: grant.access_token,
+                                expires_at: grant.expires_at,
+                                refresh_token: grant.refresh_token,
+                            },
+                            value,
+                        )
+                    }
+                    Err(RefreshError::Revoked { reason, code }) => {
+                        crate::metrics::token_refresh(provider, "revoked");
+                        tracing::warn!(org.id = org, %provider, %code, %reason, "keep-alive found the grant refused; integration needs reauthorization");
+                        (
+                            RefreshDecision::Revoked {
+                                reason: reason.clone(),
+                            },
+                            Ok(KeepAlive::Revoked { reason, code }),
+                        )
+                    }
+                    Err(e) => {
+                        crate::metrics::token_refresh(provider, refresh_failure(org, provider, &e));
+                        (RefreshDecision::Keep, Err(TokenError::Refresh(e)))
+                    }
+                }
+            })
+            .await?;
+        match outcome {
+            None => Ok(KeepAlive::NotDue),
+            Some(Ok(KeepAlive::Refreshed {
+                access_token,
+                expires_at,
+            })) => {
+                self.remember(org, &access_token, expires_at);
+                Ok(KeepAlive::Refreshed {
+                    access_token,
+                    expires_at,
+                })
+            }
+            Some(other) => other,
         }
     }
 
