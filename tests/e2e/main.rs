@@ -9,5 +9,6 @@ mod operability;
 mod pacing;
 mod pipeline;
 mod process;
+mod standins;
 mod support;
 mod tokens;
