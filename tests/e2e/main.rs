@@ -10,5 +10,6 @@ mod operability;
 mod pacing;
 mod pipeline;
 mod process;
+mod standins;
 mod support;
 mod tokens;

@@ -82,7 +82,7 @@ pub(super) struct RefreshContext<'a> {
 /// `error` values and statuses as Entra sends them on `/token` (cited per code).
 pub(super) fn entra_refresh_failure(aadsts: u32, c: &RefreshContext<'_>) -> ResponseTemplate {
     let issued = (chrono::Utc::now() - chrono::Duration::days(120))
-        .format("%Y-%m-%dT%H:%M:%S%.7fZ")
+        .format("%Y-%m-%dT%H:%M:%S%.6f0Z")
         .to_string();
     let (status, error, suberror, description) = match aadsts {
         // unauthorized_client, HTTP 400 ("Refresh request failed. Status Code = '400'",
@@ -195,7 +195,7 @@ pub(super) fn entra_refresh_failure(aadsts: u32, c: &RefreshContext<'_>) -> Resp
             None,
             format!(
                 "The provided grant has expired due to it being revoked, a fresh auth token is needed. The user might have changed or reset their password. The grant was issued on '{issued}' and the TokensValidFrom date (before which tokens are not valid) for this user is '{}'.",
-                chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.7fZ")
+                chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6f0Z")
             ),
         ),
         _ => (
@@ -260,8 +260,9 @@ pub(super) fn graph_access_denied() -> ResponseTemplate {
 
 /// Graph 403 Authorization_RequestDenied: a directory read (`/me`) with a token
 /// that carries no user-read permission
-/// (https://learn.microsoft.com/en-us/graph/api/user-get#permissions ;
-/// the body: https://learn.microsoft.com/en-us/answers/questions/2143345/insufficient-privileges-to-complete-the-operation).
+/// (https://learn.microsoft.com/en-us/graph/api/user-get#permissions ; the code
+/// and message as Graph sends them when `User.Read` is missing:
+/// https://techcommunity.microsoft.com/discussions/teamsdeveloper/authorization-requestdenied/4070461).
 pub(super) fn graph_authorization_denied() -> ResponseTemplate {
     graph_error(
         403,

@@ -19,7 +19,7 @@ use super::{
 pub(super) const GRAPH: &str = "https://graph.microsoft.com/";
 
 /// The tenant id of every personal Microsoft account
-/// (https://learn.microsoft.com/entra/identity-platform/id-token-claims-reference#payload-claims).
+/// (https://learn.microsoft.com/entra/identity-platform/id-token-claims-reference, `iss`).
 pub(super) const CONSUMERS_TENANT: &str = "9188040d-6c67-4c5b-b112-36a304b66dad";
 
 /// What the product asks for (and `StandIns::issue` grants).
@@ -55,7 +55,7 @@ const MAIL_SEND: &[&str] = &["Mail.Send", "Mail.Send.Shared"];
 
 /// `Mail.Send` and `https://graph.microsoft.com/Mail.Send` are the same scope:
 /// a bare name is a Microsoft Graph permission
-/// (https://learn.microsoft.com/entra/identity-platform/scopes-oidc#scopes-and-permissions).
+/// (https://learn.microsoft.com/entra/identity-platform/scopes-oidc).
 pub(super) fn normalize_scope(s: &str) -> String {
     let lower = s.to_ascii_lowercase();
     if OIDC_SCOPES.contains(&lower.as_str()) {

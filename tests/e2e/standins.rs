@@ -1,0 +1,829 @@
+//! The stand-ins refuse what the real providers refuse (issue #10 §1): one test
+//! per refusal, each showing the refusal (status and error code) and, where
+//! there is one, the compliant call being accepted. Driven with plain HTTP: no
+//! RabbitMQ or PostgreSQL needed.
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use mail_dispatch_test_support::StandIns;
+use mail_dispatch_test_support::standins::{AccountInfo, Consent, Vendor};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+
+const CLIENT_ID: &str = "client-123";
+const REDIRECT: &str = "https://app.example/v1/oauth/callback";
+const MS_SCOPES: &str = "offline_access https://graph.microsoft.com/Mail.Send https://graph.microsoft.com/User.Read openid email profile";
+const GMAIL_SEND: &str = "https://www.googleapis.com/auth/gmail.send";
+const GMAIL_SETTINGS: &str = "https://www.googleapis.com/auth/gmail.settings.basic";
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+fn location(resp: &reqwest::Response) -> Option<url::Url> {
+    resp.headers()
+        .get("location")
+        .map(|l| url::Url::parse(l.to_str().unwrap()).unwrap())
+}
+
+fn params(url: &url::Url) -> HashMap<String, String> {
+    url.query_pairs().into_owned().collect()
+}
+
+fn claims(jwt: &str) -> Value {
+    let payload = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+const VERIFIER: &str = "a-pkce-code-verifier-long-enough-0123456789-abcdefghij";
+
+fn challenge() -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(VERIFIER))
+}
+
+/// What the product does: GET the authorize endpoint (PKCE S256), as the browser would.
+async fn authorize(s: &StandIns, vendor: Vendor, tenant: &str, scope: &str) -> reqwest::Response {
+    let base = match vendor {
+        Vendor::Microsoft => format!("{}/{tenant}/oauth2/v2.0/authorize", s.microsoft_login.uri()),
+        Vendor::Google => format!("{}/o/oauth2/v2/auth", s.google_oauth.uri()),
+    };
+    let mut url = url::Url::parse(&base).unwrap();
+    url.query_pairs_mut()
+        .append_pair("response_type", "code")
+        .append_pair("client_id", CLIENT_ID)
+        .append_pair("redirect_uri", REDIRECT)
+        .append_pair("state", "the-state")
+        .append_pair("scope", scope)
+        .append_pair("code_challenge", &challenge())
+        .append_pair("code_challenge_method", "S256");
+    if vendor == Vendor::Google {
+        url.query_pairs_mut()
+            .append_pair("access_type", "offline")
+            .append_pair("prompt", "consent");
+    }
+    http().get(url).send().await.unwrap()
+}
+
+fn token_url(s: &StandIns, vendor: Vendor) -> String {
+    match vendor {
+        Vendor::Microsoft => format!("{}/common/oauth2/v2.0/token", s.microsoft_login.uri()),
+        Vendor::Google => format!("{}/token", s.google_oauth.uri()),
+    }
+}
+
+/// The whole connect flow: authorize, then redeem the code. Returns the token response.
+async fn connect(s: &StandIns, vendor: Vendor, tenant: &str, scope: &str) -> Value {
+    let resp = authorize(s, vendor, tenant, scope).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let back = params(&location(&resp).unwrap());
+    assert_eq!(back["state"], "the-state");
+    let code = back
+        .get("code")
+        .unwrap_or_else(|| panic!("no code: {back:?}"));
+    let resp = http()
+        .post(token_url(s, vendor))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", CLIENT_ID),
+            ("client_secret", "secret"),
+            ("code_verifier", VERIFIER),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.unwrap()
+}
+
+async fn refresh(
+    s: &StandIns,
+    vendor: Vendor,
+    refresh_token: &str,
+    scope: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut f = vec![
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh_token),
+        ("client_id", CLIENT_ID),
+        ("client_secret", "secret"),
+    ];
+    if let Some(scope) = scope {
+        f.push(("scope", scope));
+    }
+    let resp = http()
+        .post(token_url(s, vendor))
+        .form(&f)
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.json().await.unwrap())
+}
+
+async fn me(s: &StandIns, token: &str, select: Option<&str>) -> (StatusCode, Value) {
+    let mut url = url::Url::parse(&format!("{}/v1.0/me", s.graph.uri())).unwrap();
+    if let Some(select) = select {
+        url.query_pairs_mut().append_pair("$select", select);
+    }
+    let resp = http().get(url).bearer_auth(token).send().await.unwrap();
+    (resp.status(), resp.json().await.unwrap())
+}
+
+async fn send_mail(s: &StandIns, token: &str, from: &str, name: &str) -> (StatusCode, Value) {
+    let body = json!({"message": {
+        "subject": "Hello", "body": {"contentType": "Text", "content": "Hi"},
+        "from": {"emailAddress": {"address": from, "name": name}},
+        "toRecipients": [{"emailAddress": {"address": "someone@example.org"}}],
+    }, "saveToSentItems": false});
+    let resp = http()
+        .post(format!("{}/v1.0/me/sendMail", s.graph.uri()))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn gmail_send(s: &StandIns, token: &str) -> reqwest::Response {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode("From: ops@customer.com\r\nTo: a@example.org\r\nSubject: Hi\r\n\r\nHello\r\n");
+    http()
+        .post(format!("{}/gmail/v1/users/me/messages/send", s.gmail.uri()))
+        .bearer_auth(token)
+        .json(&json!({"raw": raw}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn gmail_send_as(s: &StandIns, token: &str) -> (StatusCode, Value) {
+    let resp = http()
+        .get(format!(
+            "{}/gmail/v1/users/me/settings/sendAs",
+            s.gmail.uri()
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.json().await.unwrap())
+}
+
+fn graph_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn graph_me_without_user_read_is_403_authorization_request_denied() {
+    let s = StandIns::start().await;
+    let (status, body) = me(&s, "not-a-token", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(graph_code(&body), "InvalidAuthenticationToken");
+
+    // openid/email/profile only shape the ID token; Mail.Send does not read the profile.
+    let (token, _) = s.issue_with_scopes(
+        Vendor::Microsoft,
+        "admin@customer.com",
+        &["openid", "email", "profile", "offline_access", "Mail.Send"],
+    );
+    let (status, body) = me(&s, &token, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(graph_code(&body), "Authorization_RequestDenied");
+    assert_eq!(
+        body["error"]["message"],
+        "Insufficient privileges to complete the operation."
+    );
+
+    let (token, _) = s.issue(Vendor::Microsoft, "admin@customer.com");
+    let (status, body) = me(&s, &token, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["userPrincipalName"], "admin@customer.com");
+    assert_eq!(body["mail"], "admin@customer.com");
+
+    // A broader user permission reads /me too.
+    let (token, _) = s.issue_with_scopes(
+        Vendor::Microsoft,
+        "admin@customer.com",
+        &["User.ReadBasic.All"],
+    );
+    assert_eq!(me(&s, &token, None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn graph_me_honours_select() {
+    let s = StandIns::start().await;
+    let mut info = s.account_info("admin@customer.com");
+    info.proxy_addresses = vec![
+        "SMTP:admin@customer.com".into(),
+        "smtp:alias@customer.com".into(),
+    ];
+    s.set_account("admin@customer.com", info.clone());
+    let (token, _) = s.issue(Vendor::Microsoft, "admin@customer.com");
+
+    let (status, body) = me(&s, &token, Some("mail,userPrincipalName,proxyAddresses")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys.len(),
+        4,
+        "only the selected properties and @odata.context: {body}"
+    );
+    assert_eq!(
+        body["@odata.context"],
+        "https://graph.microsoft.com/v1.0/$metadata#users(mail,userPrincipalName,proxyAddresses)/$entity"
+    );
+    assert_eq!(body["mail"], "admin@customer.com");
+    assert_eq!(
+        body["proxyAddresses"],
+        json!(["SMTP:admin@customer.com", "smtp:alias@customer.com"])
+    );
+
+    // Without $select: the default set, no proxyAddresses; the id is the account's oid.
+    let (_, body) = me(&s, &token, None).await;
+    assert_eq!(body["id"], info.id);
+    assert!(body.get("proxyAddresses").is_none());
+
+    // A property users do not have is refused.
+    let (status, body) = me(&s, &token, Some("mail,notAProperty")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(graph_code(&body), "BadRequest");
+}
+
+#[tokio::test]
+async fn graph_me_mail_is_null_for_an_account_without_mailbox() {
+    let s = StandIns::start().await;
+    let mut info = s.account_info("nomail@customer.com");
+    info.mail = None;
+    s.set_account("nomail@customer.com", info);
+    let (token, _) = s.issue(Vendor::Microsoft, "nomail@customer.com");
+    let (status, body) = me(&s, &token, Some("mail,userPrincipalName")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["mail"], Value::Null);
+    assert!(
+        body.as_object().unwrap().contains_key("mail"),
+        "null, not absent"
+    );
+    assert_eq!(body["userPrincipalName"], "nomail@customer.com");
+}
+
+#[tokio::test]
+async fn send_mail_without_mail_send_is_403_error_access_denied() {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue_with_scopes(
+        Vendor::Microsoft,
+        "admin@customer.com",
+        &["openid", "offline_access", "User.Read"],
+    );
+    let (status, body) = send_mail(&s, &token, "admin@customer.com", "Admin").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(graph_code(&body), "ErrorAccessDenied");
+    assert_eq!(
+        body["error"]["message"],
+        "Access is denied. Check credentials and try again."
+    );
+    assert!(s.graph_messages().is_empty());
+
+    let (token, _) = s.issue(Vendor::Microsoft, "admin@customer.com");
+    let (status, _) = send_mail(&s, &token, "admin@customer.com", "Admin").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(s.graph_messages().len(), 1);
+}
+
+#[tokio::test]
+async fn send_mail_from_another_mailbox_needs_mail_send_shared_and_send_as() {
+    let s = StandIns::start().await;
+    let account = "admin@customer.com";
+    let shared = "notifications@customer.com";
+
+    // Mail.Send only, no right: refused.
+    let (plain, _) = s.issue(Vendor::Microsoft, account);
+    let (status, body) = send_mail(&s, &plain, shared, "Notifications").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(graph_code(&body), "ErrorSendAsDenied");
+
+    // Mail.Send.Shared without the Send As right: refused.
+    let (with_shared, _) = s.issue_with_scopes(
+        Vendor::Microsoft,
+        account,
+        &[
+            "openid",
+            "offline_access",
+            "User.Read",
+            "Mail.Send",
+            "Mail.Send.Shared",
+        ],
+    );
+    let (status, body) = send_mail(&s, &with_shared, shared, "Notifications").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(graph_code(&body), "ErrorSendAsDenied");
+
+    // The Send As right without Mail.Send.Shared: refused.
+    s.grant_send_as(account, shared);
+    let (status, body) = send_mail(&s, &plain, shared, "Notifications").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(graph_code(&body), "ErrorSendAsDenied");
+
+    // Both: accepted (the address compared without regard to case).
+    let (status, _) = send_mail(
+        &s,
+        &with_shared,
+        "Notifications@Customer.com",
+        "Notifications",
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    // The account's own proxy address needs neither.
+    let mut info = s.account_info(account);
+    info.proxy_addresses.push("smtp:alias@customer.com".into());
+    s.set_account(account, info);
+    let (status, _) = send_mail(&s, &plain, "alias@customer.com", "Admin").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(s.graph_messages().len(), 2);
+}
+
+#[tokio::test]
+async fn send_mail_with_an_at_sign_in_the_display_name_is_send_as_denied() {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Microsoft, "admin@customer.com");
+    let (status, body) = send_mail(&s, &token, "admin@customer.com", "admin@customer.com").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(graph_code(&body), "ErrorSendAsDenied");
+    let (status, _) = send_mail(&s, &token, "admin@customer.com", "Admin at Customer").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+}
+
+fn assert_insufficient_scopes(body: &Value, method: &str) {
+    let e = &body["error"];
+    assert_eq!(e["code"], 403);
+    assert_eq!(
+        e["message"],
+        "Request had insufficient authentication scopes."
+    );
+    assert_eq!(e["status"], "PERMISSION_DENIED");
+    assert_eq!(e["errors"][0]["reason"], "insufficientPermissions");
+    assert_eq!(e["errors"][0]["message"], "Insufficient Permission");
+    let d = &e["details"][0];
+    assert_eq!(d["@type"], "type.googleapis.com/google.rpc.ErrorInfo");
+    assert_eq!(d["reason"], "ACCESS_TOKEN_SCOPE_INSUFFICIENT");
+    assert_eq!(d["metadata"]["service"], "gmail.googleapis.com");
+    assert_eq!(d["metadata"]["method"], method);
+}
+
+#[tokio::test]
+async fn gmail_send_without_a_send_scope_is_403_insufficient_permissions() {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue_with_scopes(Vendor::Google, "ops@customer.com", &["openid", "email"]);
+    let resp = gmail_send(&s, &token).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("insufficient_scope")
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_insufficient_scopes(&body, "caribou.api.proto.MailboxService.SendMessage");
+    assert!(s.gmail_messages().is_empty());
+
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    assert_eq!(gmail_send(&s, &token).await.status(), StatusCode::OK);
+    // A broader scope sends too.
+    let (token, _) = s.issue_with_scopes(
+        Vendor::Google,
+        "ops@customer.com",
+        &["https://mail.google.com/"],
+    );
+    assert_eq!(gmail_send(&s, &token).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn gmail_send_as_list_without_a_settings_scope_is_403() {
+    let s = StandIns::start().await;
+    // gmail.send alone does not list aliases.
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    let (status, body) = gmail_send_as(&s, &token).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_insufficient_scopes(&body, "caribou.api.proto.MailboxService.ListSendAs");
+
+    let (token, _) = s.issue_with_scopes(
+        Vendor::Google,
+        "ops@customer.com",
+        &["openid", "email", GMAIL_SEND, GMAIL_SETTINGS],
+    );
+    let (status, body) = gmail_send_as(&s, &token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["sendAs"][0]["sendAsEmail"], "ops@customer.com");
+}
+
+#[tokio::test]
+async fn google_granular_consent_grants_only_what_the_user_left_ticked() {
+    let s = StandIns::start().await;
+    s.set_consent(
+        Vendor::Google,
+        Consent::Partial {
+            account: "ops@customer.com".into(),
+            // `email` cannot be unticked: only gmail.send goes.
+            unticked: vec![GMAIL_SEND.into(), "email".into()],
+        },
+    );
+    let scope = format!("openid email {GMAIL_SEND} {GMAIL_SETTINGS}");
+    let tokens = connect(&s, Vendor::Google, "", &scope).await;
+    let granted: Vec<&str> = tokens["scope"].as_str().unwrap().split(' ').collect();
+    assert!(granted.contains(&"openid"), "{granted:?}");
+    assert!(
+        granted.contains(&"https://www.googleapis.com/auth/userinfo.email"),
+        "Google names email by its URL: {granted:?}"
+    );
+    assert!(granted.contains(&GMAIL_SETTINGS), "{granted:?}");
+    assert!(!granted.contains(&GMAIL_SEND), "unticked: {granted:?}");
+    let access = tokens["access_token"].as_str().unwrap();
+    assert_eq!(
+        s.granted_scopes(access).unwrap().len(),
+        granted.len(),
+        "the token carries what the response says"
+    );
+    // The token cannot send.
+    assert_eq!(gmail_send(&s, access).await.status(), StatusCode::FORBIDDEN);
+
+    // Approve grants everything.
+    s.set_consent(Vendor::Google, Consent::Approve("ops@customer.com".into()));
+    let tokens = connect(&s, Vendor::Google, "", &scope).await;
+    assert!(tokens["scope"].as_str().unwrap().contains(GMAIL_SEND));
+    let access = tokens["access_token"].as_str().unwrap();
+    assert_eq!(gmail_send(&s, access).await.status(), StatusCode::OK);
+    // Microsoft has no granular consent: Partial is an approval there.
+    s.set_consent(
+        Vendor::Microsoft,
+        Consent::Partial {
+            account: "admin@customer.com".into(),
+            unticked: vec!["Mail.Send".into()],
+        },
+    );
+    let tokens = connect(&s, Vendor::Microsoft, "common", MS_SCOPES).await;
+    assert!(tokens["scope"].as_str().unwrap().contains("Mail.Send"));
+}
+
+#[tokio::test]
+async fn id_tokens_carry_the_directory_claims() {
+    let s = StandIns::start().await;
+    s.set_consent(
+        Vendor::Microsoft,
+        Consent::Approve("admin@customer.com".into()),
+    );
+    let info = s.account_info("admin@customer.com");
+    let tokens = connect(&s, Vendor::Microsoft, "common", MS_SCOPES).await;
+    let c = claims(tokens["id_token"].as_str().unwrap());
+    assert_eq!(
+        c["iss"],
+        format!("https://login.microsoftonline.com/{}/v2.0", info.tenant_id)
+    );
+    assert_eq!(c["aud"], CLIENT_ID);
+    assert_eq!(c["oid"], info.id);
+    assert_eq!(c["tid"], info.tenant_id);
+    assert!(c["sub"].is_string());
+    assert_eq!(c["preferred_username"], "admin@customer.com");
+    assert_eq!(c["name"], info.display_name);
+    assert_eq!(c["email"], "admin@customer.com");
+    // Same domain, same tenant; stable ids.
+    assert_eq!(
+        s.account_info("other@customer.com").tenant_id,
+        info.tenant_id
+    );
+    assert_eq!(s.account_info("admin@customer.com").id, info.id);
+
+    // No mailbox: no email claim.
+    let mut nomail = s.account_info("nomail@customer.com");
+    nomail.mail = None;
+    s.set_account("nomail@customer.com", nomail);
+    s.set_consent(
+        Vendor::Microsoft,
+        Consent::Approve("nomail@customer.com".into()),
+    );
+    let tokens = connect(&s, Vendor::Microsoft, "common", MS_SCOPES).await;
+    let c = claims(tokens["id_token"].as_str().unwrap());
+    assert!(c.get("email").is_none(), "{c}");
+
+    // Google: sub, hd for Workspace, none for gmail.com.
+    s.set_consent(Vendor::Google, Consent::Approve("ops@customer.com".into()));
+    let tokens = connect(
+        &s,
+        Vendor::Google,
+        "",
+        &format!("openid email {GMAIL_SEND}"),
+    )
+    .await;
+    let c = claims(tokens["id_token"].as_str().unwrap());
+    assert_eq!(c["iss"], "https://accounts.google.com");
+    assert_eq!(c["aud"], CLIENT_ID);
+    assert_eq!(c["sub"], s.account_info("ops@customer.com").id);
+    assert_eq!(c["email"], "ops@customer.com");
+    assert_eq!(c["email_verified"], true);
+    assert_eq!(c["hd"], "customer.com");
+    assert!(c["name"].is_string());
+    s.set_consent(Vendor::Google, Consent::Approve("someone@gmail.com".into()));
+    let tokens = connect(
+        &s,
+        Vendor::Google,
+        "",
+        &format!("openid email {GMAIL_SEND}"),
+    )
+    .await;
+    assert!(
+        claims(tokens["id_token"].as_str().unwrap())
+            .get("hd")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_blocking_user_consent_sends_users_back_with_access_denied_aadsts90094() {
+    let s = StandIns::start().await;
+    s.block_user_consent("customer.com");
+    s.set_consent(
+        Vendor::Microsoft,
+        Consent::Approve("user@customer.com".into()),
+    );
+    let resp = authorize(&s, Vendor::Microsoft, "organizations", MS_SCOPES).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let back = location(&resp).unwrap();
+    assert!(back.as_str().starts_with(REDIRECT));
+    let q = params(&back);
+    assert_eq!(q["error"], "access_denied");
+    assert!(q["error_description"].starts_with("AADSTS90094: "), "{q:?}");
+    assert_eq!(q["state"], "the-state");
+    assert!(!q.contains_key("code"));
+
+    // Another tenant is not affected.
+    s.set_consent(Vendor::Microsoft, Consent::Approve("user@other.com".into()));
+    let resp = authorize(&s, Vendor::Microsoft, "organizations", MS_SCOPES).await;
+    assert!(params(&location(&resp).unwrap()).contains_key("code"));
+}
+
+async fn admin_consent(s: &StandIns, tenant: &str, scope: &str) -> reqwest::Response {
+    let mut url = url::Url::parse(&format!(
+        "{}/{tenant}/v2.0/adminconsent",
+        s.microsoft_login.uri()
+    ))
+    .unwrap();
+    url.query_pairs_mut()
+        .append_pair("client_id", CLIENT_ID)
+        .append_pair("scope", scope)
+        .append_pair("redirect_uri", REDIRECT)
+        .append_pair("state", "admin-state");
+    http().get(url).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn admin_consent_refuses_the_common_tenant() {
+    let s = StandIns::start().await;
+    s.set_consent(
+        Vendor::Microsoft,
+        Consent::Approve("it@customer.com".into()),
+    );
+    let resp = admin_consent(&s, "common", MS_SCOPES).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(location(&resp).is_none(), "an error page, no redirect");
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert_eq!(s.admin_consent_requests().len(), 1);
+}
+
+#[tokio::test]
+async fn admin_consent_for_the_tenant_lets_its_users_connect() {
+    let s = StandIns::start().await;
+    s.block_user_consent("customer.com");
+    let tid = s.account_info("it@customer.com").tenant_id;
+    s.set_consent(
+        Vendor::Microsoft,
+        Consent::Approve("it@customer.com".into()),
+    );
+    let resp = admin_consent(&s, &tid, MS_SCOPES).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let back = location(&resp).unwrap();
+    assert!(back.as_str().starts_with(REDIRECT));
+    let q = params(&back);
+    assert_eq!(q["admin_consent"], "True");
+    assert_eq!(q["tenant"], tid);
+    assert_eq!(q["state"], "admin-state");
+    assert!(q["scope"].contains("https://graph.microsoft.com/Mail.Send"));
+    assert!(!q.contains_key("code"), "admin consent returns no code");
+    let recorded = s.admin_consent_requests();
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0]["client_id"], CLIENT_ID);
+
+    // Now a user of that tenant connects.
+    s.set_consent(
+        Vendor::Microsoft,
+        Consent::Approve("user@customer.com".into()),
+    );
+    let tokens = connect(&s, Vendor::Microsoft, "organizations", MS_SCOPES).await;
+    assert!(tokens["access_token"].is_string());
+
+    // An admin of another directory cannot consent for this tenant.
+    s.set_consent(Vendor::Microsoft, Consent::Approve("it@other.com".into()));
+    let q = params(&location(&admin_consent(&s, &tid, MS_SCOPES).await).unwrap());
+    assert_eq!(q["error"], "access_denied");
+    assert!(q["error_description"].starts_with("AADSTS50020: "), "{q:?}");
+}
+
+#[tokio::test]
+async fn admin_consent_refused_by_the_admin_is_access_denied_aadsts65004() {
+    let s = StandIns::start().await;
+    s.set_consent(Vendor::Microsoft, Consent::Deny);
+    let resp = admin_consent(&s, "organizations", MS_SCOPES).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let q = params(&location(&resp).unwrap());
+    assert_eq!(q["error"], "access_denied");
+    assert!(q["error_description"].starts_with("AADSTS65004: "), "{q:?}");
+    assert_eq!(q["admin_consent"], "True");
+    assert_eq!(q["state"], "admin-state");
+}
+
+#[tokio::test]
+async fn a_personal_microsoft_account_is_refused_on_organizations() {
+    let s = StandIns::start().await;
+    s.set_account(
+        "someone@outlook.com",
+        AccountInfo {
+            id: "00000000-0000-0000-0123-456789abcdef".into(),
+            tenant_id: "9188040d-6c67-4c5b-b112-36a304b66dad".into(),
+            display_name: "Someone".into(),
+            mail: None,
+            personal: true,
+            hosted_domain: None,
+            proxy_addresses: Vec::new(),
+        },
+    );
+    s.set_consent(
+        Vendor::Microsoft,
+        Consent::Approve("someone@outlook.com".into()),
+    );
+
+    let resp = authorize(&s, Vendor::Microsoft, "organizations", MS_SCOPES).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(location(&resp).is_none(), "no redirect back");
+    let page = resp.text().await.unwrap();
+    assert!(page.contains("AADSTS500200"), "{page}");
+    assert!(page.contains("Personal Microsoft accounts are not supported for this application"));
+
+    // A tenant id refuses it too.
+    let tid = s.account_info("admin@customer.com").tenant_id;
+    let resp = authorize(&s, Vendor::Microsoft, &tid, MS_SCOPES).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(resp.text().await.unwrap().contains("AADSTS50020"));
+
+    // common lets it in, with the consumer tenant.
+    let tokens = connect(&s, Vendor::Microsoft, "common", MS_SCOPES).await;
+    let c = claims(tokens["id_token"].as_str().unwrap());
+    assert_eq!(c["tid"], "9188040d-6c67-4c5b-b112-36a304b66dad");
+}
+
+#[tokio::test]
+async fn a_refresh_without_offline_access_gets_no_refresh_token() {
+    let s = StandIns::start().await;
+    let (_, rt) = s.issue(Vendor::Microsoft, "admin@customer.com");
+    let (status, body) = refresh(
+        &s,
+        Vendor::Microsoft,
+        &rt,
+        Some("https://graph.microsoft.com/Mail.Send openid"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    assert_eq!(
+        body["scope"],
+        "https://graph.microsoft.com/Mail.Send openid"
+    );
+    let access = body["access_token"].as_str().unwrap();
+    assert_eq!(
+        s.granted_scopes(access).unwrap(),
+        vec!["https://graph.microsoft.com/Mail.Send", "openid"],
+        "the new access token carries the requested scopes"
+    );
+    // It was asked for Mail.Send only: /me is refused with it.
+    assert_eq!(me(&s, access, None).await.0, StatusCode::FORBIDDEN);
+
+    // With offline_access (bare names are Graph scopes): a new refresh token.
+    let (status, body) = refresh(
+        &s,
+        Vendor::Microsoft,
+        &rt,
+        Some("offline_access Mail.Send User.Read"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let rotated = body["refresh_token"].as_str().expect("a new refresh token");
+    assert_ne!(rotated, rt);
+    assert_eq!(
+        body["scope"],
+        "offline_access https://graph.microsoft.com/Mail.Send https://graph.microsoft.com/User.Read"
+    );
+    let refreshes = s.refreshes(Vendor::Microsoft);
+    assert_eq!(refreshes.len(), 2, "every refresh request is recorded");
+    assert_eq!(refreshes[1]["scope"], "offline_access Mail.Send User.Read");
+}
+
+#[tokio::test]
+async fn a_refresh_asking_for_an_ungranted_scope_is_invalid_grant_aadsts65001() {
+    let s = StandIns::start().await;
+    let (_, rt) = s.issue(Vendor::Microsoft, "admin@customer.com");
+    let (status, body) = refresh(
+        &s,
+        Vendor::Microsoft,
+        &rt,
+        Some("offline_access https://graph.microsoft.com/Mail.Send.Shared"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "invalid_grant");
+    assert_eq!(body["error_codes"], json!([65001]));
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS65001: ")
+    );
+}
+
+#[tokio::test]
+async fn fail_refresh_answers_entras_documented_error_for_each_code() {
+    let s = StandIns::start().await;
+    let (_, rt) = s.issue(Vendor::Microsoft, "admin@customer.com");
+    let cases: &[(u32, &str, u16)] = &[
+        (700016, "unauthorized_client", 400),
+        (7000112, "unauthorized_client", 400),
+        (50105, "invalid_grant", 400),
+        (53003, "invalid_grant", 400),
+        (70044, "interaction_required", 400),
+        (50076, "invalid_grant", 400),
+        (700082, "invalid_grant", 400),
+        (65001, "invalid_grant", 400),
+        (7000215, "invalid_client", 401),
+        (7000222, "invalid_client", 401),
+        (70008, "invalid_grant", 400),
+        (50173, "invalid_grant", 400),
+    ];
+    for &(code, error, status) in cases {
+        s.fail_refresh("admin@customer.com", Some(code));
+        let (got, body) = refresh(&s, Vendor::Microsoft, &rt, Some(MS_SCOPES)).await;
+        assert_eq!(got.as_u16(), status, "AADSTS{code}: {body}");
+        assert_eq!(body["error"], error, "AADSTS{code}");
+        assert_eq!(body["error_codes"], json!([code]));
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("AADSTS{code}: ")),
+            "{body}"
+        );
+        for field in ["timestamp", "trace_id", "correlation_id"] {
+            assert!(body[field].is_string(), "{field} in {body}");
+        }
+        assert_eq!(
+            body["error_uri"],
+            format!("https://login.microsoftonline.com/error?code={code}")
+        );
+    }
+    s.fail_refresh("admin@customer.com", None);
+    let (status, body) = refresh(&s, Vendor::Microsoft, &rt, Some(MS_SCOPES)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Google: invalid_grant whatever the code; lifted with None.
+    let (_, grt) = s.issue(Vendor::Google, "ops@customer.com");
+    s.fail_refresh("ops@customer.com", Some(70008));
+    let (status, body) = refresh(&s, Vendor::Google, &grt, None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "invalid_grant");
+    assert_eq!(
+        body["error_description"],
+        "Token has been expired or revoked."
+    );
+    s.fail_refresh("ops@customer.com", None);
+    let (status, body) = refresh(&s, Vendor::Google, &grt, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.get("refresh_token").is_none(),
+        "Google does not rotate"
+    );
+    assert_eq!(s.refreshes(Vendor::Google).len(), 2);
+}
