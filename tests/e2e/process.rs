@@ -634,6 +634,25 @@ async fn the_whole_flow_through_the_program_never_logs_or_prints_a_token() {
         url = resp.headers()["location"].to_str().unwrap().to_owned();
     }
     assert!(url.contains("status=connected"), "{url}");
+    let connection = url::Url::parse(&url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "connection")
+        .map(|(_, v)| v.into_owned())
+        .expect("a connection to confirm");
+    let confirmed: Value = http
+        .post(format!(
+            "{admin}/v1/organizations/org_g/integration/confirm"
+        ))
+        .bearer_auth(mail_dispatch_test_support::ADMIN_TOKEN)
+        .json(&serde_json::json!({"connection": connection}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(confirmed["status"], "connected", "{confirmed}");
     let outcome: Value = http
         .put(format!("{admin}/v1/organizations/org_g/integration/sender"))
         .bearer_auth(mail_dispatch_test_support::ADMIN_TOKEN)
@@ -678,6 +697,7 @@ async fn the_whole_flow_through_the_program_never_logs_or_prints_a_token() {
         "ya29.g-at-",
         "1//g-rt-",
         "code-",
+        connection.as_str(),
         mail_dispatch_test_support::ADMIN_TOKEN,
         "code_verifier",
         "alice@example.com",

@@ -193,7 +193,11 @@ async fn a_revoked_grant_fails_jobs_with_auth_revoked_marks_needs_reauth_and_pub
     }
     let integration = app.db.store.integration("org_ms").await.unwrap().unwrap();
     assert_eq!(integration.status, IntegrationStatus::NeedsReauth);
-    assert!(integration.last_error.unwrap().contains("invalid_grant"));
+    let reason = integration.last_error.unwrap();
+    assert!(
+        reason.contains("AADSTS70008") && reason.contains("reconnect"),
+        "the cause and what to do: {reason}"
+    );
 
     let seen = results.settle(Duration::from_millis(500)).await;
     let events: Vec<_> = seen
@@ -205,7 +209,7 @@ async fn a_revoked_grant_fails_jobs_with_auth_revoked_marks_needs_reauth_and_pub
     assert_eq!(e["event"], "integration.needs_reauth");
     assert_eq!(e["organization_id"], "org_ms");
     assert_eq!(e["provider"], "microsoft");
-    assert!(e["reason"].as_str().unwrap().starts_with("invalid_grant"));
+    assert!(e["reason"].as_str().unwrap().contains("AADSTS70008"));
     assert_eq!(
         app.standins.refreshes(Vendor::Microsoft).len(),
         1,
@@ -236,22 +240,17 @@ async fn with_platform_fallback_a_revoked_organization_goes_out_from_the_platfor
         .unwrap();
     app.standins.revoke_account("notifications@customer.com");
     let mut results = app.amqp.tap_results().await;
-    let first = app.job("org_ms");
-    app.amqp.publish_job(&first).await;
-    let r = results.result(first["id"].as_str().unwrap(), WAIT).await;
-    assert_eq!(
-        r["error"]["code"], "auth_revoked",
-        "the job that discovers the refusal fails: {r:#}"
-    );
-
-    let job = app.job("org_ms");
-    app.amqp.publish_job(&job).await;
-    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
-    assert_valid_result(&r);
-    assert_eq!(r["status"], "sent", "{r:#}");
-    assert_eq!(r["provider"], "default");
-    assert_eq!(r["fallback"], true);
-    assert_eq!(r["sender"]["name"], "Compliance Team");
+    // The job that discovers the refusal and the ones after it all go out.
+    for _ in 0..2 {
+        let job = app.job("org_ms");
+        app.amqp.publish_job(&job).await;
+        let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+        assert_valid_result(&r);
+        assert_eq!(r["status"], "sent", "{r:#}");
+        assert_eq!(r["provider"], "default");
+        assert_eq!(r["fallback"], true);
+        assert_eq!(r["sender"]["name"], "Compliance Team");
+    }
     let files = app.outbox_files();
     let raw = std::fs::read(&files[0]).unwrap();
     let msg = mail_parser::MessageParser::default().parse(&raw).unwrap();

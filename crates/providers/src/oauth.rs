@@ -169,15 +169,10 @@ impl TokenService {
                 message: format!("admin consent URL: {e}"),
             }
         })?;
-        // Only the API permissions: OpenID Connect scopes and offline_access are not
-        // permissions an administrator consents to for the tenant.
-        let scope = app
-            .scopes
-            .iter()
-            .filter(|s| s.starts_with("https://"))
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(" ");
+        // Every scope the users' consent will ask for, OpenID Connect and
+        // offline_access included: in a tenant where users may not consent, those
+        // need the administrator's consent too.
+        let scope = app.scopes.join(" ");
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("client_id", &app.client_id);

@@ -280,6 +280,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await?;
 
     let return_to = format!("{admin}/demo/settings");
+    // Acme sends from a shared mailbox its admin has Send As rights on (the demo
+    // runs with MAIL_DISPATCH_MICROSOFT_SHARED_MAILBOXES, so Mail.Send.Shared is requested).
+    sandbox.grant_send_as("it-admin@acme.example", "notifications@acme.example");
     for org in ORGS.iter().filter(|o| o.provider.is_some()) {
         let (provider, vendor, account) = org.provider.expect("filtered");
         sandbox.set_consent(vendor, Consent::Approve(account.to_owned()));

@@ -54,6 +54,10 @@ pub enum StateLookup {
 
 impl Store {
     /// Records a new authorization request. Also drops requests expired for a day.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one column each; a struct would only rename them"
+    )]
     pub async fn create_oauth_state(
         &self,
         state: &str,

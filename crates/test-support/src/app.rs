@@ -322,7 +322,16 @@ impl TestApp {
         sender: &str,
         sender_name: &str,
     ) -> (String, String) {
-        let (access, refresh) = self.standins.issue(vendor, account);
+        // A Microsoft sender other than the account is a mailbox the user has Send
+        // As rights on, with `Mail.Send.Shared` granted (as Graph requires).
+        let (access, refresh) = if vendor == Vendor::Microsoft && sender != account {
+            self.standins.grant_send_as(account, sender);
+            let scopes = mail_dispatch_providers::scopes::microsoft(true);
+            let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+            self.standins.issue_with_scopes(vendor, account, &scopes)
+        } else {
+            self.standins.issue(vendor, account)
+        };
         self.store_grant(
             org,
             vendor,
