@@ -23,7 +23,7 @@ use axum::response::{Html, IntoResponse, Response};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::{EmailAddress, ProviderKind};
-use mail_dispatch_providers::oauth::{MICROSOFT_CONSUMER_TENANT, id_token_claims};
+use mail_dispatch_providers::oauth::{MICROSOFT_CONSUMER_TENANT, aadsts, id_token_claims};
 use mail_dispatch_providers::{TokenGrant, scopes};
 use mail_dispatch_store::{
     ConfirmLookup, Integration, NewConnection, OAuthState, StateLookup, StatePurpose,
@@ -221,17 +221,6 @@ fn oauth_error_code(raw: &str) -> &str {
     } else {
         "provider_error"
     }
-}
-
-/// The AADSTS number in an error description, if any.
-fn aadsts(description: &str) -> Option<u32> {
-    let start = description.find("AADSTS")? + "AADSTS".len();
-    description[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()
 }
 
 /// What a refused authorization means for the admin. Entra's AADSTS number

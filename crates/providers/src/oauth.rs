@@ -337,7 +337,7 @@ pub fn id_token_email(id_token: &str) -> Option<String> {
 }
 
 /// The AADSTS number in an Entra error description (`AADSTS700082: …`).
-fn aadsts(description: &str) -> Option<u32> {
+pub fn aadsts(description: &str) -> Option<u32> {
     let start = description.find("AADSTS")? + "AADSTS".len();
     let digits: String = description[start..]
         .chars()
