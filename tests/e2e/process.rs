@@ -711,3 +711,59 @@ async fn the_whole_flow_through_the_program_never_logs_or_prints_a_token() {
         }
     }
 }
+
+/// `mail-dispatch admin` builds the shared services only: no pacer, no published
+/// marks, no ledger pruning. A worker prunes an old finished ledger entry as soon
+/// as it starts; an admin-only process leaves it alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_role_runs_none_of_the_workers_background_work() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        ..Default::default()
+    })
+    .await;
+    let (client, connection) = tokio_postgres::connect(&app.db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            "INSERT INTO job_ledger (job_id, organization_id, state, updated_at)
+             VALUES ('old-job', 'org_1', 'published', now() - interval '30 days')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let remaining = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM job_ledger WHERE job_id = 'old-job'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let admin_listen = (
+        "MAIL_DISPATCH_ADMIN_LISTEN",
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let admin = Program::start_with(&app, "admin", std::slice::from_ref(&admin_listen)).await;
+    // The worker's upkeep prunes at start (its first tick is immediate): give an
+    // admin-only process more than that.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(remaining().await, 1, "the admin role pruned the ledger");
+    let (code, logs) = admin.terminate(Duration::from_secs(20)).await;
+    assert_eq!(code, 0, "{logs}");
+
+    let worker = Program::start(&app, "worker").await;
+    let deadline = Instant::now() + WAIT;
+    while remaining().await == 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker never pruned: {}",
+            worker.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

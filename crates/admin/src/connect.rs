@@ -143,7 +143,7 @@ pub async fn authorize(
             "return_to is not on an allowed origin (MAIL_DISPATCH_RETURN_ORIGINS)",
         ));
     }
-    let service = state.dispatcher.senders.tokens.service();
+    let service = state.services.senders.tokens.service();
     let not_configured = |_| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -155,7 +155,7 @@ pub async fn authorize(
     let (url, verifier) = service
         .authorize_url(provider, &oauth_state)
         .map_err(not_configured)?;
-    let store = &state.dispatcher.store;
+    let store = &state.services.store;
     let ttl = state.config.state_ttl;
     let expires_at = store
         .create_oauth_state(
@@ -259,7 +259,7 @@ impl Outcome {
     responses((status = 303, description = "Redirect to return_to with `status` (`connected` with a one-time `connection` to confirm, `admin_consent_granted`, `error`) and, on error, `error` (`access_denied`, `admin_approval_required`, `scope_not_granted` with `missing`, `no_mailbox`, `personal_account_not_supported`, `account_unknown`, `token_exchange_failed`, `no_refresh_token`, `state_expired`, `state_reused`, or the provider's code)"),
               (status = 400, description = "Unknown state: nowhere safe to redirect to")))]
 pub async fn callback(State(state): State<AdminState>, Query(q): Query<CallbackQuery>) -> Response {
-    let store = &state.dispatcher.store;
+    let store = &state.services.store;
     let Some(oauth_state) = q
         .state
         .as_deref()
@@ -346,7 +346,7 @@ async fn connect_return(
     let Some(code) = q.code.as_deref().filter(|c| !c.is_empty()) else {
         return Ok(Outcome::error(provider, "missing_code"));
     };
-    let service = state.dispatcher.senders.tokens.service();
+    let service = state.services.senders.tokens.service();
     let grant = match service
         .exchange_code(provider, code, &pending.pkce_verifier)
         .await
@@ -384,7 +384,7 @@ async fn connect_return(
     };
     let connection = random_token();
     let expires_at = state
-        .dispatcher
+        .services
         .store
         .create_pending_connection(
             &connection_hash(&connection),
@@ -430,7 +430,7 @@ async fn identify(
                 // A personal Microsoft account: not a Microsoft 365 organization.
                 return Err("personal_account_not_supported");
             }
-            let me = match state.dispatcher.senders.graph.me(&grant.access_token).await {
+            let me = match state.services.senders.graph.me(&grant.access_token).await {
                 Ok(me) => me,
                 Err(e) => {
                     tracing::warn!(%provider, status = e.provider_status, code = e.provider_code.as_deref(), "GET /me failed");
@@ -511,7 +511,7 @@ pub async fn confirm(
     OrgId(org): OrgId,
     ApiJson(req): ApiJson<ConfirmRequest>,
 ) -> Result<Json<ConfirmResponse>, ApiError> {
-    let store = &state.dispatcher.store;
+    let store = &state.services.store;
     let connection = req.connection.trim();
     if connection.is_empty() || connection.len() > 200 {
         return Err(ApiError::invalid("connection is missing or malformed"));
@@ -551,7 +551,7 @@ pub async fn confirm(
     let saved = store.save_connection(&grant).await?;
     // The other caches learn of it by NOTIFY; this process's token cache must not
     // keep a token of the previous grant meanwhile.
-    state.dispatcher.senders.tokens.forget(&org);
+    state.services.senders.tokens.forget(&org);
     tracing::info!(org.id = %org, %provider, account_changed, "provider connected (confirmed by the host application)");
 
     // A reconnect of an organization whose sender is saved re-runs the sender's
@@ -597,7 +597,7 @@ fn changed_account(previous: &Integration, grant: &NewConnection) -> bool {
 /// Returns how many were removed.
 pub async fn expire_pending_connections(state: &AdminState) -> usize {
     let expired = match state
-        .dispatcher
+        .services
         .store
         .take_expired_pending_connections(100)
         .await

@@ -10,7 +10,7 @@ use mail_dispatch_domain::{
     EmailAddress, ErrorCode, JobError, Mailbox, OutgoingMessage, ProviderKind,
 };
 use mail_dispatch_store::{Fallback, Integration};
-use mail_dispatch_worker::sender::InProcessRetry;
+use mail_dispatch_worker::InProcessRetry;
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
@@ -223,7 +223,7 @@ async fn test_send(
     to: &Mailbox,
     fallback: Fallback,
 ) -> Result<TestOutcome, ApiError> {
-    let store = &state.dispatcher.store;
+    let store = &state.services.store;
     let provider = integration.provider;
     let message = test_message(state, org, provider, sender, to);
     let retry = InProcessRetry {
@@ -235,7 +235,7 @@ async fn test_send(
         },
     };
     let (outcome, _, _) = state
-        .dispatcher
+        .services
         .senders
         .send(provider, org, &message, retry)
         .await;
@@ -284,7 +284,7 @@ async fn record_test(
     message_id: Option<String>,
     error: Option<JobError>,
 ) -> Result<TestOutcome, ApiError> {
-    let store = &state.dispatcher.store;
+    let store = &state.services.store;
     let sent = status == TestStatus::Sent;
     let record = serde_json::json!({
         "status": status.as_str(),
@@ -293,7 +293,7 @@ async fn record_test(
         "error": error,
     });
     let integration = store.record_test(org, &record, sent).await?;
-    state.dispatcher.senders.tokens.forget(org);
+    state.services.senders.tokens.forget(org);
     tracing::info!(org.id = org, %provider, status = status.as_str(), "sender test");
     Ok(TestOutcome {
         status,
@@ -385,7 +385,7 @@ pub async fn put_sender(
     OrgId(org): OrgId,
     ApiJson(req): ApiJson<SenderRequest>,
 ) -> Result<Json<TestOutcome>, ApiError> {
-    let store = &state.dispatcher.store;
+    let store = &state.services.store;
     let Some(integration) = store.integration(&org).await? else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -469,7 +469,7 @@ async fn check_google_sender(
     if !state.config.google_check_aliases {
         return Err(not_allowed("the connected account's own address"));
     }
-    let senders = &state.dispatcher.senders;
+    let senders = &state.services.senders;
     let token = senders
         .tokens
         .access_token(org, ProviderKind::Google, None)
@@ -503,7 +503,7 @@ pub async fn get_integration(
     State(state): State<AdminState>,
     OrgId(org): OrgId,
 ) -> Result<Json<IntegrationView>, ApiError> {
-    let i = state.dispatcher.store.integration(&org).await?;
+    let i = state.services.store.integration(&org).await?;
     Ok(Json(view(&org, i.as_ref())))
 }
 
@@ -516,8 +516,8 @@ pub async fn delete_integration(
     State(state): State<AdminState>,
     OrgId(org): OrgId,
 ) -> Result<Json<DisconnectResponse>, ApiError> {
-    let deleted = state.dispatcher.store.delete_integration(&org).await?;
-    state.dispatcher.senders.tokens.forget(&org);
+    let deleted = state.services.store.delete_integration(&org).await?;
+    state.services.senders.tokens.forget(&org);
     let revoked = match &deleted {
         Some((provider, Some(refresh))) => crate::connect::revoke(&state, *provider, refresh).await,
         _ => false,

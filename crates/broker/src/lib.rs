@@ -54,6 +54,27 @@ pub struct Outgoing<'a> {
     pub mandatory: bool,
 }
 
+/// Headers mail-dispatch puts on delayed and dead-lettered copies of a job: part of
+/// the wire contract (operators and `dead-letters list` read them).
+pub mod headers {
+    /// Send attempts made so far.
+    pub const ATTEMPTS: &str = "x-mail-dispatch-attempts";
+    /// When the job was first seen, milliseconds since the Unix epoch.
+    pub const FIRST_SEEN: &str = "x-mail-dispatch-first-seen";
+    /// Not to be attempted before, milliseconds since the Unix epoch.
+    pub const NOT_BEFORE: &str = "x-mail-dispatch-not-before";
+    /// Earlier failed attempts, e.g. `#1 10:15:03 provider_unavailable 503; …`.
+    pub const HISTORY: &str = "x-mail-dispatch-history";
+    /// Why a job was dead-lettered: a contract error code.
+    pub const REASON: &str = "x-mail-dispatch-reason";
+    /// Human-readable detail of the dead-letter reason.
+    pub const DETAIL: &str = "x-mail-dispatch-detail";
+    /// The job id, when readable.
+    pub const JOB_ID: &str = "x-mail-dispatch-job-id";
+    /// When it was dead-lettered, RFC 3339.
+    pub const DEAD_AT: &str = "x-mail-dispatch-dead-at";
+}
+
 /// Properties of a persistent JSON message.
 pub fn json_properties() -> BasicProperties {
     BasicProperties::default()

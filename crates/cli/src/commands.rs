@@ -7,11 +7,11 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::ShortString;
+use mail_dispatch_broker::headers;
 use mail_dispatch_broker::{Broker, Outgoing, header_str, json_properties};
 use mail_dispatch_domain::ProviderKind;
 use mail_dispatch_store::{PoolSettings, Store};
-use mail_dispatch_worker::runner::headers;
-use mail_dispatch_worker::{Dispatcher, Health, ProviderEndpoints};
+use mail_dispatch_worker::{CacheConfig, Dispatcher, Health, ProviderEndpoints, Services};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -132,13 +132,21 @@ pub async fn run_until(
             .await;
     }
 
-    let config = settings.worker_config()?;
-    let dispatcher = Arc::new(Dispatcher::build(
-        store.clone(),
-        config,
-        &endpoints(settings)?,
-    )?);
-    let follower = dispatcher.follow_changes();
+    // The composition root: the shared services once; the dispatcher and its
+    // background work only where this process dispatches.
+    let services = Services::build(store.clone(), &endpoints(settings)?, CacheConfig::default())?;
+    let dispatcher = if roles.worker {
+        Some(Arc::new(Dispatcher::new(
+            services.clone(),
+            settings.worker_config()?,
+        )))
+    } else {
+        None
+    };
+    let follower = match &dispatcher {
+        Some(dispatcher) => dispatcher.run_upkeep(),
+        None => services.follow_changes(None),
+    };
     let health = Arc::new(Health::default());
     health.set_database(true);
 
@@ -152,7 +160,7 @@ pub async fn run_until(
     ));
     let admin_server = match (admin_config, admin_listener) {
         (Some(config), Some(listener)) => {
-            let state = mail_dispatch_admin::AdminState::new(dispatcher.clone(), config);
+            let state = mail_dispatch_admin::AdminState::new(services.clone(), config);
             let app = mail_dispatch_admin::app(state.clone());
             tracing::info!(listen = %settings.admin_listen, "admin API listening");
             let shutdown = shutdown.clone();
@@ -174,7 +182,7 @@ pub async fn run_until(
         health.clone(),
         shutdown.clone(),
     ));
-    if roles.worker {
+    if let Some(dispatcher) = dispatcher {
         let keepalive = tokio::spawn(mail_dispatch_worker::keepalive::run(
             dispatcher.clone(),
             dispatcher.config.keepalive,

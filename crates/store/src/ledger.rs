@@ -69,9 +69,9 @@ impl Store {
     /// crashed) is taken over; a job waiting for a retry is claimable again; a
     /// completed job whose publisher's lease expired is handed over for publishing.
     ///
-    /// One statement; concurrent callers can share one through
-    /// [`Store::claim_job_batched`].
-    pub async fn claim_job(
+    /// One statement. The public [`Store::claim_job`] lets concurrent callers
+    /// share one (group commit).
+    pub(crate) async fn claim_job_now(
         &self,
         job_id: &str,
         organization_id: &str,
@@ -83,11 +83,11 @@ impl Store {
         Ok(claims.pop().expect("one answer per job id"))
     }
 
-    /// [`Store::claim_job`] for many `(job_id, organization_id)` at once, in ONE
+    /// [`Store::claim_job_now`] for many `(job_id, organization_id)` at once, in ONE
     /// statement; the answers come in the order of `items`. A job id given twice
     /// is answered as if claimed twice in a row: the first occurrence claims it, a
     /// later one finds that claim (`Busy`, or `Published` if it was published).
-    pub async fn claim_jobs(
+    pub(crate) async fn claim_jobs(
         &self,
         items: &[(String, String)],
         lease: Duration,
@@ -143,9 +143,9 @@ impl Store {
     /// Records the outcome of a claimed job (before its result is published).
     /// `lease` protects the publishing that follows from a concurrent redelivery.
     ///
-    /// One statement; concurrent callers can share one through
-    /// [`Store::complete_job_batched`].
-    pub async fn complete_job(
+    /// One statement. The public [`Store::complete_job`] lets concurrent callers
+    /// share one (group commit).
+    pub(crate) async fn complete_job_now(
         &self,
         job_id: &str,
         result: &serde_json::Value,
@@ -155,9 +155,9 @@ impl Store {
             .await
     }
 
-    /// [`Store::complete_job`] for many `(job_id, result)` at once, in ONE
+    /// [`Store::complete_job_now`] for many `(job_id, result)` at once, in ONE
     /// statement. A job id given twice keeps its last result.
-    pub async fn complete_jobs(
+    pub(crate) async fn complete_jobs(
         &self,
         items: &[(String, serde_json::Value)],
         lease: Duration,
@@ -210,7 +210,7 @@ impl Store {
             return Ok(Claim::Acquired { claims: 1 });
         }
         drop(client);
-        self.claim_job(job_id, organization_id, lease).await
+        self.claim_job_now(job_id, organization_id, lease).await
     }
 
     /// The results of these jobs were confirmed by the broker (one statement for

@@ -1,45 +1,13 @@
-//! Group commit for the idempotency ledger: concurrent claims are merged into one
-//! `claim_jobs` statement, concurrent completions into one `complete_jobs`
-//! statement.
-//!
-//! There is no timer and no background task. A caller that finds fewer than
-//! [`MAX_IN_FLIGHT`] statements of its kind running becomes a *leader*: it runs
-//! one statement at once, for its own request plus everything already pending (at
-//! most [`MAX_BATCH`] jobs). A caller that finds every slot taken queues its
-//! request and waits. When a leader's statement returns, the leader hands its slot
-//! to the oldest pending request, whose caller becomes the next leader and takes
-//! everything that accumulated meanwhile ("natural batching"), and only then answers
-//! the requests of its batch. So a lone job pays no extra latency, a leader runs
-//! exactly one statement (no caller is kept serving others), and under load each
-//! statement carries what arrived while the previous one ran.
-//!
-//! Up to [`MAX_IN_FLIGHT`] statements of each kind run at once; each holds one
-//! connection of the ledger pool while it runs. One: measured with the benchmark
-//! at 64 jobs in flight, one statement at a time carries about 5 jobs where two
-//! carried about 3.5. PostgreSQL's CPU per job fell by a quarter, and throughput
-//! rose 5–9 % (BENCHMARKS.md, "one ledger statement of each kind at a time").
-//! Claims and completions still run side by side: each kind has its own slot.
-//!
-//! A job id appears at most once per statement (ON CONFLICT cannot touch a row
-//! twice): a request for a job id already in the batch being formed stays pending
-//! for the next one, as does a request with a different lease. A failed statement
-//! answers every request of its batch with the error ([`StoreError::Shared`]). A
-//! leader whose caller is cancelled mid-statement still hands its slot on (its
-//! `Slot` does so when dropped); the requests of that abandoned batch are answered
-//! with `StoreError::Unavailable`, so nobody waits forever.
+//! Group commit of the idempotency ledger: concurrent claims share one
+//! `claim_jobs` statement, concurrent completions one `complete_jobs` statement
+//! (the mechanism is `group_commit.rs`). Claims and completions run side by side:
+//! each kind has its own queue.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-
+use crate::group_commit::{Op, Queue, Request};
 use crate::{Claim, Store, StoreError};
-
-/// At most this many jobs per statement.
-const MAX_BATCH: usize = 256;
-/// At most this many statements of one kind (claim, complete) at once.
-const MAX_IN_FLIGHT: usize = 1;
 
 /// The pending claims and completions, shared by a [`Store`] and its clones.
 #[derive(Clone, Default)]
@@ -49,9 +17,10 @@ pub(crate) struct LedgerBatcher {
 }
 
 impl Store {
-    /// [`Store::claim_job`], through group commit: concurrent calls (from this
-    /// store and its clones) share one statement. See the module documentation.
-    pub async fn claim_job_batched(
+    /// Claims `job_id` for `lease` (see [`Store::claim_job_now`] for what a claim
+    /// finds), through group commit: concurrent calls (from this store and its
+    /// clones) share one statement. See the module documentation.
+    pub async fn claim_job(
         &self,
         job_id: &str,
         organization_id: &str,
@@ -65,9 +34,10 @@ impl Store {
         self.ledger_batch.claims.submit(self, request).await
     }
 
-    /// [`Store::complete_job`], through group commit: concurrent calls (from this
-    /// store and its clones) share one statement. See the module documentation.
-    pub async fn complete_job_batched(
+    /// Records the outcome of a claimed job (before its result is published);
+    /// `lease` protects the publishing that follows from a concurrent redelivery.
+    /// Through group commit: concurrent calls share one statement.
+    pub async fn complete_job(
         &self,
         job_id: &str,
         result: &serde_json::Value,
@@ -80,20 +50,6 @@ impl Store {
         };
         self.ledger_batch.completes.submit(self, request).await
     }
-}
-
-/// A kind of batched statement.
-trait Op: Sized + 'static {
-    /// What a request carries besides its job id and lease.
-    type Payload: Send + 'static;
-    /// The answer to one request.
-    type Output: Send + 'static;
-    /// Runs one statement for `items` (distinct job ids); one output per item, in order.
-    fn run(
-        store: &Store,
-        items: Vec<(String, Self::Payload)>,
-        lease: Duration,
-    ) -> impl Future<Output = Result<Vec<Self::Output>, StoreError>> + Send;
 }
 
 struct ClaimOp;
@@ -127,206 +83,10 @@ impl Op for CompleteOp {
     }
 }
 
-struct Request<P> {
-    job_id: String,
-    payload: P,
-    lease: Duration,
-}
-
-/// A queued request and where to answer it.
-struct Entry<O: Op> {
-    request: Request<O::Payload>,
-    reply: oneshot::Sender<Reply<O>>,
-}
-
-enum Reply<O: Op> {
-    /// The statement ran: this request's answer.
-    Done(Result<O::Output, StoreError>),
-    /// The request comes back with a slot: its caller leads the next statement.
-    Lead(Request<O::Payload>, Slot<O>),
-}
-
-struct State<O: Op> {
-    pending: VecDeque<Entry<O>>,
-    /// Slots taken: statements running, or handed to a caller about to run one.
-    /// Invariant: `pending` is empty unless every slot is taken, and a slot is
-    /// only released when `pending` is empty.
-    in_flight: usize,
-}
-
-struct Queue<O: Op> {
-    state: Mutex<State<O>>,
-}
-
-impl<O: Op> Default for Queue<O> {
-    fn default() -> Self {
-        Queue {
-            state: Mutex::new(State {
-                pending: VecDeque::new(),
-                in_flight: 0,
-            }),
-        }
-    }
-}
-
-/// The right to run one statement. Dropped — after the statement, or with a
-/// cancelled leader, or in an answer nobody received — it passes itself to the
-/// oldest pending request, or is released if none is pending.
-struct Slot<O: Op> {
-    queue: Option<Arc<Queue<O>>>,
-}
-
-impl<O: Op> Drop for Slot<O> {
-    fn drop(&mut self) {
-        if let Some(queue) = self.queue.take() {
-            queue.pass_on();
-        }
-    }
-}
-
-fn abandoned() -> StoreError {
-    StoreError::Unavailable("ledger batch abandoned: its leader was cancelled".into())
-}
-
-impl<O: Op> Queue<O> {
-    fn lock(&self) -> MutexGuard<'_, State<O>> {
-        // Nothing panics while holding the lock; a poisoned state is still consistent.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    async fn submit(
-        self: &Arc<Self>,
-        store: &Store,
-        request: Request<O::Payload>,
-    ) -> Result<O::Output, StoreError> {
-        let waiting = {
-            let mut state = self.lock();
-            if state.in_flight < MAX_IN_FLIGHT {
-                state.in_flight += 1;
-                Err(request)
-            } else {
-                let (reply, receiver) = oneshot::channel();
-                state.pending.push_back(Entry { request, reply });
-                Ok(receiver)
-            }
-        };
-        let (request, slot) = match waiting {
-            Err(request) => (
-                request,
-                Slot {
-                    queue: Some(self.clone()),
-                },
-            ),
-            Ok(receiver) => match receiver.await {
-                Ok(Reply::Done(answer)) => return answer,
-                Ok(Reply::Lead(request, slot)) => (request, slot),
-                Err(_) => return Err(abandoned()),
-            },
-        };
-        self.lead(store, request, slot).await
-    }
-
-    /// Runs one statement for `own` and what is pending, then hands `slot` on.
-    async fn lead(
-        &self,
-        store: &Store,
-        own: Request<O::Payload>,
-        slot: Slot<O>,
-    ) -> Result<O::Output, StoreError> {
-        let lease = own.lease;
-        let others = self.take_batch(&own);
-        let mut items = Vec::with_capacity(others.len() + 1);
-        let mut replies = Vec::with_capacity(others.len());
-        items.push((own.job_id, own.payload));
-        for Entry { request, reply } in others {
-            items.push((request.job_id, request.payload));
-            replies.push(reply);
-        }
-        let result = O::run(store, items, lease).await;
-        // What accumulated meanwhile goes out before this batch is answered.
-        drop(slot);
-        match result {
-            Ok(outputs) => {
-                let mut outputs = outputs.into_iter();
-                let own = outputs.next();
-                for (reply, output) in replies.into_iter().zip(outputs) {
-                    let _ = reply.send(Reply::Done(Ok(output)));
-                }
-                own.ok_or_else(|| StoreError::Unavailable("ledger batch gave no answer".into()))
-            }
-            Err(error) => {
-                let error = Arc::new(error);
-                for reply in replies {
-                    let _ = reply.send(Reply::Done(Err(StoreError::Shared(error.clone()))));
-                }
-                Err(Arc::try_unwrap(error).unwrap_or_else(StoreError::Shared))
-            }
-        }
-    }
-
-    /// Takes the pending requests that can share a statement with `own`: oldest
-    /// first, same lease, job ids distinct, at most `MAX_BATCH` in all. Requests
-    /// whose caller gave up are dropped.
-    fn take_batch(&self, own: &Request<O::Payload>) -> Vec<Entry<O>> {
-        let mut state = self.lock();
-        if state.pending.is_empty() {
-            return Vec::new();
-        }
-        let mut batch = Vec::new();
-        let mut ids = HashSet::from([own.job_id.clone()]);
-        let mut kept = VecDeque::new();
-        let mut pending = std::mem::take(&mut state.pending);
-        while let Some(entry) = pending.pop_front() {
-            if batch.len() + 1 >= MAX_BATCH {
-                kept.push_back(entry);
-                kept.append(&mut pending);
-                break;
-            }
-            if entry.reply.is_closed() {
-                continue;
-            }
-            if entry.request.lease == own.lease && !ids.contains(&entry.request.job_id) {
-                ids.insert(entry.request.job_id.clone());
-                batch.push(entry);
-            } else {
-                kept.push_back(entry);
-            }
-        }
-        state.pending = kept;
-        batch
-    }
-
-    /// A slot was given back: hand it to the oldest pending request whose caller
-    /// still waits, or release it.
-    fn pass_on(self: Arc<Self>) {
-        loop {
-            let entry = {
-                let mut state = self.lock();
-                match state.pending.pop_front() {
-                    Some(entry) => entry,
-                    None => {
-                        state.in_flight -= 1;
-                        return;
-                    }
-                }
-            };
-            let slot = Slot {
-                queue: Some(self.clone()),
-            };
-            match entry.reply.send(Reply::Lead(entry.request, slot)) {
-                Ok(()) => return,
-                // Its caller is gone: the slot goes to the next one (not through
-                // `Drop`, which would recurse).
-                Err(Reply::Lead(_, mut slot)) => slot.queue = None,
-                Err(Reply::Done(_)) => {}
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::group_commit::MAX_IN_FLIGHT;
     use crate::{PoolSettings, TokenCipher};
     use secrecy::SecretString;
     use serde_json::json;
@@ -432,7 +192,7 @@ mod tests {
         id: impl Into<String>,
     ) -> tokio::task::JoinHandle<Result<Claim, StoreError>> {
         let (store, id) = (store.clone(), id.into());
-        tokio::spawn(async move { store.claim_job_batched(&id, "org_1", LEASE).await })
+        tokio::spawn(async move { store.claim_job(&id, "org_1", LEASE).await })
     }
 
     /// Waits until `n` requests are pending in `queue`.
@@ -576,15 +336,15 @@ mod tests {
 
         // The single-item form answers the same way.
         assert_eq!(
-            store.claim_job("j1", "org_1", LEASE).await.unwrap(),
+            store.claim_job_now("j1", "org_1", LEASE).await.unwrap(),
             Claim::Published
         );
         assert_eq!(
-            store.claim_job("j9", "org_1", LEASE).await.unwrap(),
+            store.claim_job_now("j9", "org_1", LEASE).await.unwrap(),
             Claim::Busy
         );
         assert_eq!(
-            store.claim_job("new", "org_1", LEASE).await.unwrap(),
+            store.claim_job_now("new", "org_1", LEASE).await.unwrap(),
             Claim::Acquired { claims: 1 }
         );
         assert_eq!(db.statements(), 5);
@@ -679,7 +439,7 @@ mod tests {
         );
         // The single-item form.
         store
-            .complete_job("c1", &json!({"n": 11}), LEASE)
+            .complete_job_now("c1", &json!({"n": 11}), LEASE)
             .await
             .unwrap();
         assert_eq!(db.statements() - before, 2);
@@ -694,7 +454,7 @@ mod tests {
                     let store = db.store.clone();
                     tokio::spawn(async move {
                         store
-                            .claim_job_batched(&format!("{prefix}{i:03}"), "org_1", LEASE)
+                            .claim_job(&format!("{prefix}{i:03}"), "org_1", LEASE)
                             .await
                     })
                 })
@@ -718,7 +478,7 @@ mod tests {
                 let store = db.store.clone();
                 tokio::spawn(async move {
                     store
-                        .complete_job_batched(&format!("job{i:03}"), &json!({ "i": i }), LEASE)
+                        .complete_job(&format!("job{i:03}"), &json!({ "i": i }), LEASE)
                         .await
                 })
             })
@@ -824,11 +584,7 @@ mod tests {
         let claims: Vec<_> = (0..100)
             .map(|i| {
                 let store = db.store.clone();
-                tokio::spawn(async move {
-                    store
-                        .claim_job_batched(&format!("f{i}"), "org_1", LEASE)
-                        .await
-                })
+                tokio::spawn(async move { store.claim_job(&format!("f{i}"), "org_1", LEASE).await })
             })
             .collect();
         let completes: Vec<_> = (0..100)
@@ -836,7 +592,7 @@ mod tests {
                 let store = db.store.clone();
                 tokio::spawn(async move {
                     store
-                        .complete_job_batched(&format!("f{i}"), &json!({}), LEASE)
+                        .complete_job(&format!("f{i}"), &json!({}), LEASE)
                         .await
                 })
             })
@@ -863,10 +619,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            db.store
-                .claim_job_batched("f1", "org_1", LEASE)
-                .await
-                .unwrap(),
+            db.store.claim_job("f1", "org_1", LEASE).await.unwrap(),
             Claim::Acquired { claims: 1 }
         );
         assert_eq!(db.store.ledger_batch.claims.lock().in_flight, 0);
@@ -880,11 +633,7 @@ mod tests {
         let claims: Vec<_> = (0..50)
             .map(|i| {
                 let store = db.store.clone();
-                tokio::spawn(async move {
-                    store
-                        .claim_job_batched(&format!("p{i}"), "org_1", LEASE)
-                        .await
-                })
+                tokio::spawn(async move { store.claim_job(&format!("p{i}"), "org_1", LEASE).await })
             })
             .collect();
         let all = async {
@@ -977,10 +726,7 @@ mod tests {
         assert_eq!(queue.lock().in_flight, 0);
         // The batcher goes on.
         assert_eq!(
-            db.store
-                .claim_job_batched("after", "org_1", LEASE)
-                .await
-                .unwrap(),
+            db.store.claim_job("after", "org_1", LEASE).await.unwrap(),
             Claim::Acquired { claims: 1 }
         );
     }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod cipher;
+mod group_commit;
 mod integrations;
 mod ledger;
 mod ledger_batch;

@@ -7,7 +7,9 @@ use std::time::Duration;
 use mail_dispatch_domain::{EmailAddress, Mailbox, ProviderKind};
 use mail_dispatch_providers::OAuthApp;
 use mail_dispatch_store::{Fallback, NewConnection};
-use mail_dispatch_worker::{Dispatcher, Health, ProviderEndpoints, WorkerConfig};
+use mail_dispatch_worker::{
+    CacheConfig, Dispatcher, Health, ProviderEndpoints, Services, WorkerConfig,
+};
 use secrecy::SecretString;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -190,6 +192,16 @@ impl TestApp {
         }
     }
 
+    /// A fresh set of the shared services (one per replica).
+    pub fn services(&self) -> Arc<Services> {
+        Services::build(
+            self.db.store.clone(),
+            &self.endpoints(),
+            CacheConfig::default(),
+        )
+        .unwrap()
+    }
+
     pub fn worker_config(&self) -> WorkerConfig {
         let o = &self.options;
         let mut c = WorkerConfig::new(
@@ -216,15 +228,9 @@ impl TestApp {
 
     /// Starts a worker (another replica when one already runs).
     pub async fn start_worker(&self) -> RunningWorker {
-        let dispatcher = Arc::new(
-            Dispatcher::build(
-                self.db.store.clone(),
-                self.worker_config(),
-                &self.endpoints(),
-            )
-            .unwrap(),
-        );
-        let follower = dispatcher.follow_changes();
+        let services = self.services();
+        let dispatcher = Arc::new(Dispatcher::new(services, self.worker_config()));
+        let follower = dispatcher.run_upkeep();
         let health = Arc::new(Health::default());
         let shutdown = CancellationToken::new();
         if let Some(keepalive) = self.options.keepalive {
@@ -260,17 +266,11 @@ impl TestApp {
         &self,
         listener: tokio::net::TcpListener,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        // Like a separate `mail-dispatch admin` replica: its own caches, kept
-        // in step with the workers' through PostgreSQL notifications.
-        let dispatcher = Arc::new(
-            Dispatcher::build(
-                self.db.store.clone(),
-                self.worker_config(),
-                &self.endpoints(),
-            )
-            .unwrap(),
-        );
-        let follower = dispatcher.follow_changes();
+        // Like a separate `mail-dispatch admin` replica: its own services and
+        // caches (kept in step with the workers' through PostgreSQL
+        // notifications), and no worker machinery.
+        let services = self.services();
+        let follower = services.follow_changes(None);
         let config = mail_dispatch_admin::AdminConfig {
             admin_token: SecretString::from(ADMIN_TOKEN),
             return_origins: vec![Url::parse(APP_ORIGIN).unwrap().origin()],
@@ -282,7 +282,7 @@ impl TestApp {
             microsoft_shared_mailboxes: self.options.microsoft_shared_mailboxes,
             product_name: "Test Platform".into(),
         };
-        let state = mail_dispatch_admin::AdminState::new(dispatcher, config);
+        let state = mail_dispatch_admin::AdminState::new(services, config);
         let upkeep = tokio::spawn(mail_dispatch_admin::run_upkeep(
             state.clone(),
             self.options.admin_upkeep_interval,

@@ -25,10 +25,6 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// The platform sender's address and name.
     pub default_sender: Mailbox,
-    /// An access token is refreshed when it expires within this margin.
-    pub token_refresh_margin: Duration,
-    /// Longest time a resolved configuration is trusted without a notification.
-    pub config_cache_ttl: Duration,
     /// Name of this worker in AMQP connection names and consumer tags.
     pub instance: String,
     pub pacing: crate::pacing::PacingConfig,
@@ -50,8 +46,6 @@ impl WorkerConfig {
             claim_lease: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(25),
             default_sender,
-            token_refresh_margin: Duration::from_secs(120),
-            config_cache_ttl: Duration::from_secs(300),
             instance: format!("mail-dispatch-{}", std::process::id()),
             pacing: crate::pacing::PacingConfig::default(),
             ledger_retention: Duration::from_secs(7 * 24 * 3600),

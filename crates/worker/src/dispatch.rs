@@ -15,12 +15,12 @@ use mail_dispatch_domain::{
 };
 use mail_dispatch_providers::Accepted;
 use mail_dispatch_store::{Claim, Store, StoreError};
-use tracing::Instrument as _;
 
 use crate::config::WorkerConfig;
 use crate::pacing::{Admission, DeferReason, Pacer, Permit};
-use crate::resolver::{Resolver, Route};
-use crate::sender::{InProcessRetry, SendFailure, Senders};
+use crate::resolver::Route;
+use crate::sender::{InProcessRetry, SendFailure};
+use crate::services::Services;
 
 /// A delivery as the dispatcher sees it.
 #[derive(Clone, Debug)]
@@ -115,17 +115,28 @@ const HISTORY_MAX_CHARS: usize = 1000;
 /// redelivery publishing the same result.
 const PUBLISH_LEASE: Duration = Duration::from_secs(60);
 
-/// The dispatch use case.
+/// The dispatch use case: the shared services, and what only dispatching needs.
 pub struct Dispatcher {
-    pub store: Store,
+    pub services: Arc<Services>,
     pub pacer: Arc<Pacer>,
     pub published: crate::published::PublishedMarks,
-    pub resolver: Arc<Resolver>,
-    pub senders: Arc<Senders>,
     pub config: WorkerConfig,
 }
 
 impl Dispatcher {
+    pub fn new(services: Arc<Services>, config: WorkerConfig) -> Self {
+        Dispatcher {
+            services,
+            pacer: Pacer::new(config.pacing),
+            published: Default::default(),
+            config,
+        }
+    }
+
+    fn store(&self) -> &Store {
+        &self.services.store
+    }
+
     /// In-process attempts, never more than the job's remaining budget.
     fn in_process_retry(&self, attempts_made: u32) -> InProcessRetry {
         let remaining = self.config.retry.max_attempts.saturating_sub(attempts_made);
@@ -158,15 +169,12 @@ impl Dispatcher {
             Ok(job) => job,
             Err(invalid) => return self.invalid(&invalid, incoming, now).await,
         };
-        let span = tracing::info_span!(
-            "job",
-            job.id = %job.id,
-            org.id = %job.organization_id,
-            category = %job.category,
-            provider = tracing::field::Empty,
-            attempt = incoming.attempts + 1,
-        );
-        self.handle_valid(job, incoming).instrument(span).await
+        // The runner's span covers the whole delivery; it learns the job here.
+        let span = tracing::Span::current();
+        span.record("job.id", tracing::field::display(&job.id));
+        span.record("org.id", tracing::field::display(&job.organization_id));
+        span.record("category", tracing::field::display(&job.category));
+        self.handle_valid(job, incoming).await
     }
 
     async fn handle_valid(&self, job: Job, incoming: &Incoming) -> Decision {
@@ -179,7 +187,7 @@ impl Dispatcher {
                 history: incoming.history.clone(),
             }
         };
-        let route = match self.resolver.resolve(&job.organization_id).await {
+        let route = match self.services.resolver.resolve(&job.organization_id).await {
             Ok(route) => route,
             Err(e) => return blocked(&e),
         };
@@ -190,8 +198,8 @@ impl Dispatcher {
             Err(deferred) => return deferred,
         };
         match self
-            .store
-            .claim_job_batched(&job.id, &job.organization_id, self.config.claim_lease)
+            .store()
+            .claim_job(&job.id, &job.organization_id, self.config.claim_lease)
             .await
         {
             Ok(Claim::Acquired { .. }) => {}
@@ -287,6 +295,7 @@ impl Dispatcher {
         result.sender = Some(message.from.clone());
 
         let (outcome, made, retried) = self
+            .services
             .senders
             .send(
                 provider,
@@ -312,7 +321,7 @@ impl Dispatcher {
             }
             Err(SendFailure::Store(e)) => {
                 // Nothing was sent (tokens could not be read): try again later.
-                let _ = self.store.release_job(&job.id).await;
+                let _ = self.store().release_job(&job.id).await;
                 blocked(&e)
             }
             Err(SendFailure::Revoked {
@@ -351,7 +360,7 @@ impl Dispatcher {
                     .clone()
                     .unwrap_or_else(|| "access refused".into());
                 let newly = match self
-                    .store
+                    .store()
                     .mark_needs_reauth(&job.organization_id, &reason)
                     .await
                 {
@@ -418,7 +427,7 @@ impl Dispatcher {
                             provider_code = e.provider_code.as_deref(),
                             "transient failure; job delayed"
                         );
-                        if let Err(err) = self.store.release_job(&job.id).await {
+                        if let Err(err) = self.store().release_job(&job.id).await {
                             tracing::warn!(error = %err, "could not release the claim; the delayed copy waits for its lease");
                         }
                         Decision::Delay {
@@ -494,6 +503,7 @@ impl Dispatcher {
         tracing::Span::current().record("provider", ProviderKind::Default.as_str());
         tracing::info!("grant refused; the platform sender stands in (fallback)");
         let (outcome, made, _) = self
+            .services
             .senders
             .send(
                 ProviderKind::Default,
@@ -580,7 +590,7 @@ impl Dispatcher {
         let until = now + chrono::Duration::from_std(wait).unwrap_or_default();
         self.pacer.apply_pause(org, until);
         self.pacer.throttled(org, provider, now);
-        if let Err(e) = self.store.pause_mailbox(org, until, "throttled").await {
+        if let Err(e) = self.store().pause_mailbox(org, until, "throttled").await {
             tracing::warn!(error = %e, "could not share the mailbox pause with other replicas");
         }
     }
@@ -605,8 +615,8 @@ impl Dispatcher {
         let mut delay = Duration::from_millis(100);
         for _ in 0..6 {
             match self
-                .store
-                .complete_job_batched(job_id, &value, PUBLISH_LEASE)
+                .store()
+                .complete_job(job_id, &value, PUBLISH_LEASE)
                 .await
             {
                 Ok(()) => break,
@@ -627,11 +637,10 @@ impl Dispatcher {
         now: DateTime<Utc>,
     ) -> Decision {
         let result = JobResult::invalid(invalid, incoming.message_id.as_deref(), now);
-        tracing::warn!(
-            job.id = result.job_id.as_deref().unwrap_or("-"),
-            rule = invalid.rule,
-            "invalid job; dead-lettered"
-        );
+        if let Some(id) = &result.job_id {
+            tracing::Span::current().record("job.id", tracing::field::display(id));
+        }
+        tracing::warn!(rule = invalid.rule, "invalid job; dead-lettered");
         let dead_letter = Some(DeadLetter {
             reason: ErrorCode::InvalidJob,
             detail: invalid.to_string(),
@@ -646,7 +655,7 @@ impl Dispatcher {
                 })
                 .expect("outcomes serialize");
                 match self
-                    .store
+                    .store()
                     .complete_unclaimed_job(id, org, &value, PUBLISH_LEASE)
                     .await
                 {

@@ -58,6 +58,7 @@ impl Dispatcher {
         config: &KeepAliveConfig,
     ) -> Result<(SweepReport, Vec<NeedsReauthEvent>), mail_dispatch_store::StoreError> {
         let idle = self
+            .services
             .store
             .idle_grants(config.idle_after, config.batch)
             .await?;
@@ -65,6 +66,7 @@ impl Dispatcher {
         let mut events = Vec::new();
         for (org, provider) in idle {
             match self
+                .services
                 .senders
                 .tokens
                 .keep_alive(&org, provider, config.idle_after)

@@ -1,22 +1,26 @@
 #![doc = include_str!("../README.md")]
 
+// The public surface is what the binary, the admin API and the tests use; the
+// rest stays inside the crate.
 pub mod config;
-pub mod dispatch;
-pub mod health;
+mod dispatch;
+mod health;
 pub mod keepalive;
 pub mod metrics;
 pub mod pacing;
-pub mod published;
-pub mod resolver;
+mod published;
+mod resolver;
 pub mod runner;
-pub mod sender;
-pub mod tokens;
-pub mod wiring;
+mod sender;
+mod services;
+mod tokens;
+mod upkeep;
 
-pub use config::WorkerConfig;
-pub use dispatch::{Decision, Dispatcher, Incoming};
+pub use config::{DEFAULT_CONCURRENCY, WorkerConfig};
+pub use dispatch::{DeadLetter, Decision, Dispatcher, Finish, Incoming};
 pub use health::Health;
+pub use published::PublishedMarks;
 pub use resolver::{Resolver, Route};
-pub use sender::{SendFailure, Senders};
-pub use tokens::Tokens;
-pub use wiring::ProviderEndpoints;
+pub use sender::{InProcessRetry, SendFailure, Senders};
+pub use services::{CacheConfig, OnPause, ProviderEndpoints, Services};
+pub use tokens::{KeepAlive, MAX_CACHED_TOKENS, TokenError, Tokens};

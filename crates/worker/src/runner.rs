@@ -20,34 +20,15 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use lapin::types::{FieldTable, ShortString};
 use mail_dispatch_broker::{
-    Broker, BrokerError, Outgoing, header_i64, header_str, json_properties, with_headers,
+    Broker, BrokerError, Outgoing, header_i64, header_str, headers, json_properties, with_headers,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::dispatch::{Decision, Dispatcher, Finish, Incoming};
 use crate::health::Health;
-
-/// Headers mail-dispatch puts on delayed and dead-lettered copies of a job.
-pub mod headers {
-    /// Send attempts made so far.
-    pub const ATTEMPTS: &str = "x-mail-dispatch-attempts";
-    /// When the job was first seen, milliseconds since the Unix epoch.
-    pub const FIRST_SEEN: &str = "x-mail-dispatch-first-seen";
-    /// Not to be attempted before, milliseconds since the Unix epoch.
-    pub const NOT_BEFORE: &str = "x-mail-dispatch-not-before";
-    /// Earlier failed attempts, e.g. `#1 10:15:03 provider_unavailable 503; …`.
-    pub const HISTORY: &str = "x-mail-dispatch-history";
-    /// Why a job was dead-lettered: a contract error code.
-    pub const REASON: &str = "x-mail-dispatch-reason";
-    /// Human-readable detail of the dead-letter reason.
-    pub const DETAIL: &str = "x-mail-dispatch-detail";
-    /// The job id, when readable.
-    pub const JOB_ID: &str = "x-mail-dispatch-job-id";
-    /// When it was dead-lettered, RFC 3339.
-    pub const DEAD_AT: &str = "x-mail-dispatch-dead-at";
-}
 
 /// Runs the worker until `shutdown` is cancelled and in-flight work is settled.
 pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: CancellationToken) {
@@ -127,7 +108,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
         broker.close().await;
     }
     health.set_amqp(false);
-    dispatcher.published.flush(&dispatcher.store).await;
+    dispatcher.published.flush(&dispatcher.services.store).await;
     tracing::info!("worker stopped");
 }
 
@@ -178,6 +159,31 @@ async fn process(
     metrics::gauge!(crate::metrics::JOBS_IN_FLIGHT).increment(1.0);
     metrics::counter!(crate::metrics::JOBS_RECEIVED).increment(1);
     let incoming = incoming_from(&delivery);
+    // One span for the whole delivery, from receipt to ack: the dispatcher fills in
+    // the job's fields once it has decoded it, so publish and ack failures carry them.
+    let span = tracing::info_span!(
+        "job",
+        job.id = tracing::field::Empty,
+        org.id = tracing::field::Empty,
+        category = tracing::field::Empty,
+        provider = tracing::field::Empty,
+        attempt = incoming.attempts + 1,
+        delivery_tag = delivery.delivery_tag,
+    );
+    settle(dispatcher, broker, delivery, incoming, hard_stop)
+        .instrument(span)
+        .await;
+    metrics::gauge!(crate::metrics::JOBS_IN_FLIGHT).decrement(1.0);
+}
+
+/// Decides, publishes what the decision calls for, then acks (or hands back).
+async fn settle(
+    dispatcher: Arc<Dispatcher>,
+    broker: Broker,
+    delivery: Delivery,
+    incoming: Incoming,
+    hard_stop: CancellationToken,
+) {
     let work = async {
         let decision = dispatcher.handle(&incoming).await;
         let publishing = match &decision {
@@ -189,7 +195,7 @@ async fn process(
             && let Some(job_id) = publishing
         {
             // The redelivery of this job publishes the recorded result right away.
-            let _ = dispatcher.store.release_publish(&job_id).await;
+            let _ = dispatcher.services.store.release_publish(&job_id).await;
         }
         applied
     };
@@ -214,6 +220,7 @@ async fn process(
                 .await;
         }
         None => {
+            tracing::warn!("shutdown grace period over; handing the job back");
             let _ = delivery
                 .nack(BasicNackOptions {
                     requeue: true,
@@ -222,7 +229,6 @@ async fn process(
                 .await;
         }
     }
-    metrics::gauge!(crate::metrics::JOBS_IN_FLIGHT).decrement(1.0);
 }
 
 /// Publishes what a decision calls for, each with a broker confirm.

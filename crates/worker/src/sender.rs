@@ -11,6 +11,7 @@ use mail_dispatch_providers::{
     Accepted, GmailSender, GraphSender, PlatformSender, RefreshError, SendError,
 };
 use mail_dispatch_store::StoreError;
+use tracing::Instrument as _;
 
 use crate::tokens::{TokenError, Tokens};
 
@@ -119,7 +120,17 @@ impl Senders {
         msg: &OutgoingMessage,
     ) -> Result<Accepted, SendFailure> {
         let started = Instant::now();
-        let result = self.attempt_inner(provider, org, msg).await;
+        let span = tracing::info_span!(
+            "provider_call",
+            %provider,
+            org.id = org,
+            outcome = tracing::field::Empty,
+            elapsed_ms = tracing::field::Empty,
+        );
+        let result = self
+            .attempt_inner(provider, org, msg)
+            .instrument(span.clone())
+            .await;
         let outcome = match &result {
             Ok(_) => "accepted",
             Err(SendFailure::Send(e)) => match e.class {
@@ -138,6 +149,8 @@ impl Senders {
             Err(SendFailure::Store(_)) => "store_unavailable",
         };
         crate::metrics::send_attempt(provider, outcome, started.elapsed());
+        span.record("outcome", outcome);
+        span.record("elapsed_ms", started.elapsed().as_millis() as u64);
         result
     }
 

@@ -16,6 +16,7 @@ use mail_dispatch_domain::ProviderKind;
 use mail_dispatch_providers::{RefreshError, TokenService};
 use mail_dispatch_store::{RefreshDecision, Store, StoreError};
 use secrecy::{ExposeSecret, SecretString};
+use tracing::Instrument as _;
 
 /// Why no usable access token could be had.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,15 @@ pub enum KeepAlive {
     },
     /// The provider refused the grant: the integration is now `needs_reauth`.
     Revoked { reason: String, code: String },
+}
+
+/// The outcome a refresh span records.
+fn span_outcome<T>(refreshed: &Result<T, RefreshError>) -> &'static str {
+    match refreshed {
+        Ok(_) => "ok",
+        Err(RefreshError::Revoked { .. }) => "revoked",
+        Err(_) => "error",
+    }
 }
 
 /// Logs a failed refresh where its owner will see it; returns the metric outcome.
@@ -207,7 +217,14 @@ impl Tokens {
                         }),
                     );
                 };
-                match self.service.refresh(provider, &refresh_token, stored.granted_scopes.as_deref()).await {
+                let span = tracing::info_span!("token_refresh", %provider, org.id = org, outcome = tracing::field::Empty);
+                let refreshed = self
+                    .service
+                    .refresh(provider, &refresh_token, stored.granted_scopes.as_deref())
+                    .instrument(span.clone())
+                    .await;
+                span.record("outcome", span_outcome(&refreshed));
+                match refreshed {
                     Ok(grant) => {
                         crate::metrics::token_refresh(provider, "ok");
                         tracing::info!(org.id = org, %provider, rotated = grant.refresh_token.is_some(), "access token refreshed");
@@ -266,11 +283,14 @@ impl Tokens {
                 let Some(refresh_token) = stored.refresh_token.filter(|_| !recent) else {
                     return (RefreshDecision::Keep, Ok(KeepAlive::NotDue));
                 };
-                match self
+                let span = tracing::info_span!("token_refresh", %provider, org.id = org, keepalive = true, outcome = tracing::field::Empty);
+                let refreshed = self
                     .service
                     .refresh(provider, &refresh_token, stored.granted_scopes.as_deref())
-                    .await
-                {
+                    .instrument(span.clone())
+                    .await;
+                span.record("outcome", span_outcome(&refreshed));
+                match refreshed {
                     Ok(grant) => {
                         crate::metrics::token_refresh(provider, "ok");
                         tracing::info!(org.id = org, %provider, "idle grant refreshed (keep-alive)");

@@ -1,0 +1,125 @@
+//! What the dispatch use case and the admin API share, built once by the
+//! composition root (the binary, or a test's app) and handed to both.
+//!
+//! The admin API receives these services, never the dispatcher: a process that
+//! only serves the admin API builds no pacer and runs none of the worker's loops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mail_dispatch_providers::{
+    GmailSender, GraphSender, OAuthApp, PlatformSender, TokenService, TransportUrlError,
+    api_http_client, oauth_http_client,
+};
+use mail_dispatch_store::{IntegrationChange, Store, spawn_change_listener};
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::{Resolver, Senders, Tokens};
+
+/// Where the providers are (every URL configurable: tests point them at stand-ins).
+#[derive(Clone, Debug)]
+pub struct ProviderEndpoints {
+    pub graph_url: url::Url,
+    pub gmail_url: url::Url,
+    pub microsoft: Option<OAuthApp>,
+    pub google: Option<OAuthApp>,
+    /// `smtp://…`, `smtps://…` or `file://DIR`.
+    pub platform_transport: String,
+    pub http_timeout: Duration,
+}
+
+/// How long the shared caches trust what they hold.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheConfig {
+    /// An access token is refreshed when it expires within this margin.
+    pub token_refresh_margin: Duration,
+    /// Longest time a resolved configuration is trusted without a notification.
+    pub config_cache_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            token_refresh_margin: Duration::from_secs(120),
+            config_cache_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Called with each mailbox pause another replica announced.
+pub type OnPause = Arc<dyn Fn(&str, DateTime<Utc>) + Send + Sync>;
+
+/// The shared services.
+pub struct Services {
+    pub store: Store,
+    /// Which sender each organization uses, cached.
+    pub resolver: Resolver,
+    /// Graph, Gmail, the platform sender, and the access tokens they need.
+    pub senders: Senders,
+}
+
+impl Services {
+    /// Builds the senders, the token service and the caches.
+    pub fn build(
+        store: Store,
+        endpoints: &ProviderEndpoints,
+        caches: CacheConfig,
+    ) -> Result<Arc<Self>, TransportUrlError> {
+        let api = api_http_client(endpoints.http_timeout);
+        let service = TokenService::new(
+            oauth_http_client(endpoints.http_timeout),
+            endpoints.microsoft.as_ref(),
+            endpoints.google.as_ref(),
+        );
+        let tokens = Arc::new(Tokens::new(
+            store.clone(),
+            service,
+            caches.token_refresh_margin,
+        ));
+        let senders = Senders {
+            graph: GraphSender::new(api.clone(), &endpoints.graph_url, false),
+            gmail: GmailSender::new(api, &endpoints.gmail_url),
+            platform: PlatformSender::from_url(&endpoints.platform_transport)?,
+            tokens,
+        };
+        Ok(Arc::new(Services {
+            resolver: Resolver::new(store.clone(), caches.config_cache_ttl),
+            store,
+            senders,
+        }))
+    }
+
+    /// Keeps the route and token caches in step with PostgreSQL: every change, from
+    /// any replica or the admin API, evicts its entries. Mailbox pauses go to
+    /// `on_pause` (the worker's pacer; an admin-only process has none). Aborting the
+    /// returned task stops the listener.
+    pub fn follow_changes(
+        self: &Arc<Self>,
+        on_pause: Option<OnPause>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let listener = spawn_change_listener(self.store.pg_config().clone(), tx);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let _listener = AbortOnDropHandle::new(listener);
+            while let Some(change) = rx.recv().await {
+                this.resolver.apply(&change);
+                match &change {
+                    IntegrationChange::Organization(org) => this.senders.tokens.forget(org),
+                    IntegrationChange::All => this.senders.tokens.forget_all(),
+                    IntegrationChange::Pause {
+                        organization_id,
+                        until,
+                    } => {
+                        if let Some(on_pause) = &on_pause {
+                            on_pause(organization_id, *until);
+                        }
+                    }
+                }
+                tracing::debug!(?change, "integration change applied to caches");
+            }
+        })
+    }
+}

@@ -1,0 +1,57 @@
+//! The worker's own background work, in one place: only a process that
+//! dispatches runs it (an admin-only process does not).
+//!
+//! - mailbox pauses of other replicas, loaded at start and then followed;
+//! - the pacer's daily counts flushed to PostgreSQL every 2 s, and its state pruned;
+//! - published marks written in batches (`published.rs`);
+//! - finished ledger entries pruned every 10 minutes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::Dispatcher;
+
+/// Past this many mailboxes with a daily count, the pacer forgets those far below
+/// their limit (the next flush brings a sending mailbox's total back).
+const PACER_DAILY_ENTRIES: usize = 10_000;
+const FLUSH_EVERY: Duration = Duration::from_secs(2);
+const PRUNE_LEDGER_EVERY: Duration = Duration::from_secs(600);
+
+impl Dispatcher {
+    /// Starts the worker's background work, and the change listener with pauses
+    /// routed to this worker's pacer. Aborting the returned task stops all of it.
+    pub fn run_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let pacer = Arc::clone(&self.pacer);
+        let listener = self
+            .services
+            .follow_changes(Some(Arc::new(move |org, until| {
+                pacer.apply_pause(org, until)
+            })));
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let _listener = AbortOnDropHandle::new(listener);
+            let store = &this.services.store;
+            this.pacer.load_pauses(store).await;
+            let marks = this.published.run(store);
+            tokio::pin!(marks);
+            let mut flush = tokio::time::interval(FLUSH_EVERY);
+            let mut prune = tokio::time::interval(PRUNE_LEDGER_EVERY);
+            loop {
+                tokio::select! {
+                    () = &mut marks => {}
+                    _ = flush.tick() => {
+                        this.pacer.flush_daily(store).await;
+                        this.pacer.prune(chrono::Utc::now(), PACER_DAILY_ENTRIES);
+                    }
+                    _ = prune.tick() => match store.prune_ledger(this.config.ledger_retention, 1000).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(deleted = n, "pruned finished ledger entries"),
+                        Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
+                    },
+                }
+            }
+        })
+    }
+}
