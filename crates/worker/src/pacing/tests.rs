@@ -1,3 +1,4 @@
+use super::limits::BUSY_RETRY;
 use super::*;
 use chrono::TimeZone;
 
@@ -208,8 +209,7 @@ fn a_429_halves_the_expected_rate_once_a_second_and_accepted_sends_win_it_back()
     for _ in 0..40 {
         go(p.admit("m", ProviderKind::Microsoft, 1, later)).mark_sent();
     }
-    let s = p.state.lock().unwrap();
-    let rate = s.flows["m"].accepted_rate.unwrap();
+    let rate = p.learnt_rate("m").unwrap();
     assert!(rate > 3.0, "learnt rate after 40 accepted sends: {rate}");
 }
 
@@ -224,7 +224,7 @@ fn after_a_429_the_rate_the_provider_accepted_is_kept_not_halved_again() {
         go(p.admit("m", ProviderKind::Microsoft, 1, now())).mark_sent();
     }
     p.throttled("m", ProviderKind::Microsoft, now());
-    let rate = |p: &Arc<Pacer>| p.state.lock().unwrap().flows["m"].accepted_rate.unwrap();
+    let rate = |p: &Arc<Pacer>| p.learnt_rate("m").unwrap();
     // 4 accepted over (at least) a second; less if this thread was descheduled.
     let first = rate(&p);
     assert!(first > 1.0 && first <= 4.0, "{first}");
@@ -249,21 +249,17 @@ fn pruning_forgets_idle_mailboxes_and_keeps_what_still_matters() {
     // A minute later, on the same day: counts not yet flushed are kept.
     let later = now() + chrono::Duration::minutes(1);
     p.prune(later, 1_000_000);
-    let s = p.state.lock().unwrap();
-    assert_eq!(s.daily.len(), 101, "unflushed daily counts are kept");
-    assert!(s.gmail_tat.is_empty());
+    let held = p.held();
+    assert_eq!(held.daily_counts, 101, "unflushed daily counts are kept");
+    assert_eq!(held.gmail_tats, 0);
     assert_eq!(
-        s.graph_slots.len(),
-        1,
+        held.graph_slots, 1,
         "only the mailbox with a send under way"
     );
-    assert!(s.pauses.is_empty() || s.pauses.contains_key("paused"));
-    drop(s);
+    assert!(p.paused_organizations().iter().all(|org| org == "paused"));
     drop(busy);
     // The next day, everything flushed or not from yesterday is gone.
-    for d in p.state.lock().unwrap().daily.values_mut() {
-        d.unflushed = 0;
-    }
+    p.forget_unflushed_daily_counts();
     p.prune(now() + chrono::Duration::days(1), 1_000_000);
     assert_eq!(p.entries(), 0);
 }
