@@ -1,0 +1,393 @@
+//! Provider-aware pacing and tenant fairness: a job is admitted to the provider
+//! only when its organization and mailbox have room; otherwise it is deferred (it
+//! goes to a delay queue and holds no consumer slot).
+//!
+//! - **Fairness.** At most `org_max_in_flight` jobs of one organization are in
+//!   flight in this worker, so one flooding organization leaves the rest of the
+//!   capacity to everyone else.
+//! - **Microsoft Graph** allows 4 concurrent requests per app and mailbox: at most
+//!   `graph_mailbox_concurrency` sends per mailbox at once in this worker (with R
+//!   replicas, set it to 4 / R).
+//! - **Gmail** meters sends per user and minute: at most `gmail_mailbox_per_minute`
+//!   per mailbox in this worker (a GCRA with a small burst).
+//! - **429s** pause the mailbox for every replica: the pause is stored in
+//!   PostgreSQL and announced by NOTIFY; until it ends, jobs are deferred without
+//!   calling the provider.
+//! - **Daily limits** (Exchange Online recipients per day, Google Workspace
+//!   messages per day) are counted per mailbox and UTC day, summed over replicas
+//!   through PostgreSQL (flushed in batches); a job the provider would refuse today
+//!   is deferred, and fails with `quota_exceeded` only when its budget runs out.
+//! - **Deferred jobs are scheduled, not just postponed.** Each organization has a
+//!   queue of wake-up slots, spaced by the rate the pacer expects it to send at
+//!   (its in-flight cap or mailbox cap over its mean send time, Gmail's rate, and
+//!   after a 429 a learnt rate: what the provider accepted lately, or half the
+//!   expected rate when nothing was, then grown by each accepted send).
+//!   A deferred job gets the next slot, so a flood comes back about as fast as its
+//!   mailbox can take them instead of all at once every second: the work of
+//!   cycling a backlog through the delay queues stays small, and other
+//!   organizations' jobs do not queue behind it.
+//! - **Memory is bounded.** Per-mailbox entries are dropped when they carry no
+//!   information any more (see [`Pacer::prune`], run every few seconds).
+//!
+//! Everything the pacer knows of one organization is one `OrgPacing`, and all of
+//! them sit in one map behind one mutex, so an admission, a release or a prune
+//! looks the organization up once and cannot leave its pieces out of step. The
+//! pieces are split by concern:
+//!
+//! - `limits`: the checks an admission must pass and the room it takes;
+//! - `schedule`: what is learnt of an organization's sending, and the wake-up
+//!   slots of its deferred jobs;
+//! - `sync`: sharing pauses and daily counts with the other replicas through
+//!   PostgreSQL (the only part that knows the store).
+
+mod limits;
+mod schedule;
+mod sync;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use mail_dispatch_domain::ProviderKind;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use limits::DailyCount;
+use schedule::{Flow, SendTimes};
+
+/// Limits of the pacer (per worker unless said otherwise).
+#[derive(Clone, Copy, Debug)]
+pub struct PacingConfig {
+    pub org_max_in_flight: usize,
+    pub graph_mailbox_concurrency: usize,
+    pub gmail_mailbox_per_minute: u32,
+    /// Exchange Online: 10,000 recipients per day per mailbox (shared over replicas).
+    pub microsoft_daily_recipients: u32,
+    /// Google Workspace: 2,000 messages per day per user (shared over replicas).
+    pub google_daily_messages: u32,
+}
+
+impl Default for PacingConfig {
+    fn default() -> Self {
+        PacingConfig {
+            org_max_in_flight: 16,
+            graph_mailbox_concurrency: 4,
+            gmail_mailbox_per_minute: 60,
+            microsoft_daily_recipients: 10_000,
+            google_daily_messages: 2_000,
+        }
+    }
+}
+
+/// Why a job was deferred.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeferReason {
+    /// Its organization has `org_max_in_flight` jobs in flight here.
+    OrganizationBusy,
+    /// Its mailbox has as many concurrent Graph sends as allowed.
+    MailboxBusy,
+    /// Its mailbox is at its per-minute rate.
+    MailboxRate,
+    /// The provider throttled the mailbox (429) until a known instant.
+    MailboxPaused,
+    /// The mailbox reached the provider's daily limit.
+    DailyLimit,
+}
+
+impl DeferReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferReason::OrganizationBusy => "organization_busy",
+            DeferReason::MailboxBusy => "mailbox_busy",
+            DeferReason::MailboxRate => "mailbox_rate",
+            DeferReason::MailboxPaused => "mailbox_paused",
+            DeferReason::DailyLimit => "daily_limit",
+        }
+    }
+}
+
+/// The outcome of asking to send.
+#[derive(Debug)]
+pub enum Admission {
+    /// Go ahead; hold the permit until the send is over.
+    Go(Permit),
+    /// Not now: try again at `until`.
+    Defer {
+        until: DateTime<Utc>,
+        reason: DeferReason,
+    },
+}
+
+/// Room taken by an admitted job; released on drop.
+#[derive(Debug)]
+pub struct Permit {
+    pacer: Arc<Pacer>,
+    organization_id: String,
+    _mailbox_slot: Option<OwnedSemaphorePermit>,
+    provider: ProviderKind,
+    /// Units of today's limit reserved at admission; given back unless sent.
+    daily_units: u32,
+    sent: bool,
+    admitted_at: Instant,
+}
+
+impl Permit {
+    /// The provider accepted the message: its reservation counts for today.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let send_secs = self.admitted_at.elapsed().as_secs_f64();
+        let mut s = self.pacer.state();
+        s.send_times.learn(self.provider, send_secs);
+        let org = &self.organization_id;
+        // Present: an organization with a job in flight is never pruned.
+        if let Some(o) = s.orgs.get_mut(org) {
+            if let Some(flow) = o.flow.as_mut() {
+                flow.learn_send(send_secs, self.sent);
+            }
+            o.release(self.daily_units, self.sent);
+            if o.holds_nothing() {
+                s.orgs.remove(org);
+            }
+        }
+    }
+}
+
+/// Everything the pacer knows of one organization (and its mailbox). A piece that
+/// is `None` (or an in-flight count of 0) carries no information; the organization
+/// is forgotten once every piece is.
+#[derive(Default)]
+struct OrgPacing {
+    /// Jobs of the organization admitted here and not yet over.
+    in_flight: usize,
+    /// A 429 pause, from this replica or another one.
+    pause: Option<DateTime<Utc>>,
+    /// Graph: the mailbox's concurrent sends.
+    graph_slots: Option<Arc<Semaphore>>,
+    /// Gmail: theoretical arrival time of the next send (GCRA).
+    gmail_tat: Option<DateTime<Utc>>,
+    daily: Option<DailyCount>,
+    /// Deferral scheduling.
+    flow: Option<Flow>,
+}
+
+impl OrgPacing {
+    fn holds_nothing(&self) -> bool {
+        self.in_flight == 0
+            && self.pause.is_none()
+            && self.graph_slots.is_none()
+            && self.gmail_tat.is_none()
+            && self.daily.is_none()
+            && self.flow.is_none()
+    }
+
+    /// Drops the pieces that carry no information any more at `now`; daily counts
+    /// below `daily_floor` too, when given (see [`Pacer::prune`]).
+    fn prune(&mut self, now: DateTime<Utc>, daily_floor: Option<u32>) {
+        self.prune_limits(now, daily_floor);
+        if self.flow.as_ref().is_some_and(|f| !f.still_matters(now)) {
+            self.flow = None;
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    orgs: HashMap<String, OrgPacing>,
+    /// Mean send time per provider over every organization (the prior of a new flow).
+    send_times: SendTimes,
+}
+
+impl State {
+    fn org_mut(&mut self, org: &str) -> &mut OrgPacing {
+        if !self.orgs.contains_key(org) {
+            // Looked up first: this runs for every admitted job, and `entry` would
+            // allocate the key each time.
+            self.orgs.insert(org.to_owned(), OrgPacing::default());
+        }
+        self.orgs.get_mut(org).expect("just inserted")
+    }
+
+    fn flow_mut(&mut self, org: &str, provider: ProviderKind, now: DateTime<Utc>) -> &mut Flow {
+        let prior = self.send_times.prior(provider);
+        self.org_mut(org)
+            .flow
+            .get_or_insert_with(|| Flow::new(prior, now))
+    }
+}
+
+/// How many pieces of each kind the pacer holds.
+#[derive(Debug, Default)]
+struct Held {
+    in_flight: usize,
+    pauses: usize,
+    graph_slots: usize,
+    gmail_tats: usize,
+    daily_counts: usize,
+    flows: usize,
+}
+
+impl Held {
+    fn total(&self) -> usize {
+        self.in_flight
+            + self.pauses
+            + self.graph_slots
+            + self.gmail_tats
+            + self.daily_counts
+            + self.flows
+    }
+}
+
+/// The pacer of one worker.
+pub struct Pacer {
+    config: PacingConfig,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Pacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pacer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pacer {
+    pub fn new(config: PacingConfig) -> Arc<Self> {
+        Arc::new(Pacer {
+            config,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("poisoned")
+    }
+
+    /// Asks to send one message of `org` through `provider` to `recipients` recipients.
+    pub fn admit(
+        self: &Arc<Self>,
+        org: &str,
+        provider: ProviderKind,
+        recipients: usize,
+        now: DateTime<Utc>,
+    ) -> Admission {
+        let mut s = self.state();
+        match s
+            .org_mut(org)
+            .reserve(&self.config, provider, recipients, now)
+        {
+            Ok(room) => {
+                // Created now so that the job's send time, measured on release,
+                // has a flow to teach.
+                s.flow_mut(org, provider, now);
+                Admission::Go(Permit {
+                    pacer: Arc::clone(self),
+                    organization_id: org.to_owned(),
+                    _mailbox_slot: room.mailbox_slot,
+                    provider,
+                    daily_units: room.daily_units,
+                    sent: false,
+                    admitted_at: Instant::now(),
+                })
+            }
+            Err(refusal) => Admission::Defer {
+                until: s.flow_mut(org, provider, now).wake_slot(
+                    &self.config,
+                    provider,
+                    refusal.until,
+                ),
+                reason: refusal.reason,
+            },
+        }
+    }
+
+    /// A pause learnt from a 429 here or from another replica.
+    pub fn apply_pause(&self, org: &str, until: DateTime<Utc>) {
+        let mut s = self.state();
+        let pause = s.org_mut(org).pause.get_or_insert(until);
+        if *pause < until {
+            *pause = until;
+        }
+    }
+
+    /// Drops what carries no information any more, so memory stays bounded by the
+    /// organizations active recently rather than by every organization ever seen:
+    /// ended pauses, Gmail rate entries already in the past, idle Graph slots,
+    /// daily counts of other days (and, past `max_daily_entries`, those far below
+    /// their limit: the next flush brings back the shared total of a mailbox that
+    /// sends again), and flows with no slot ahead whose learnt rate has recovered
+    /// or is older than ten minutes. An organization left with nothing is
+    /// forgotten.
+    pub fn prune(&self, now: DateTime<Utc>, max_daily_entries: usize) {
+        let c = self.config;
+        let today = now.date_naive();
+        let mut s = self.state();
+        // Counted before the retain: whether to trim depends on how many daily
+        // counts outlive the day change, over every organization.
+        let current_daily = s
+            .orgs
+            .values()
+            .filter(|o| o.daily.as_ref().is_some_and(|d| d.is_current(today)))
+            .count();
+        let daily_floor = (current_daily > max_daily_entries)
+            .then(|| c.google_daily_messages.min(c.microsoft_daily_recipients) / 2);
+        s.orgs.retain(|_, o| {
+            o.prune(now, daily_floor);
+            !o.holds_nothing()
+        });
+    }
+
+    /// How many entries the pacer holds (for tests and the memory bound).
+    pub fn entries(&self) -> usize {
+        self.held().total()
+    }
+
+    fn held(&self) -> Held {
+        let s = self.state();
+        s.orgs.values().fold(Held::default(), |mut h, o| {
+            h.in_flight += usize::from(o.in_flight > 0);
+            h.pauses += usize::from(o.pause.is_some());
+            h.graph_slots += usize::from(o.graph_slots.is_some());
+            h.gmail_tats += usize::from(o.gmail_tat.is_some());
+            h.daily_counts += usize::from(o.daily.is_some());
+            h.flows += usize::from(o.flow.is_some());
+            h
+        })
+    }
+}
+
+/// Views of the state for the unit tests, so that they need not know its layout.
+#[cfg(test)]
+impl Pacer {
+    /// The organizations with a pause, ended or not.
+    fn paused_organizations(&self) -> Vec<String> {
+        let s = self.state();
+        s.orgs
+            .iter()
+            .filter(|(_, o)| o.pause.is_some())
+            .map(|(org, _)| org.clone())
+            .collect()
+    }
+
+    /// The sending rate learnt for `org` after a 429.
+    fn learnt_rate(&self, org: &str) -> Option<f64> {
+        self.state().orgs.get(org)?.flow.as_ref()?.learnt_rate()
+    }
+
+    /// Zeroes every count not yet flushed, as if they had all been written.
+    fn forget_unflushed_daily_counts(&self) {
+        for o in self.state().orgs.values_mut() {
+            if let Some(d) = o.daily.as_mut() {
+                d.unflushed = 0;
+            }
+        }
+    }
+}

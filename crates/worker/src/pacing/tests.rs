@@ -1,0 +1,265 @@
+use super::limits::BUSY_RETRY;
+use super::*;
+use chrono::TimeZone;
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 28, 10, 0, 0).unwrap()
+}
+
+fn config() -> PacingConfig {
+    PacingConfig {
+        org_max_in_flight: 3,
+        graph_mailbox_concurrency: 2,
+        gmail_mailbox_per_minute: 60,
+        microsoft_daily_recipients: 10,
+        google_daily_messages: 2,
+    }
+}
+
+fn go(a: Admission) -> Permit {
+    match a {
+        Admission::Go(p) => p,
+        Admission::Defer { reason, .. } => panic!("deferred: {reason:?}"),
+    }
+}
+
+fn reason(a: Admission) -> DeferReason {
+    match a {
+        Admission::Go(_) => panic!("admitted"),
+        Admission::Defer { reason, .. } => reason,
+    }
+}
+
+#[test]
+fn an_organization_gets_at_most_its_share_and_others_are_unaffected() {
+    let p = Pacer::new(config());
+    let held: Vec<_> = (0..3)
+        .map(|_| go(p.admit("a", ProviderKind::Default, 1, now())))
+        .collect();
+    assert_eq!(
+        reason(p.admit("a", ProviderKind::Default, 1, now())),
+        DeferReason::OrganizationBusy
+    );
+    go(p.admit("b", ProviderKind::Default, 1, now()));
+    drop(held);
+    go(p.admit("a", ProviderKind::Default, 1, now()));
+}
+
+#[test]
+fn graph_sends_per_mailbox_are_capped() {
+    let p = Pacer::new(config());
+    let a = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    let _b = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    assert_eq!(
+        reason(p.admit("m", ProviderKind::Microsoft, 1, now())),
+        DeferReason::MailboxBusy
+    );
+    drop(a);
+    go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+}
+
+#[test]
+fn gmail_sends_per_mailbox_follow_the_rate_after_a_small_burst() {
+    let p = Pacer::new(config());
+    // 60 per minute = one per second, with 5 s of burst.
+    let admitted = (0..10)
+        .take_while(|_| {
+            matches!(
+                p.admit("g", ProviderKind::Google, 1, now()),
+                Admission::Go(_)
+            )
+        })
+        .count();
+    assert_eq!(admitted, 6);
+    let Admission::Defer { until, reason } = p.admit("g", ProviderKind::Google, 1, now()) else {
+        panic!()
+    };
+    assert_eq!(reason, DeferReason::MailboxRate);
+    // The deferral inside `take_while` took the slot at +1 s.
+    assert_eq!(until, now() + chrono::Duration::seconds(2));
+    go(p.admit("g", ProviderKind::Google, 1, until));
+}
+
+#[test]
+fn a_pause_defers_until_it_ends() {
+    let p = Pacer::new(config());
+    let until = now() + chrono::Duration::seconds(30);
+    p.apply_pause("m", until);
+    let Admission::Defer { until: u, reason } = p.admit("m", ProviderKind::Microsoft, 1, now())
+    else {
+        panic!()
+    };
+    assert_eq!((u, reason), (until, DeferReason::MailboxPaused));
+    go(p.admit(
+        "m",
+        ProviderKind::Microsoft,
+        1,
+        until + chrono::Duration::seconds(1),
+    ));
+    go(p.admit("other", ProviderKind::Microsoft, 1, now()));
+}
+
+#[test]
+fn daily_limits_defer_to_the_next_utc_day() {
+    let p = Pacer::new(config());
+    for _ in 0..2 {
+        go(p.admit("g", ProviderKind::Google, 1, now())).mark_sent();
+    }
+    // An admitted job that was not sent gives its reservation back.
+    drop(go(p.admit("m", ProviderKind::Microsoft, 10, now())));
+    let Admission::Defer { until, reason } = p.admit("g", ProviderKind::Google, 1, now()) else {
+        panic!()
+    };
+    assert_eq!(reason, DeferReason::DailyLimit);
+    assert_eq!(until, Utc.with_ymd_and_hms(2026, 11, 29, 0, 0, 0).unwrap());
+    // Microsoft counts recipients: 10 a day, this message has 11.
+    assert_eq!(
+        reason_of(p.admit("m", ProviderKind::Microsoft, 11, now())),
+        DeferReason::DailyLimit
+    );
+    go(p.admit("g", ProviderKind::Google, 1, until));
+}
+
+fn reason_of(a: Admission) -> DeferReason {
+    reason(a)
+}
+
+fn wake(a: Admission) -> DateTime<Utc> {
+    match a {
+        Admission::Go(_) => panic!("admitted"),
+        Admission::Defer { until, .. } => until,
+    }
+}
+
+fn ms(n: i64) -> chrono::Duration {
+    chrono::Duration::milliseconds(n)
+}
+
+#[test]
+fn deferred_jobs_of_a_busy_organization_get_spaced_slots_not_one_instant() {
+    let p = Pacer::new(config());
+    let _held: Vec<_> = (0..3)
+        .map(|_| go(p.admit("a", ProviderKind::Default, 1, now())))
+        .collect();
+    // 3 in flight over the prior 0.25 s per send: 12 per second, 83 ms apart.
+    let wakes: Vec<_> = (0..4)
+        .map(|_| wake(p.admit("a", ProviderKind::Default, 1, now())))
+        .collect();
+    let first = now() + chrono::Duration::from_std(BUSY_RETRY).unwrap();
+    assert_eq!(wakes[0], first);
+    for (i, w) in wakes.iter().enumerate() {
+        let expected = first + chrono::Duration::microseconds(83_333 * i as i64);
+        assert!(
+            (*w - expected).num_milliseconds().abs() <= 1,
+            "{i}: {w} vs {expected}"
+        );
+    }
+    // Another organization's deferrals do not queue behind them.
+    let _b: Vec<_> = (0..3)
+        .map(|_| go(p.admit("b", ProviderKind::Default, 1, now())))
+        .collect();
+    assert_eq!(wake(p.admit("b", ProviderKind::Default, 1, now())), first);
+}
+
+#[test]
+fn gmail_deferrals_come_back_one_rate_interval_apart() {
+    let p = Pacer::new(config());
+    while matches!(
+        p.admit("g", ProviderKind::Google, 1, now()),
+        Admission::Go(_)
+    ) {}
+    // The first deferral above took the slot at +1 s; the next ones follow at 1/s.
+    let next: Vec<_> = (0..3)
+        .map(|_| wake(p.admit("g", ProviderKind::Google, 1, now())))
+        .collect();
+    assert_eq!(
+        next,
+        vec![
+            now() + chrono::Duration::seconds(2),
+            now() + chrono::Duration::seconds(3),
+            now() + chrono::Duration::seconds(4)
+        ]
+    );
+}
+
+#[test]
+fn a_429_halves_the_expected_rate_once_a_second_and_accepted_sends_win_it_back() {
+    let p = Pacer::new(PacingConfig {
+        microsoft_daily_recipients: 1000,
+        ..config()
+    });
+    let until = now() + chrono::Duration::seconds(10);
+    p.apply_pause("m", until);
+    let spacing = |p: &Arc<Pacer>| {
+        let a = wake(p.admit("m", ProviderKind::Microsoft, 1, now()));
+        let b = wake(p.admit("m", ProviderKind::Microsoft, 1, now()));
+        (b - a).num_milliseconds()
+    };
+    // Graph: 2 concurrent over 0.25 s = 8 per second.
+    assert_eq!(spacing(&p), 125);
+    p.throttled("m", ProviderKind::Microsoft, now());
+    assert_eq!(spacing(&p), 250);
+    // A second 429 of the same burst does not halve again.
+    p.throttled("m", ProviderKind::Microsoft, now() + ms(500));
+    assert_eq!(spacing(&p), 250);
+    p.throttled("m", ProviderKind::Microsoft, now() + ms(1500));
+    assert_eq!(spacing(&p), 500);
+    // Accepted sends grow the learnt rate back.
+    let later = until + chrono::Duration::seconds(1);
+    for _ in 0..40 {
+        go(p.admit("m", ProviderKind::Microsoft, 1, later)).mark_sent();
+    }
+    let rate = p.learnt_rate("m").unwrap();
+    assert!(rate > 3.0, "learnt rate after 40 accepted sends: {rate}");
+}
+
+#[test]
+fn after_a_429_the_rate_the_provider_accepted_is_kept_not_halved_again() {
+    let p = Pacer::new(PacingConfig {
+        microsoft_daily_recipients: 1000,
+        ..config()
+    });
+    // Four sends accepted (within the last second), then a 429.
+    for _ in 0..4 {
+        go(p.admit("m", ProviderKind::Microsoft, 1, now())).mark_sent();
+    }
+    p.throttled("m", ProviderKind::Microsoft, now());
+    let rate = |p: &Arc<Pacer>| p.learnt_rate("m").unwrap();
+    // 4 accepted over (at least) a second; less if this thread was descheduled.
+    let first = rate(&p);
+    assert!(first > 1.0 && first <= 4.0, "{first}");
+    // More 429s from jobs scheduled at the old rate: the measured rate stands
+    // (halving at each would leave a quarter of it).
+    p.throttled("m", ProviderKind::Microsoft, now() + ms(1500));
+    p.throttled("m", ProviderKind::Microsoft, now() + ms(3000));
+    assert!(rate(&p) > first / 2.0, "{} after {first}", rate(&p));
+}
+
+#[test]
+fn pruning_forgets_idle_mailboxes_and_keeps_what_still_matters() {
+    let p = Pacer::new(config());
+    for i in 0..100 {
+        let org = format!("org-{i}");
+        go(p.admit(&org, ProviderKind::Microsoft, 1, now())).mark_sent();
+        go(p.admit(&org, ProviderKind::Google, 1, now())).mark_sent();
+    }
+    let busy = go(p.admit("busy", ProviderKind::Microsoft, 1, now()));
+    p.apply_pause("paused", now() + chrono::Duration::seconds(60));
+    assert!(p.entries() > 300, "{}", p.entries());
+    // A minute later, on the same day: counts not yet flushed are kept.
+    let later = now() + chrono::Duration::minutes(1);
+    p.prune(later, 1_000_000);
+    let held = p.held();
+    assert_eq!(held.daily_counts, 101, "unflushed daily counts are kept");
+    assert_eq!(held.gmail_tats, 0);
+    assert_eq!(
+        held.graph_slots, 1,
+        "only the mailbox with a send under way"
+    );
+    assert!(p.paused_organizations().iter().all(|org| org == "paused"));
+    drop(busy);
+    // The next day, everything flushed or not from yesterday is gone.
+    p.forget_unflushed_daily_counts();
+    p.prune(now() + chrono::Duration::days(1), 1_000_000);
+    assert_eq!(p.entries(), 0);
+}
