@@ -35,9 +35,10 @@ use sha2::Digest as _;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AdminState;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ApiErrorCode, ErrorBody};
 use crate::extract::{ApiJson, OrgId};
-use crate::routes::{IntegrationView, TestOutcome, view};
+use crate::integration::{IntegrationView, view};
+use crate::sender::TestOutcome;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AuthorizeRequest {
@@ -139,7 +140,7 @@ pub async fn authorize(
     if !state.config.return_origins.contains(&return_to.origin()) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "return_to_not_allowed",
+            ApiErrorCode::ReturnToNotAllowed,
             "return_to is not on an allowed origin (MAIL_DISPATCH_RETURN_ORIGINS)",
         ));
     }
@@ -147,7 +148,7 @@ pub async fn authorize(
     let not_configured = |_| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "provider_not_configured",
+            ApiErrorCode::ProviderNotConfigured,
             format!("{provider} is not configured on this deployment"),
         )
     };
@@ -524,21 +525,21 @@ pub async fn confirm(
         ConfirmLookup::Unknown => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                "connection_unknown",
+                ApiErrorCode::ConnectionUnknown,
                 "no such pending connection for this organization",
             ));
         }
         ConfirmLookup::Used => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                "connection_used",
+                ApiErrorCode::ConnectionUsed,
                 "this connection was already confirmed",
             ));
         }
         ConfirmLookup::Expired => {
             return Err(ApiError::new(
                 StatusCode::GONE,
-                "connection_expired",
+                ApiErrorCode::ConnectionExpired,
                 "the consent was not confirmed in time: connect again",
             ));
         }
@@ -561,8 +562,8 @@ pub async fn confirm(
         .is_some_and(|i| i.provider == provider && i.sender_email.is_some());
     let (status, test) = match (reconnect, saved.sender_email.as_deref()) {
         (true, Some(sender)) => {
-            let outcome = crate::routes::retest_saved_sender(&state, &org, &saved, sender).await?;
-            let status = if outcome.status == crate::routes::TestStatus::Sent {
+            let outcome = crate::sender::retest_saved_sender(&state, &org, &saved, sender).await?;
+            let status = if outcome.status == crate::sender::TestStatus::Sent {
                 ConfirmStatus::Active
             } else {
                 ConfirmStatus::TestFailed

@@ -6,6 +6,47 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+/// The stable error codes of the admin API (`error.code`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiErrorCode {
+    Unauthorized,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ProviderNotConfigured,
+    ReturnToNotAllowed,
+    NotConfigured,
+    SenderNotAllowed,
+    InvalidSender,
+    ConnectionUnknown,
+    ConnectionUsed,
+    ConnectionExpired,
+    NotFound,
+    Internal,
+}
+
+impl ApiErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiErrorCode::Unauthorized => "unauthorized",
+            ApiErrorCode::InvalidRequest => "invalid_request",
+            ApiErrorCode::PayloadTooLarge => "payload_too_large",
+            ApiErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ApiErrorCode::ProviderNotConfigured => "provider_not_configured",
+            ApiErrorCode::ReturnToNotAllowed => "return_to_not_allowed",
+            ApiErrorCode::NotConfigured => "not_configured",
+            ApiErrorCode::SenderNotAllowed => "sender_not_allowed",
+            ApiErrorCode::InvalidSender => "invalid_sender",
+            ApiErrorCode::ConnectionUnknown => "connection_unknown",
+            ApiErrorCode::ConnectionUsed => "connection_used",
+            ApiErrorCode::ConnectionExpired => "connection_expired",
+            ApiErrorCode::NotFound => "not_found",
+            ApiErrorCode::Internal => "internal",
+        }
+    }
+}
+
 /// The error body of every failed request.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -14,11 +55,8 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable, for programs: `unauthorized`, `invalid_request`, `payload_too_large`,
-    /// `unsupported_media_type`, `provider_not_configured`, `return_to_not_allowed`,
-    /// `not_configured`, `sender_not_allowed`, `invalid_sender`, `connection_unknown`,
-    /// `connection_used`, `connection_expired`, `not_found`, `internal`.
-    pub code: &'static str,
+    /// Stable, for programs.
+    pub code: ApiErrorCode,
     /// For people.
     pub message: String,
 }
@@ -27,12 +65,12 @@ pub struct ErrorDetail {
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ApiErrorCode,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ApiErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -41,7 +79,11 @@ impl ApiError {
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ApiErrorCode::InvalidRequest,
+            message,
+        )
     }
 
     /// An unexpected failure: logged with its cause, answered opaquely.
@@ -49,7 +91,7 @@ impl ApiError {
         tracing::error!(error = %e, "admin request failed");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "internal",
+            ApiErrorCode::Internal,
             "the service could not complete the request; try again",
         )
     }

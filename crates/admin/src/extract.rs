@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorCode};
 
 /// `Json<T>` with errors in our shape.
 pub struct ApiJson<T>(pub T);
@@ -24,7 +24,7 @@ where
             Err(rejection) => Err(match &rejection {
                 JsonRejection::MissingJsonContentType(_) => ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
+                    ApiErrorCode::UnsupportedMediaType,
                     "send the body as JSON with Content-Type: application/json",
                 ),
                 JsonRejection::BytesRejection(_)
@@ -32,13 +32,13 @@ where
                 {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
+                        ApiErrorCode::PayloadTooLarge,
                         "request body too large",
                     )
                 }
                 _ => ApiError::new(
                     StatusCode::BAD_REQUEST,
-                    "invalid_request",
+                    ApiErrorCode::InvalidRequest,
                     rejection.body_text(),
                 ),
             }),

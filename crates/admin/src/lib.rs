@@ -3,7 +3,9 @@
 mod connect;
 mod error;
 mod extract;
-mod routes;
+mod integration;
+mod openapi;
+mod sender;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +24,8 @@ use url::Url;
 use utoipa::OpenApi as _;
 
 pub use connect::{expire_pending_connections, run_upkeep};
-pub use error::{ApiError, ErrorBody};
-pub use routes::ApiDoc;
+pub use error::{ApiError, ApiErrorCode, ErrorBody};
+pub use openapi::ApiDoc;
 
 /// Largest request body accepted (the API only takes small JSON objects).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -73,11 +75,11 @@ pub fn app(state: AdminState) -> Router {
     let organizations = Router::new()
         .route(
             "/{org}/integration",
-            get(routes::get_integration).delete(routes::delete_integration),
+            get(integration::get_integration).delete(integration::delete_integration),
         )
         .route("/{org}/integration/authorize", post(connect::authorize))
         .route("/{org}/integration/confirm", post(connect::confirm))
-        .route("/{org}/integration/sender", put(routes::put_sender))
+        .route("/{org}/integration/sender", put(sender::put_sender))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer,
@@ -92,7 +94,7 @@ pub fn app(state: AdminState) -> Router {
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
-                "not_found",
+                ApiErrorCode::NotFound,
                 "no such route",
             )
         })
@@ -156,7 +158,7 @@ async fn require_bearer(
     if !ok {
         let mut response = axum::response::IntoResponse::into_response(ApiError::new(
             axum::http::StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ApiErrorCode::Unauthorized,
             "missing or wrong bearer token",
         ));
         response.headers_mut().insert(

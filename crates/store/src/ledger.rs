@@ -144,7 +144,8 @@ impl Store {
     /// `lease` protects the publishing that follows from a concurrent redelivery.
     ///
     /// One statement. The public [`Store::complete_job`] lets concurrent callers
-    /// share one (group commit).
+    /// share one (group commit); this form is for the tests of that.
+    #[cfg(test)]
     pub(crate) async fn complete_job_now(
         &self,
         job_id: &str,

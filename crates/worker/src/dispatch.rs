@@ -100,11 +100,56 @@ pub enum Decision {
     Delay {
         wait: Duration,
         attempts: u32,
-        reason: &'static str,
+        reason: DelayReason,
         history: String,
     },
     /// The job id already has a published result: ack and do nothing else.
     Duplicate,
+}
+
+/// Why a job waits in a delay queue (the `reason` label of
+/// `mail_dispatch_retries_scheduled_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DelayReason {
+    /// The provider throttled it.
+    Throttled,
+    /// The provider failed transiently.
+    ProviderUnavailable,
+    /// PostgreSQL could not be used: nothing was sent.
+    DatabaseUnavailable,
+    /// Another worker holds its claim.
+    ClaimedElsewhere,
+    /// It came back from a shorter tier than its wait.
+    RemainingWait,
+    /// The pacer deferred it.
+    Paced(DeferReason),
+}
+
+impl DelayReason {
+    /// Every reason, for metrics initialised at zero.
+    pub const ALL: [DelayReason; 10] = [
+        DelayReason::Throttled,
+        DelayReason::ProviderUnavailable,
+        DelayReason::DatabaseUnavailable,
+        DelayReason::ClaimedElsewhere,
+        DelayReason::RemainingWait,
+        DelayReason::Paced(DeferReason::OrganizationBusy),
+        DelayReason::Paced(DeferReason::MailboxBusy),
+        DelayReason::Paced(DeferReason::MailboxRate),
+        DelayReason::Paced(DeferReason::MailboxPaused),
+        DelayReason::Paced(DeferReason::DailyLimit),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DelayReason::Throttled => "throttled",
+            DelayReason::ProviderUnavailable => "provider_unavailable",
+            DelayReason::DatabaseUnavailable => "database_unavailable",
+            DelayReason::ClaimedElsewhere => "claimed_elsewhere",
+            DelayReason::RemainingWait => "remaining_wait",
+            DelayReason::Paced(r) => r.as_str(),
+        }
+    }
 }
 
 /// A waiting period used when the job cannot be handled now for a reason that
@@ -160,7 +205,7 @@ impl Dispatcher {
                 return Decision::Delay {
                     wait: remaining,
                     attempts: incoming.attempts,
-                    reason: "remaining_wait",
+                    reason: DelayReason::RemainingWait,
                     history: incoming.history.clone(),
                 };
             }
@@ -183,7 +228,7 @@ impl Dispatcher {
             Decision::Delay {
                 wait: BACKOFF_WHEN_BLOCKED,
                 attempts: incoming.attempts,
-                reason: "database_unavailable",
+                reason: DelayReason::DatabaseUnavailable,
                 history: incoming.history.clone(),
             }
         };
@@ -220,7 +265,7 @@ impl Dispatcher {
                 return Decision::Delay {
                     wait: BACKOFF_WHEN_BLOCKED,
                     attempts: incoming.attempts,
-                    reason: "claimed_elsewhere",
+                    reason: DelayReason::ClaimedElsewhere,
                     history: incoming.history.clone(),
                 };
             }
@@ -437,8 +482,8 @@ impl Dispatcher {
                                 FailureClass::Transient {
                                     code: ErrorCode::Throttled,
                                     ..
-                                } => "throttled",
-                                _ => "provider_unavailable",
+                                } => DelayReason::Throttled,
+                                _ => DelayReason::ProviderUnavailable,
                             },
                             history,
                         }
@@ -578,7 +623,7 @@ impl Dispatcher {
         Err(Decision::Delay {
             wait: (wake - now).to_std().unwrap_or_default(),
             attempts: incoming.attempts,
-            reason: reason.as_str(),
+            reason: DelayReason::Paced(reason),
             history: incoming.history.clone(),
         })
     }
@@ -665,7 +710,7 @@ impl Dispatcher {
                         return Decision::Delay {
                             wait: BACKOFF_WHEN_BLOCKED,
                             attempts: incoming.attempts,
-                            reason: "claimed_elsewhere",
+                            reason: DelayReason::ClaimedElsewhere,
                             history: incoming.history.clone(),
                         };
                     }

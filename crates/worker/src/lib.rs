@@ -17,7 +17,7 @@ mod tokens;
 mod upkeep;
 
 pub use config::{DEFAULT_CONCURRENCY, WorkerConfig};
-pub use dispatch::{DeadLetter, Decision, Dispatcher, Finish, Incoming};
+pub use dispatch::{DeadLetter, Decision, DelayReason, Dispatcher, Finish, Incoming};
 pub use health::Health;
 pub use published::PublishedMarks;
 pub use resolver::{Resolver, Route};

@@ -119,19 +119,8 @@ fn register_zeroes() {
     ] {
         metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).absolute(0);
     }
-    for reason in [
-        "throttled",
-        "provider_unavailable",
-        "database_unavailable",
-        "claimed_elsewhere",
-        "remaining_wait",
-        "organization_busy",
-        "mailbox_busy",
-        "mailbox_rate",
-        "mailbox_paused",
-        "daily_limit",
-    ] {
-        metrics::counter!(RETRIES_SCHEDULED, "reason" => reason).absolute(0);
+    for reason in crate::dispatch::DelayReason::ALL {
+        metrics::counter!(RETRIES_SCHEDULED, "reason" => reason.as_str()).absolute(0);
     }
     for provider in [ProviderKind::Microsoft, ProviderKind::Google] {
         metrics::counter!(PROVIDER_THROTTLED, "provider" => provider.as_str()).absolute(0);
@@ -167,8 +156,8 @@ pub(crate) fn completed(result: &JobResult, latency: Duration) {
         .record(latency.as_secs_f64());
 }
 
-pub(crate) fn retry_scheduled(reason: &'static str) {
-    metrics::counter!(RETRIES_SCHEDULED, "reason" => reason).increment(1);
+pub(crate) fn retry_scheduled(reason: crate::dispatch::DelayReason) {
+    metrics::counter!(RETRIES_SCHEDULED, "reason" => reason.as_str()).increment(1);
 }
 
 pub(crate) fn dead_letter(reason: ErrorCode) {

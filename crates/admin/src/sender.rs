@@ -1,10 +1,9 @@
-//! Sender (save and test), integration view and disconnect; the OpenAPI document.
-//! The connect flow is in `connect.rs`.
+//! The sender: save and test, and the checks a sender goes through first
+//! (display name rules, Gmail's From rewriting, Send As rights).
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use chrono::{DateTime, Utc};
 use mail_dispatch_domain::address::display_name_problem;
 use mail_dispatch_domain::{
     EmailAddress, ErrorCode, JobError, Mailbox, OutgoingMessage, ProviderKind,
@@ -13,34 +12,12 @@ use mail_dispatch_store::{Fallback, Integration};
 use mail_dispatch_worker::InProcessRetry;
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 use crate::AdminState;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ApiErrorCode, ErrorBody};
 use crate::extract::{ApiJson, OrgId};
-
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "mail-dispatch admin API", description = "Connect an organization's Microsoft 365 or Google Workspace account, save and test its sender, disconnect it."),
-    paths(crate::connect::authorize, crate::connect::callback, crate::connect::confirm, put_sender, get_integration, delete_integration),
-    components(schemas(crate::connect::AuthorizeRequest, crate::connect::AuthorizeResponse, crate::connect::ConfirmRequest, crate::connect::ConfirmResponse, crate::connect::ConfirmStatus, SenderRequest, TestOutcome, TestStatus, IntegrationView, SenderView, ErrorBody, DisconnectResponse, TestError)),
-    modifiers(&BearerAuth),
-    tags((name = "integration", description = "An organization's mail provider"))
-)]
-pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "admin_token",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
+use crate::integration::{IntegrationView, view};
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SenderRequest {
@@ -87,73 +64,6 @@ pub struct TestOutcome {
     pub provider_message_id: Option<String>,
     pub error: Option<TestError>,
     pub integration: IntegrationView,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct SenderView {
-    pub email: String,
-    pub name: Option<String>,
-}
-
-/// An integration as the host application sees it: never a token.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct IntegrationView {
-    pub organization_id: String,
-    /// `microsoft`, `google`, or null when not configured.
-    pub provider: Option<String>,
-    /// `not_configured`, `pending_sender`, `active` or `needs_reauth`.
-    pub status: String,
-    pub account_email: Option<String>,
-    pub sender: Option<SenderView>,
-    /// `none` or `platform_sender`.
-    pub fallback: Option<String>,
-    pub connected_at: Option<DateTime<Utc>>,
-    pub last_test_at: Option<DateTime<Utc>>,
-    #[schema(value_type = Option<Object>)]
-    pub last_test: Option<serde_json::Value>,
-    pub last_error: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DisconnectResponse {
-    /// Always `not_configured` afterwards: the platform sender is used.
-    pub status: String,
-    /// Whether an integration was there to delete.
-    pub deleted: bool,
-    /// Whether the provider revoked the grant (Google); Microsoft offers no per-grant revocation.
-    pub revoked: bool,
-}
-
-pub(crate) fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
-    match i {
-        None => IntegrationView {
-            organization_id: org.to_owned(),
-            provider: None,
-            status: "not_configured".into(),
-            account_email: None,
-            sender: None,
-            fallback: None,
-            connected_at: None,
-            last_test_at: None,
-            last_test: None,
-            last_error: None,
-        },
-        Some(i) => IntegrationView {
-            organization_id: i.organization_id.clone(),
-            provider: Some(i.provider.as_str().into()),
-            status: i.status.as_str().into(),
-            account_email: i.account_email.clone(),
-            sender: i.sender_email.as_ref().map(|email| SenderView {
-                email: email.clone(),
-                name: i.sender_name.clone(),
-            }),
-            fallback: Some(i.fallback.as_str().into()),
-            connected_at: Some(i.connected_at),
-            last_test_at: i.last_test_at,
-            last_test: i.last_test.clone(),
-            last_error: i.last_error.clone(),
-        },
-    }
 }
 
 /// The test message: a small notification saying what was configured.
@@ -389,14 +299,14 @@ pub async fn put_sender(
     let Some(integration) = store.integration(&org).await? else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            "not_configured",
+            ApiErrorCode::NotConfigured,
             "connect a provider before saving a sender",
         ));
     };
     let email = EmailAddress::parse(req.email.trim()).map_err(|_| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_sender",
+            ApiErrorCode::InvalidSender,
             "email is not a valid address",
         )
     })?;
@@ -405,14 +315,14 @@ pub async fn put_sender(
         if name.contains('@') {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_sender",
+                ApiErrorCode::InvalidSender,
                 "the sender name must not contain `@` (Microsoft refuses it with ErrorSendAsDenied)",
             ));
         }
         if let Some(problem) = display_name_problem(name) {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_sender",
+                ApiErrorCode::InvalidSender,
                 format!("the sender name {problem}"),
             ));
         }
@@ -462,7 +372,7 @@ async fn check_google_sender(
     let not_allowed = |why: &str| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "sender_not_allowed",
+            ApiErrorCode::SenderNotAllowed,
             format!("with Google, the sender must be {why}"),
         )
     };
@@ -478,7 +388,7 @@ async fn check_google_sender(
     let aliases = senders.gmail.send_as_addresses(&token).await.map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "sender_not_allowed",
+            ApiErrorCode::SenderNotAllowed,
             format!("could not read the account's aliases: {e}"),
         )
     })?;
@@ -492,40 +402,4 @@ async fn check_google_sender(
             "the connected account's address or one of its verified send-as aliases",
         ))
     }
-}
-
-/// The organization's integration (never a token).
-#[utoipa::path(get, path = "/v1/organizations/{org}/integration", tag = "integration",
-    params(("org" = String, Path, description = "Organization id")),
-    responses((status = 200, body = IntegrationView), (status = 401, body = ErrorBody)),
-    security(("admin_token" = [])))]
-pub async fn get_integration(
-    State(state): State<AdminState>,
-    OrgId(org): OrgId,
-) -> Result<Json<IntegrationView>, ApiError> {
-    let i = state.services.store.integration(&org).await?;
-    Ok(Json(view(&org, i.as_ref())))
-}
-
-/// Disconnects: revokes what the provider lets revoke, deletes the tokens.
-#[utoipa::path(delete, path = "/v1/organizations/{org}/integration", tag = "integration",
-    params(("org" = String, Path, description = "Organization id")),
-    responses((status = 200, body = DisconnectResponse), (status = 401, body = ErrorBody)),
-    security(("admin_token" = [])))]
-pub async fn delete_integration(
-    State(state): State<AdminState>,
-    OrgId(org): OrgId,
-) -> Result<Json<DisconnectResponse>, ApiError> {
-    let deleted = state.services.store.delete_integration(&org).await?;
-    state.services.senders.tokens.forget(&org);
-    let revoked = match &deleted {
-        Some((provider, Some(refresh))) => crate::connect::revoke(&state, *provider, refresh).await,
-        _ => false,
-    };
-    tracing::info!(org.id = %org, deleted = deleted.is_some(), revoked, "integration disconnected");
-    Ok(Json(DisconnectResponse {
-        status: "not_configured".into(),
-        deleted: deleted.is_some(),
-        revoked,
-    }))
 }

@@ -1,0 +1,117 @@
+//! An organization's integration: the view the host application reads (never a
+//! token), and disconnecting.
+
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use mail_dispatch_store::Integration;
+
+use crate::AdminState;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::OrgId;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SenderView {
+    pub email: String,
+    pub name: Option<String>,
+}
+
+/// An integration as the host application sees it: never a token.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IntegrationView {
+    pub organization_id: String,
+    /// `microsoft`, `google`, or null when not configured.
+    pub provider: Option<String>,
+    /// `not_configured`, `pending_sender`, `active` or `needs_reauth`.
+    pub status: String,
+    pub account_email: Option<String>,
+    pub sender: Option<SenderView>,
+    /// `none` or `platform_sender`.
+    pub fallback: Option<String>,
+    pub connected_at: Option<DateTime<Utc>>,
+    pub last_test_at: Option<DateTime<Utc>>,
+    #[schema(value_type = Option<Object>)]
+    pub last_test: Option<serde_json::Value>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DisconnectResponse {
+    /// Always `not_configured` afterwards: the platform sender is used.
+    pub status: String,
+    /// Whether an integration was there to delete.
+    pub deleted: bool,
+    /// Whether the provider revoked the grant (Google); Microsoft offers no per-grant revocation.
+    pub revoked: bool,
+}
+
+pub(crate) fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
+    match i {
+        None => IntegrationView {
+            organization_id: org.to_owned(),
+            provider: None,
+            status: "not_configured".into(),
+            account_email: None,
+            sender: None,
+            fallback: None,
+            connected_at: None,
+            last_test_at: None,
+            last_test: None,
+            last_error: None,
+        },
+        Some(i) => IntegrationView {
+            organization_id: i.organization_id.clone(),
+            provider: Some(i.provider.as_str().into()),
+            status: i.status.as_str().into(),
+            account_email: i.account_email.clone(),
+            sender: i.sender_email.as_ref().map(|email| SenderView {
+                email: email.clone(),
+                name: i.sender_name.clone(),
+            }),
+            fallback: Some(i.fallback.as_str().into()),
+            connected_at: Some(i.connected_at),
+            last_test_at: i.last_test_at,
+            last_test: i.last_test.clone(),
+            last_error: i.last_error.clone(),
+        },
+    }
+}
+
+/// The organization's integration (never a token).
+#[utoipa::path(get, path = "/v1/organizations/{org}/integration", tag = "integration",
+    params(("org" = String, Path, description = "Organization id")),
+    responses((status = 200, body = IntegrationView), (status = 401, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn get_integration(
+    State(state): State<AdminState>,
+    OrgId(org): OrgId,
+) -> Result<Json<IntegrationView>, ApiError> {
+    let i = state.services.store.integration(&org).await?;
+    Ok(Json(view(&org, i.as_ref())))
+}
+
+/// Disconnects: revokes what the provider lets revoke, deletes the tokens.
+#[utoipa::path(delete, path = "/v1/organizations/{org}/integration", tag = "integration",
+    params(("org" = String, Path, description = "Organization id")),
+    responses((status = 200, body = DisconnectResponse), (status = 401, body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub async fn delete_integration(
+    State(state): State<AdminState>,
+    OrgId(org): OrgId,
+) -> Result<Json<DisconnectResponse>, ApiError> {
+    let deleted = state.services.store.delete_integration(&org).await?;
+    state.services.senders.tokens.forget(&org);
+    let revoked = match &deleted {
+        Some((provider, Some(refresh))) => crate::connect::revoke(&state, *provider, refresh).await,
+        _ => false,
+    };
+    tracing::info!(org.id = %org, deleted = deleted.is_some(), revoked, "integration disconnected");
+    Ok(Json(DisconnectResponse {
+        status: "not_configured".into(),
+        deleted: deleted.is_some(),
+        revoked,
+    }))
+}

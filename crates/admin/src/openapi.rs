@@ -1,0 +1,31 @@
+//! The OpenAPI document of the admin API, generated from the handlers and their
+//! types (utoipa), so it cannot drift from the code.
+
+use utoipa::OpenApi;
+
+use crate::error::ErrorBody;
+use crate::integration::{DisconnectResponse, IntegrationView, SenderView};
+use crate::sender::{SenderRequest, TestError, TestOutcome, TestStatus};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "mail-dispatch admin API", description = "Connect an organization's Microsoft 365 or Google Workspace account, save and test its sender, disconnect it."),
+    paths(crate::connect::authorize, crate::connect::callback, crate::connect::confirm, crate::sender::put_sender, crate::integration::get_integration, crate::integration::delete_integration),
+    components(schemas(crate::connect::AuthorizeRequest, crate::connect::AuthorizeResponse, crate::connect::ConfirmRequest, crate::connect::ConfirmResponse, crate::connect::ConfirmStatus, SenderRequest, TestOutcome, TestStatus, IntegrationView, SenderView, ErrorBody, crate::error::ErrorDetail, crate::error::ApiErrorCode, DisconnectResponse, TestError)),
+    modifiers(&BearerAuth),
+    tags((name = "integration", description = "An organization's mail provider"))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
