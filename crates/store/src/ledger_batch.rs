@@ -14,10 +14,10 @@
 //! statement carries what arrived while the previous one ran.
 //!
 //! Up to [`MAX_IN_FLIGHT`] statements of each kind run at once; each holds one
-//! connection of the ledger pool while it runs. One: measured with the benchmark
-//! at 64 jobs in flight, one statement at a time carries about 5 jobs where two
-//! carried about 3.5. PostgreSQL's CPU per job fell by a quarter, and throughput
-//! rose 5–9 % (BENCHMARKS.md, "one ledger statement of each kind at a time").
+//! connection of the ledger pool while it runs. One, because while a statement
+//! runs more requests pile up behind it: fewer, fuller statements cost PostgreSQL
+//! less per job, and the worker went faster, not slower. The figures are in
+//! BENCHMARKS.md ("one ledger statement of each kind at a time").
 //! Claims and completions still run side by side: each kind has its own slot.
 //!
 //! A job id appears at most once per statement (ON CONFLICT cannot touch a row
