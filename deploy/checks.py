@@ -40,7 +40,9 @@ SECRET_EXAMPLE = K8S / "secret.example.yaml"
 COMPOSE = ROOT / "docker-compose.yml"
 OPERATIONS = ROOT / "docs" / "operations.md"
 METRICS_RS = ROOT / "crates" / "worker" / "src" / "metrics.rs"
+# The settings: settings.rs and one file per group under settings/.
 SETTINGS_RS = ROOT / "crates" / "cli" / "src" / "settings.rs"
+SETTINGS_DIR = ROOT / "crates" / "cli" / "src" / "settings"
 TOPOLOGY_RS = ROOT / "crates" / "broker" / "src" / "topology.rs"
 
 SECRET_NAME = "mail-dispatch"
@@ -178,10 +180,11 @@ def metric_labels() -> dict[str, set[str]]:
 
 
 def settings_env() -> set[str]:
-    text = SETTINGS_RS.read_text(encoding="utf-8")
+    files = [SETTINGS_RS, *sorted(SETTINGS_DIR.glob("*.rs"))]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in files)
     names = set(re.findall(r'env\s*=\s*"([A-Z0-9_]+)"', text))
     if not names:
-        raise SystemExit(f"no environment variables found in {rel(SETTINGS_RS)}")
+        raise SystemExit(f"no environment variables found in {rel(SETTINGS_DIR)}")
     return names
 
 
@@ -676,7 +679,7 @@ def cmd_k8s(built: str, outdir: str) -> None:
     cm = cms[0]["data"] if cms else {}
     for k in cm:
         if k not in settings and k != "RUST_LOG":
-            fail(f"ConfigMap key {k} is not a setting of {rel(SETTINGS_RS)}")
+            fail(f"ConfigMap key {k} is not a setting of {rel(SETTINGS_DIR)}")
         if k in SECRET_SETTINGS:
             fail(f"ConfigMap carries the secret {k}")
     expect = {"MAIL_DISPATCH_LOG_FORMAT": "json", "MAIL_DISPATCH_METRICS_LISTEN": "0.0.0.0:9090",
@@ -731,7 +734,7 @@ def cmd_k8s(built: str, outdir: str) -> None:
         env = env_of(c)
         for ename, e in env.items():
             if ename not in settings:
-                fail(f"{where}: env {ename} is not a setting of {rel(SETTINGS_RS)}")
+                fail(f"{where}: env {ename} is not a setting of {rel(SETTINGS_DIR)}")
             ref = e.get("valueFrom", {}).get("secretKeyRef")
             if ename in SECRET_SETTINGS and not ref:
                 fail(f"{where}: {ename} must come from the Secret (secretKeyRef)")

@@ -21,9 +21,10 @@ use mail_dispatch_test_support::standins::Vendor;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
+use crate::ctx::Ctx;
 use crate::load::Job;
 use crate::prom::Scrape;
-use crate::{BenchArgs, Ctx, Pacing};
+use crate::{BenchArgs, Pacing};
 
 const FLOOD_ORG: &str = "bench-flood";
 const FLOOD_ACCOUNT: &str = "admin@flood.example";
@@ -183,9 +184,9 @@ pub async fn run(
         .await
         .context("cannot reach RabbitMQ (--amqp-url)")?;
     broker.declare(&ctx.topology).await?;
-    crate::declare_ours(&broker, ctx).await?;
+    ctx.declare(&broker).await?;
     let (worker, metrics) =
-        crate::spawn_worker(args, ctx, worker_bin, &standins, &http, Pacing::Default).await?;
+        crate::worker::spawn(args, ctx, worker_bin, &standins, &http, Pacing::Default).await?;
     {
         let cipher = TokenCipher::new(&SecretString::from(ctx.token_key.clone()), &[])?;
         let store = Store::connect(&ctx.db_url, cipher, PoolSettings::default())?;
@@ -201,12 +202,12 @@ pub async fn run(
                 Vendor::Microsoft,
             ),
         ];
-        crate::store_connections(&store, &standins, connections.into_iter()).await?;
+        crate::fixtures::store_connections(&store, &standins, connections.into_iter()).await?;
     }
     crate::child::quiesce(worker.pid, Duration::from_secs(30)).await;
 
-    let flood = crate::make_jobs_for(args.jobs, |_| FLOOD_ORG.to_owned())?;
-    let quiet = crate::make_jobs_for(args.quiet_jobs, |_| QUIET_ORG.to_owned())?;
+    let flood = crate::fixtures::make_jobs_for(args.jobs, |_| FLOOD_ORG.to_owned())?;
+    let quiet = crate::fixtures::make_jobs_for(args.quiet_jobs, |_| QUIET_ORG.to_owned())?;
     let quiet_sent: Published = Default::default();
     let flood_sent: Published = Default::default();
     let scrape_url = format!("{metrics}/metrics");

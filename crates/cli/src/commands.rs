@@ -20,15 +20,15 @@ use crate::settings::Settings;
 /// Connects to PostgreSQL (creating the database if needed) and migrates.
 async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Store> {
     if migrate {
-        Store::ensure_database(&settings.database_url)
+        Store::ensure_database(&settings.database.database_url)
             .await
             .context("cannot reach PostgreSQL (MAIL_DISPATCH_DATABASE_URL)")?;
     }
     let pool = PoolSettings {
-        max_size: settings.db_pool_size.max(1),
+        max_size: settings.database.db_pool_size.max(1),
         ..PoolSettings::default()
     };
-    let store = Store::connect(&settings.database_url, settings.cipher()?, pool)
+    let store = Store::connect(&settings.database.database_url, settings.cipher()?, pool)
         .context("MAIL_DISPATCH_DATABASE_URL")?;
     if migrate {
         store.migrate().await.context("database migration failed")?;
@@ -37,7 +37,7 @@ async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Store>
 }
 
 async fn connect_broker(settings: &Settings, name: &str) -> anyhow::Result<Broker> {
-    Broker::connect(&settings.amqp_url, name)
+    Broker::connect(&settings.amqp.amqp_url, name)
         .await
         .context("cannot reach RabbitMQ (MAIL_DISPATCH_AMQP_URL)")
 }
@@ -60,11 +60,11 @@ async fn shutdown_signal() {
 
 pub fn endpoints(settings: &Settings) -> anyhow::Result<ProviderEndpoints> {
     Ok(ProviderEndpoints {
-        graph_url: settings.graph_url.clone(),
-        gmail_url: settings.gmail_url.clone(),
+        graph_url: settings.providers.graph_url.clone(),
+        gmail_url: settings.providers.gmail_url.clone(),
         microsoft: settings.oauth_app(ProviderKind::Microsoft)?,
         google: settings.oauth_app(ProviderKind::Google)?,
-        platform_transport: settings.default_transport.clone(),
+        platform_transport: settings.platform.default_transport.clone(),
         http_timeout: Duration::from_secs(30),
     })
 }
@@ -99,7 +99,7 @@ pub async fn run_until(
     let admin_config = if roles.admin {
         match settings.admin_config()? {
             Some(c) => Some(c),
-            None if roles.worker && settings.dev => {
+            None if roles.worker && settings.keys.dev => {
                 tracing::warn!("MAIL_DISPATCH_ADMIN_TOKEN is not set: the admin API is off");
                 None
             }
@@ -109,15 +109,15 @@ pub async fn run_until(
         None
     };
     let metrics = crate::serve::install_recorder()?;
-    let metrics_listener = crate::serve::bind(settings.metrics_listen).await?;
+    let metrics_listener = crate::serve::bind(settings.telemetry.metrics_listen).await?;
     let admin_listener = match &admin_config {
         Some(_) => Some(
-            tokio::net::TcpListener::bind(settings.admin_listen)
+            tokio::net::TcpListener::bind(settings.admin.admin_listen)
                 .await
                 .with_context(|| {
                     format!(
                         "cannot listen on {} (MAIL_DISPATCH_ADMIN_LISTEN)",
-                        settings.admin_listen
+                        settings.admin.admin_listen
                     )
                 })?,
         ),
@@ -162,7 +162,7 @@ pub async fn run_until(
         (Some(config), Some(listener)) => {
             let state = mail_dispatch_admin::AdminState::new(services.clone(), config);
             let app = mail_dispatch_admin::app(state.clone());
-            tracing::info!(listen = %settings.admin_listen, "admin API listening");
+            tracing::info!(listen = %settings.admin.admin_listen, "admin API listening");
             let shutdown = shutdown.clone();
             let upkeep = tokio::spawn(mail_dispatch_admin::run_upkeep(
                 state.clone(),

@@ -72,7 +72,7 @@ pub fn settings_from_args<I: IntoIterator<Item = String>>(args: I) -> anyhow::Re
 /// The whole program: parses arguments and environment, runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(&cli.settings.log_format);
+    telemetry::init(&cli.settings.telemetry.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,5 +1,6 @@
-// Measured: the worker's threads spent 12 % of their time in glibc's malloc and
-// free; with mimalloc the worker's CPU per job fell by 15 % (BENCHMARKS.md).
+// A profile of the worker showed glibc's malloc and free among its largest costs;
+// mimalloc lowers the worker's CPU per job, at the price of more memory mapped.
+// The figures are in BENCHMARKS.md ("Commit `b080cf2`: mimalloc").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

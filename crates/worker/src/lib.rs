@@ -2,7 +2,7 @@
 
 // The public surface is what the binary, the admin API and the tests use; the
 // rest stays inside the crate.
-pub mod config;
+mod config;
 mod dispatch;
 mod health;
 pub mod keepalive;
