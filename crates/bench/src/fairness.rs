@@ -15,9 +15,9 @@ use lapin::Channel;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
 use mail_dispatch_broker::{Broker, json_properties};
+use mail_dispatch_standins::StandIns;
+use mail_dispatch_standins::Vendor;
 use mail_dispatch_store::{PoolSettings, Store, TokenCipher};
-use mail_dispatch_test_support::StandIns;
-use mail_dispatch_test_support::standins::Vendor;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 

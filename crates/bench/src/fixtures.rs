@@ -5,9 +5,9 @@
 use anyhow::Context as _;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use mail_dispatch_domain::ProviderKind;
+use mail_dispatch_standins::StandIns;
+use mail_dispatch_standins::Vendor;
 use mail_dispatch_store::{Fallback, NewConnection, Store};
-use mail_dispatch_test_support::StandIns;
-use mail_dispatch_test_support::standins::Vendor;
 use secrecy::SecretString;
 use serde_json::json;
 

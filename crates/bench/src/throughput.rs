@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use mail_dispatch_broker::Broker;
+use mail_dispatch_standins::StandIns;
 use mail_dispatch_store::{PoolSettings, Store, TokenCipher};
-use mail_dispatch_test_support::StandIns;
 use secrecy::SecretString;
 use tokio::process::Command;
 

@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use mail_dispatch_test_support::StandIns;
+use mail_dispatch_standins::StandIns;
 use tokio::process::Command;
 
 use crate::child::{self, Proc};

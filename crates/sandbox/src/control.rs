@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use mail_dispatch_test_support::StandIns;
-use mail_dispatch_test_support::standins::{self, Consent, Vendor};
+use mail_dispatch_standins::StandIns;
+use mail_dispatch_standins::{self as standins, Consent, Vendor};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};

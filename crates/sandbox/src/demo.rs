@@ -11,7 +11,7 @@ use futures_util::StreamExt as _;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use mail_dispatch_broker::{Broker, Outgoing, Topology, json_properties};
-use mail_dispatch_test_support::standins::{Consent, Vendor};
+use mail_dispatch_standins::{Consent, Vendor};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

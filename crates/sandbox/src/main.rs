@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mail_dispatch_test_support::StandIns;
-use mail_dispatch_test_support::standins::{Consent, Vendor};
+use mail_dispatch_standins::StandIns;
+use mail_dispatch_standins::{Consent, Vendor};
 
 #[derive(Parser, Debug)]
 #[command(

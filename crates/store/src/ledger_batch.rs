@@ -91,57 +91,31 @@ mod tests {
     use secrecy::SecretString;
     use serde_json::json;
     use std::sync::atomic::Ordering::Relaxed;
-    use tokio_postgres::NoTls;
 
     const LEASE: Duration = Duration::from_secs(60);
 
-    fn admin_url() -> String {
-        std::env::var("TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-    }
-
-    /// A fresh migrated database (as `mail-dispatch-test-support`'s `TestDb`, which
-    /// this crate cannot use), dropped with the value.
+    /// A fresh migrated database, dropped with the value.
     struct TestDb {
-        name: String,
-        url: String,
+        database: mail_dispatch_test_db::TempDatabase,
         store: Store,
     }
 
     impl TestDb {
         async fn new() -> TestDb {
-            let name = format!(
-                "md_test_{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..10]
-            );
-            let admin = admin_url();
-            let (client, conn) = tokio_postgres::connect(&admin, NoTls)
-                .await
-                .expect("PostgreSQL must run on 127.0.0.1:5432 (see README)");
-            let conn = tokio::spawn(conn);
-            client
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .await
-                .expect("create test database");
-            drop(client);
-            let _ = conn.await;
-            let (base, _) = admin.rsplit_once('/').expect("URL names a database");
-            let url = format!("{base}/{name}");
+            let database = mail_dispatch_test_db::TempDatabase::create("md_test_").await;
             let key = SecretString::from(TokenCipher::generate_key());
             let store = Store::connect(
-                &url,
+                &database.url,
                 TokenCipher::new(&key, &[]).unwrap(),
                 PoolSettings::default(),
             )
             .unwrap();
             store.migrate().await.expect("migrations apply");
-            TestDb { name, url, store }
+            TestDb { database, store }
         }
 
         async fn client(&self) -> tokio_postgres::Client {
-            let (client, conn) = tokio_postgres::connect(&self.url, NoTls).await.unwrap();
-            tokio::spawn(conn);
-            client
+            self.database.client().await
         }
 
         /// A session holding an exclusive lock on `job_ledger` until it runs COMMIT:
@@ -157,27 +131,6 @@ mod tests {
 
         fn statements(&self) -> u64 {
             self.store.counts().ledger_writes.load(Relaxed)
-        }
-    }
-
-    impl Drop for TestDb {
-        fn drop(&mut self) {
-            let name = self.name.clone();
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    if let Ok((client, conn)) = tokio_postgres::connect(&admin_url(), NoTls).await {
-                        tokio::spawn(conn);
-                        let _ = client
-                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .await;
-                    }
-                });
-            })
-            .join();
         }
     }
 

@@ -1,8 +1,8 @@
-//! A migrated database per test.
+//! A migrated database per test (on a `mail-dispatch-test-db` temporary database).
 
 use mail_dispatch_store::{PoolSettings, Store, TokenCipher};
+use mail_dispatch_test_db::TempDatabase;
 use secrecy::SecretString;
-use tokio_postgres::NoTls;
 
 /// A fresh database, migrated, dropped when the value is dropped.
 pub struct TestDb {
@@ -10,70 +10,31 @@ pub struct TestDb {
     pub url: String,
     pub key: SecretString,
     pub store: Store,
+    database: TempDatabase,
 }
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        let name = crate::unique("md_test_");
-        let admin = crate::postgres_url();
-        let (client, conn) = tokio_postgres::connect(&admin, NoTls)
-            .await
-            .expect("PostgreSQL must run on 127.0.0.1:5432 (see README)");
-        let conn = tokio::spawn(conn);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create test database");
-        drop(client);
-        let _ = conn.await;
-        let url = match admin.rsplit_once('/') {
-            Some((base, _)) => format!("{base}/{name}"),
-            None => panic!("TEST_DATABASE_URL must name a database"),
-        };
+        let database = TempDatabase::create("md_test_").await;
         let key = SecretString::from(TokenCipher::generate_key());
         let store = Store::connect(
-            &url,
+            &database.url,
             TokenCipher::new(&key, &[]).unwrap(),
             PoolSettings::default(),
         )
         .unwrap();
         store.migrate().await.expect("migrations apply");
         TestDb {
-            name,
-            url,
+            name: database.name.clone(),
+            url: database.url.clone(),
             key,
             store,
+            database,
         }
     }
 
     /// A plain client on the test database, for assertions on raw rows.
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url, NoTls).await.unwrap();
-        tokio::spawn(conn);
-        client
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside async context: a small runtime on its own thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&crate::postgres_url(), NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        self.database.client().await
     }
 }

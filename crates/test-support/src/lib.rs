@@ -3,7 +3,6 @@
 mod amqp;
 mod app;
 mod db;
-pub mod standins;
 
 pub use amqp::{ResultsTap, TestAmqp};
 pub use app::{
@@ -11,7 +10,9 @@ pub use app::{
     TestAppOptions,
 };
 pub use db::TestDb;
-pub use standins::StandIns;
+/// The provider stand-ins (their own crate, shared with the sandbox and the benchmark).
+pub use mail_dispatch_standins as standins;
+pub use mail_dispatch_standins::StandIns;
 
 /// Where the tests find RabbitMQ and PostgreSQL (overridable for other machines).
 pub fn amqp_url() -> String {
@@ -20,8 +21,7 @@ pub fn amqp_url() -> String {
 }
 
 pub fn postgres_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    mail_dispatch_test_db::server_url()
 }
 
 /// A short random suffix for names.
