@@ -5,6 +5,7 @@ mod admin;
 mod config_changes;
 mod connect;
 mod delivery;
+mod dispatch;
 mod invalid_jobs;
 mod operability;
 mod pacing;

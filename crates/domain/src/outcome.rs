@@ -186,7 +186,8 @@ pub struct NeedsReauthEvent {
     pub event: String,
     pub organization_id: String,
     pub provider: ProviderKind,
-    /// The provider's error code (e.g. `invalid_grant`), never a token.
+    /// What happened and what the organization's admin must do, with the
+    /// provider's code (e.g. `AADSTS700082`); never a token.
     pub reason: String,
     #[serde(with = "rfc3339_millis")]
     pub occurred_at: DateTime<Utc>,

@@ -154,42 +154,7 @@ impl TestApp {
     }
 
     pub fn endpoints(&self) -> ProviderEndpoints {
-        let ms = self.standins.microsoft_login.uri();
-        let google = self.standins.google_oauth.uri();
-        ProviderEndpoints {
-            graph_url: Url::parse(&self.standins.graph.uri()).unwrap(),
-            gmail_url: Url::parse(&self.standins.gmail.uri()).unwrap(),
-            microsoft: Some(OAuthApp {
-                client_id: "ms-client-id".into(),
-                client_secret: Some(SecretString::from("ms-client-secret")),
-                auth_url: Url::parse(&format!("{ms}/{MICROSOFT_TENANT}/oauth2/v2.0/authorize"))
-                    .unwrap(),
-                token_url: Url::parse(&format!("{ms}/{MICROSOFT_TENANT}/oauth2/v2.0/token"))
-                    .unwrap(),
-                scopes: mail_dispatch_providers::scopes::microsoft(
-                    self.options.microsoft_shared_mailboxes,
-                ),
-                redirect_url: Some(
-                    Url::parse(&format!("{}/v1/oauth/callback", self.admin_url)).unwrap(),
-                ),
-            }),
-            google: Some(OAuthApp {
-                client_id: "g-client-id.apps.googleusercontent.com".into(),
-                client_secret: Some(SecretString::from("g-client-secret")),
-                auth_url: Url::parse(&format!("{google}/o/oauth2/v2/auth")).unwrap(),
-                token_url: Url::parse(&format!("{google}/token")).unwrap(),
-                scopes: mail_dispatch_providers::scopes::google(self.options.google_check_aliases),
-                redirect_url: Some(
-                    Url::parse(&format!("{}/v1/oauth/callback", self.admin_url)).unwrap(),
-                ),
-            }),
-            platform_transport: self
-                .options
-                .platform_transport
-                .clone()
-                .unwrap_or_else(|| format!("file://{}", self.outbox.display())),
-            http_timeout: Duration::from_secs(10),
-        }
+        provider_endpoints(&self.standins, &self.admin_url, &self.options, &self.outbox)
     }
 
     /// A fresh set of the shared services (one per replica).
@@ -203,27 +168,7 @@ impl TestApp {
     }
 
     pub fn worker_config(&self) -> WorkerConfig {
-        let o = &self.options;
-        let mut c = WorkerConfig::new(
-            crate::amqp_url(),
-            Mailbox::new(
-                EmailAddress::parse(PLATFORM_SENDER).unwrap(),
-                Some("Platform".into()),
-            ),
-        );
-        c.topology = self.amqp.topology.clone();
-        c.concurrency = o.concurrency;
-        c.retry.max_attempts = o.max_attempts;
-        c.retry.max_age = o.max_age;
-        c.retry.backoff.base = o.backoff_base;
-        c.retry.backoff.max = o.backoff_max;
-        c.max_in_process_wait = o.max_in_process_wait;
-        c.in_process_attempts = o.in_process_attempts;
-        c.claim_lease = o.claim_lease;
-        c.shutdown_grace = o.shutdown_grace;
-        c.instance = crate::unique("test-worker-");
-        c.pacing = o.pacing;
-        c
+        worker_config(&self.options, self.amqp.topology.clone())
     }
 
     /// Starts a worker (another replica when one already runs).
@@ -322,35 +267,16 @@ impl TestApp {
         sender: &str,
         sender_name: &str,
     ) -> (String, String) {
-        // A Microsoft sender other than the account is a mailbox the user has Send
-        // As rights on, with `Mail.Send.Shared` granted (as Graph requires).
-        let (access, refresh) = if vendor == Vendor::Microsoft && sender != account {
-            self.standins.grant_send_as(account, sender);
-            let scopes = mail_dispatch_providers::scopes::microsoft(true);
-            let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
-            self.standins.issue_with_scopes(vendor, account, &scopes)
-        } else {
-            self.standins.issue(vendor, account)
-        };
-        self.store_grant(
+        connect(
+            &self.db,
+            &self.standins,
             org,
             vendor,
             account,
-            &access,
-            &refresh,
-            chrono::Utc::now() + chrono::Duration::minutes(50),
+            sender,
+            sender_name,
         )
-        .await;
-        let store = &self.db.store;
-        store
-            .save_sender(org, sender, Some(sender_name), Fallback::None)
-            .await
-            .unwrap();
-        store
-            .record_test(org, &serde_json::json!({"status": "sent"}), true)
-            .await
-            .unwrap();
-        (access, refresh)
+        .await
     }
 
     /// Stores a grant with the access token expiring at `expires_at`.
@@ -363,23 +289,7 @@ impl TestApp {
         refresh: &str,
         expires_at: chrono::DateTime<chrono::Utc>,
     ) {
-        self.db
-            .store
-            .save_connection(&NewConnection {
-                organization_id: org.into(),
-                provider: match vendor {
-                    Vendor::Microsoft => ProviderKind::Microsoft,
-                    Vendor::Google => ProviderKind::Google,
-                },
-                account_email: account.into(),
-                refresh_token: SecretString::from(refresh.to_owned()),
-                access_token: Some((SecretString::from(access.to_owned()), expires_at)),
-                granted_scopes: None,
-                account_id: None,
-                account_tenant: None,
-            })
-            .await
-            .unwrap();
+        store_grant(&self.db, org, vendor, account, access, refresh, expires_at).await
     }
 
     /// The environment that points the real program at this test's services.
@@ -488,4 +398,137 @@ impl Drop for TestApp {
         }
         let _ = std::fs::remove_dir_all(&self.outbox);
     }
+}
+
+/// Where a test's worker finds the providers: the stand-ins.
+pub fn provider_endpoints(
+    standins: &StandIns,
+    admin_url: &str,
+    options: &TestAppOptions,
+    outbox: &std::path::Path,
+) -> ProviderEndpoints {
+    let ms = standins.microsoft_login.uri();
+    let google = standins.google_oauth.uri();
+    ProviderEndpoints {
+        graph_url: Url::parse(&standins.graph.uri()).unwrap(),
+        gmail_url: Url::parse(&standins.gmail.uri()).unwrap(),
+        microsoft: Some(OAuthApp {
+            client_id: "ms-client-id".into(),
+            client_secret: Some(SecretString::from("ms-client-secret")),
+            auth_url: Url::parse(&format!("{ms}/{MICROSOFT_TENANT}/oauth2/v2.0/authorize"))
+                .unwrap(),
+            token_url: Url::parse(&format!("{ms}/{MICROSOFT_TENANT}/oauth2/v2.0/token")).unwrap(),
+            scopes: mail_dispatch_providers::scopes::microsoft(options.microsoft_shared_mailboxes),
+            redirect_url: Some(Url::parse(&format!("{}/v1/oauth/callback", admin_url)).unwrap()),
+        }),
+        google: Some(OAuthApp {
+            client_id: "g-client-id.apps.googleusercontent.com".into(),
+            client_secret: Some(SecretString::from("g-client-secret")),
+            auth_url: Url::parse(&format!("{google}/o/oauth2/v2/auth")).unwrap(),
+            token_url: Url::parse(&format!("{google}/token")).unwrap(),
+            scopes: mail_dispatch_providers::scopes::google(options.google_check_aliases),
+            redirect_url: Some(Url::parse(&format!("{}/v1/oauth/callback", admin_url)).unwrap()),
+        }),
+        platform_transport: options
+            .platform_transport
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", outbox.display())),
+        http_timeout: Duration::from_secs(10),
+    }
+}
+
+/// A worker's configuration from a test's options.
+pub fn worker_config(o: &TestAppOptions, topology: mail_dispatch_broker::Topology) -> WorkerConfig {
+    let mut c = WorkerConfig::new(
+        crate::amqp_url(),
+        Mailbox::new(
+            EmailAddress::parse(PLATFORM_SENDER).unwrap(),
+            Some("Platform".into()),
+        ),
+    );
+    c.topology = topology;
+    c.concurrency = o.concurrency;
+    c.retry.max_attempts = o.max_attempts;
+    c.retry.max_age = o.max_age;
+    c.retry.backoff.base = o.backoff_base;
+    c.retry.backoff.max = o.backoff_max;
+    c.max_in_process_wait = o.max_in_process_wait;
+    c.in_process_attempts = o.in_process_attempts;
+    c.claim_lease = o.claim_lease;
+    c.shutdown_grace = o.shutdown_grace;
+    c.instance = crate::unique("test-worker-");
+    c.pacing = o.pacing;
+    c
+}
+
+/// Connects `org` to a provider as a finished connect flow would (grant stored,
+/// sender saved, test passed): its jobs go through the provider from now on.
+/// Returns the (access, refresh) tokens the stand-in issued.
+pub async fn connect(
+    db: &TestDb,
+    standins: &StandIns,
+    org: &str,
+    vendor: Vendor,
+    account: &str,
+    sender: &str,
+    sender_name: &str,
+) -> (String, String) {
+    // A Microsoft sender other than the account is a mailbox the user has Send
+    // As rights on, with `Mail.Send.Shared` granted (as Graph requires).
+    let (access, refresh) = if vendor == Vendor::Microsoft && sender != account {
+        standins.grant_send_as(account, sender);
+        let scopes = mail_dispatch_providers::scopes::microsoft(true);
+        let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+        standins.issue_with_scopes(vendor, account, &scopes)
+    } else {
+        standins.issue(vendor, account)
+    };
+    store_grant(
+        db,
+        org,
+        vendor,
+        account,
+        &access,
+        &refresh,
+        chrono::Utc::now() + chrono::Duration::minutes(50),
+    )
+    .await;
+    let store = &db.store;
+    store
+        .save_sender(org, sender, Some(sender_name), Fallback::None)
+        .await
+        .unwrap();
+    store
+        .record_test(org, &serde_json::json!({"status": "sent"}), true)
+        .await
+        .unwrap();
+    (access, refresh)
+}
+
+/// Stores a grant with the access token expiring at `expires_at`.
+pub async fn store_grant(
+    db: &TestDb,
+    org: &str,
+    vendor: Vendor,
+    account: &str,
+    access: &str,
+    refresh: &str,
+    expires_at: chrono::DateTime<chrono::Utc>,
+) {
+    db.store
+        .save_connection(&NewConnection {
+            organization_id: org.into(),
+            provider: match vendor {
+                Vendor::Microsoft => ProviderKind::Microsoft,
+                Vendor::Google => ProviderKind::Google,
+            },
+            account_email: account.into(),
+            refresh_token: SecretString::from(refresh.to_owned()),
+            access_token: Some((SecretString::from(access.to_owned()), expires_at)),
+            granted_scopes: None,
+            account_id: None,
+            account_tenant: None,
+        })
+        .await
+        .unwrap();
 }

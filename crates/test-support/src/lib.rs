@@ -3,6 +3,7 @@
 mod amqp;
 mod app;
 mod db;
+mod harness;
 
 pub use amqp::{ResultsTap, TestAmqp};
 pub use app::{
@@ -10,6 +11,7 @@ pub use app::{
     TestAppOptions,
 };
 pub use db::TestDb;
+pub use harness::Harness;
 /// The provider stand-ins (their own crate, shared with the sandbox and the benchmark).
 pub use mail_dispatch_standins as standins;
 pub use mail_dispatch_standins::StandIns;

@@ -2,7 +2,9 @@
 //!
 //! `Dispatcher::handle` does the reading and writing that deciding needs
 //! (PostgreSQL ledger, provider send) and returns a [`Decision`]; the runner applies
-//! it on the broker. Tests drive `handle` directly and the whole loop end to end.
+//! it on the broker. `tests/e2e/dispatch.rs` drives `handle` directly (no broker,
+//! through `mail_dispatch_test_support::Harness`); the other e2e modules run the
+//! whole loop.
 
 use std::sync::Arc;
 use std::time::Duration;
