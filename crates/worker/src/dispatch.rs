@@ -154,6 +154,18 @@ impl DelayReason {
     }
 }
 
+/// What the pacer said about a job.
+enum Paced {
+    /// Go ahead, holding the permit while sending (none for a revoked route, or
+    /// for a job whose budget is spent: it is not sent, it expires).
+    Go(Option<Permit>),
+    /// The provider would refuse it (daily limit, pause) and the job's budget is
+    /// spent: fail it as the provider would.
+    OutOfBudget(DeferReason, ProviderKind),
+    /// Not now: delay it.
+    Deferred(Decision),
+}
+
 /// A waiting period used when the job cannot be handled now for a reason that
 /// is not the job's (database unreachable, claim held by another worker).
 const BACKOFF_WHEN_BLOCKED: Duration = Duration::from_secs(5);
@@ -225,53 +237,19 @@ impl Dispatcher {
     }
 
     async fn handle_valid(&self, job: Job, incoming: &Incoming) -> Decision {
-        let blocked = |e: &StoreError| {
-            tracing::warn!(error = %e, "database unavailable; job delayed, not acked until its copy is confirmed");
-            Decision::Delay {
-                wait: BACKOFF_WHEN_BLOCKED,
-                attempts: incoming.attempts,
-                reason: DelayReason::DatabaseUnavailable,
-                history: incoming.history.clone(),
-            }
-        };
         let route = match self.services.resolver.resolve(&job.organization_id).await {
             Ok(route) => route,
-            Err(e) => return blocked(&e),
+            Err(e) => return blocked(&e, incoming),
         };
         // Pacing and fairness come before the claim: a deferred job leaves the
         // consumer without touching the ledger.
         let (mut permit, deferred_out_of_budget) = match self.pace(&job, incoming, &route) {
-            Ok(paced) => paced,
-            Err(deferred) => return deferred,
+            Paced::Go(permit) => (permit, None),
+            Paced::OutOfBudget(reason, provider) => (None, Some((reason, provider))),
+            Paced::Deferred(decision) => return decision,
         };
-        match self
-            .store()
-            .claim_job(&job.id, &job.organization_id, self.config.claim_lease)
-            .await
-        {
-            Ok(Claim::Acquired { .. }) => {}
-            Ok(Claim::Published) => {
-                tracing::info!("job id already has a published result; not sending again");
-                metrics::counter!(crate::metrics::DUPLICATES_SKIPPED).increment(1);
-                return Decision::Duplicate;
-            }
-            Ok(Claim::Completed(stored)) => {
-                // Outcome known, result not confirmed published: publish it, send nothing.
-                return match stored.map(serde_json::from_value::<Recorded>) {
-                    Some(Ok(recorded)) => Decision::Finish(Box::new(recorded.into_finish(&job.id))),
-                    _ => Decision::Duplicate,
-                };
-            }
-            Ok(Claim::Busy) => {
-                tracing::info!("another worker holds this job id; delaying");
-                return Decision::Delay {
-                    wait: BACKOFF_WHEN_BLOCKED,
-                    attempts: incoming.attempts,
-                    reason: DelayReason::ClaimedElsewhere,
-                    history: incoming.history.clone(),
-                };
-            }
-            Err(e) => return blocked(&e),
+        if let Err(decision) = self.claim(&job, incoming).await {
+            return decision;
         }
 
         let now = Utc::now();
@@ -369,7 +347,7 @@ impl Dispatcher {
             Err(SendFailure::Store(e)) => {
                 // Nothing was sent (tokens could not be read): try again later.
                 let _ = self.store().release_job(&job.id).await;
-                blocked(&e)
+                blocked(&e, incoming)
             }
             Err(SendFailure::Revoked {
                 reason,
@@ -431,84 +409,134 @@ impl Dispatcher {
                 self.revoked(&job, &route, result, error, events).await
             }
             Err(SendFailure::Send(e)) => {
-                let mut history = incoming.history.clone();
-                let first = incoming.attempts + 1;
-                for (n, earlier) in (first..).zip(&retried) {
-                    history = append_history(&history, n, earlier);
-                }
-                let history = append_history(&history, attempts, &e);
-                let age = (Utc::now() - incoming.first_seen)
-                    .to_std()
-                    .unwrap_or_default();
-                match self
-                    .config
-                    .retry
-                    .decide(e.class, attempts, age, rand::random::<f64>())
+                self.retry_or_fail(&job, incoming, provider, result, e, &retried)
+                    .await
+            }
+        }
+    }
+
+    /// Claims the job id in the ledger: `Err` is what to do instead of sending
+    /// (a duplicate, a stored outcome to publish again, another worker's claim, a
+    /// database that cannot be used).
+    async fn claim(&self, job: &Job, incoming: &Incoming) -> Result<(), Decision> {
+        match self
+            .store()
+            .claim_job(&job.id, &job.organization_id, self.config.claim_lease)
+            .await
+        {
+            Ok(Claim::Acquired { .. }) => Ok(()),
+            Ok(Claim::Published) => {
+                tracing::info!("job id already has a published result; not sending again");
+                metrics::counter!(crate::metrics::DUPLICATES_SKIPPED).increment(1);
+                Err(Decision::Duplicate)
+            }
+            Ok(Claim::Completed(stored)) => {
+                // Outcome known, result not confirmed published: publish it, send nothing.
+                Err(match stored.map(serde_json::from_value::<Recorded>) {
+                    Some(Ok(recorded)) => Decision::Finish(Box::new(recorded.into_finish(&job.id))),
+                    _ => Decision::Duplicate,
+                })
+            }
+            Ok(Claim::Busy) => {
+                tracing::info!("another worker holds this job id; delaying");
+                Err(Decision::Delay {
+                    wait: BACKOFF_WHEN_BLOCKED,
+                    attempts: incoming.attempts,
+                    reason: DelayReason::ClaimedElsewhere,
+                    history: incoming.history.clone(),
+                })
+            }
+            Err(e) => Err(blocked(&e, incoming)),
+        }
+    }
+
+    /// A send failed with `e` after `result.attempts` attempts in all: delay the
+    /// job for another attempt, or give up (expired, or retries exhausted, or a
+    /// permanent failure), as the retry policy says.
+    async fn retry_or_fail(
+        &self,
+        job: &Job,
+        incoming: &Incoming,
+        provider: ProviderKind,
+        mut result: JobResult,
+        e: mail_dispatch_providers::SendError,
+        retried: &[mail_dispatch_providers::SendError],
+    ) -> Decision {
+        let attempts = result.attempts;
+        let mut history = incoming.history.clone();
+        let first = incoming.attempts + 1;
+        for (n, earlier) in (first..).zip(retried) {
+            history = append_history(&history, n, earlier);
+        }
+        let history = append_history(&history, attempts, &e);
+        let age = (Utc::now() - incoming.first_seen)
+            .to_std()
+            .unwrap_or_default();
+        match self
+            .config
+            .retry
+            .decide(e.class, attempts, age, rand::random::<f64>())
+        {
+            RetryDecision::RetryAfter(wait) => {
+                if let FailureClass::Transient {
+                    code: ErrorCode::Throttled,
+                    ..
+                } = e.class
+                    && provider != ProviderKind::Default
                 {
-                    RetryDecision::RetryAfter(wait) => {
-                        if let FailureClass::Transient {
+                    self.pause_mailbox(&job.organization_id, provider, wait)
+                        .await;
+                }
+                if job.not_after.is_some_and(|limit| Utc::now() + wait > limit) {
+                    result.error = Some(JobError {
+                        code: ErrorCode::Expired,
+                        message: format!(
+                            "{}; the next attempt would be after not_after",
+                            e.message
+                        ),
+                        ..e.to_job_error(ErrorCode::Expired)
+                    });
+                    return self.finish(&job.id, result, None, vec![]).await;
+                }
+                tracing::info!(
+                    attempts,
+                    wait_ms = wait.as_millis() as u64,
+                    code = %e.final_code(),
+                    provider_status = e.provider_status,
+                    provider_code = e.provider_code.as_deref(),
+                    "transient failure; job delayed"
+                );
+                if let Err(err) = self.store().release_job(&job.id).await {
+                    tracing::warn!(error = %err, "could not release the claim; the delayed copy waits for its lease");
+                }
+                Decision::Delay {
+                    wait,
+                    attempts,
+                    reason: match e.class {
+                        FailureClass::Transient {
                             code: ErrorCode::Throttled,
                             ..
-                        } = e.class
-                            && provider != ProviderKind::Default
-                        {
-                            self.pause_mailbox(&job.organization_id, provider, wait)
-                                .await;
-                        }
-                        if job.not_after.is_some_and(|limit| Utc::now() + wait > limit) {
-                            result.error = Some(JobError {
-                                code: ErrorCode::Expired,
-                                message: format!(
-                                    "{}; the next attempt would be after not_after",
-                                    e.message
-                                ),
-                                ..e.to_job_error(ErrorCode::Expired)
-                            });
-                            return self.finish(&job.id, result, None, vec![]).await;
-                        }
-                        tracing::info!(
-                            attempts,
-                            wait_ms = wait.as_millis() as u64,
-                            code = %e.final_code(),
-                            provider_status = e.provider_status,
-                            provider_code = e.provider_code.as_deref(),
-                            "transient failure; job delayed"
-                        );
-                        if let Err(err) = self.store().release_job(&job.id).await {
-                            tracing::warn!(error = %err, "could not release the claim; the delayed copy waits for its lease");
-                        }
-                        Decision::Delay {
-                            wait,
-                            attempts,
-                            reason: match e.class {
-                                FailureClass::Transient {
-                                    code: ErrorCode::Throttled,
-                                    ..
-                                } => DelayReason::Throttled,
-                                _ => DelayReason::ProviderUnavailable,
-                            },
-                            history,
-                        }
-                    }
-                    RetryDecision::GiveUp(code) => {
-                        let exhausted = e.class.is_transient();
-                        tracing::warn!(
-                            attempts,
-                            %code,
-                            provider_status = e.provider_status,
-                            provider_code = e.provider_code.as_deref(),
-                            "job failed"
-                        );
-                        result.error = Some(e.to_job_error(code));
-                        let dead_letter = exhausted.then(|| DeadLetter {
-                            reason: code,
-                            detail: format!(
-                                "retries exhausted after {attempts} attempts: {history}"
-                            ),
-                        });
-                        self.finish(&job.id, result, dead_letter, vec![]).await
-                    }
+                        } => DelayReason::Throttled,
+                        _ => DelayReason::ProviderUnavailable,
+                    },
+                    history,
                 }
+            }
+            RetryDecision::GiveUp(code) => {
+                let exhausted = e.class.is_transient();
+                tracing::warn!(
+                    attempts,
+                    %code,
+                    provider_status = e.provider_status,
+                    provider_code = e.provider_code.as_deref(),
+                    "job failed"
+                );
+                result.error = Some(e.to_job_error(code));
+                let dead_letter = exhausted.then(|| DeadLetter {
+                    reason: code,
+                    detail: format!("retries exhausted after {attempts} attempts: {history}"),
+                });
+                self.finish(&job.id, result, dead_letter, vec![]).await
             }
         }
     }
@@ -579,18 +607,10 @@ impl Dispatcher {
         self.finish(&job.id, result, None, events).await
     }
 
-    /// Asks the pacer for room. `Ok((permit, None))`: go ahead (no permit for a
-    /// revoked route); `Ok((None, Some(..)))`: deferred past the job's budget — fail
-    /// it as the provider would; `Err(decision)`: deferred, try again later.
-    #[expect(clippy::type_complexity, reason = "a one-off private return shape")]
-    fn pace(
-        &self,
-        job: &Job,
-        incoming: &Incoming,
-        route: &Route,
-    ) -> Result<(Option<Permit>, Option<(DeferReason, ProviderKind)>), Decision> {
+    /// Asks the pacer for room.
+    fn pace(&self, job: &Job, incoming: &Incoming, route: &Route) -> Paced {
         let provider = match route {
-            Route::Revoked { .. } => return Ok((None, None)),
+            Route::Revoked { .. } => return Paced::Go(None),
             Route::Provider { provider, .. } => *provider,
             Route::Platform { .. } => ProviderKind::Default,
         };
@@ -600,7 +620,7 @@ impl Dispatcher {
                 .pacer
                 .admit(&job.organization_id, provider, job.recipient_count(), now)
             {
-                Admission::Go(permit) => return Ok((Some(permit), None)),
+                Admission::Go(permit) => return Paced::Go(Some(permit)),
                 Admission::Defer { until, reason } => (until, reason),
             };
         let max_age = chrono::Duration::from_std(self.config.retry.max_age)
@@ -617,12 +637,12 @@ impl Dispatcher {
         } else if now < budget_end {
             budget_end
         } else if matches!(reason, DeferReason::DailyLimit | DeferReason::MailboxPaused) {
-            return Ok((None, Some((reason, provider))));
+            return Paced::OutOfBudget(reason, provider);
         } else {
-            return Ok((None, None));
+            return Paced::Go(None);
         };
         tracing::debug!(reason = reason.as_str(), "deferred by pacing");
-        Err(Decision::Delay {
+        Paced::Deferred(Decision::Delay {
             wait: (wake - now).to_std().unwrap_or_default(),
             attempts: incoming.attempts,
             reason: DelayReason::Paced(reason),
@@ -730,6 +750,17 @@ impl Dispatcher {
             events: vec![],
             ledger_job_id,
         }))
+    }
+}
+
+/// PostgreSQL could not be used: nothing was sent; the job waits and comes back.
+fn blocked(e: &StoreError, incoming: &Incoming) -> Decision {
+    tracing::warn!(error = %e, "database unavailable; job delayed, not acked until its copy is confirmed");
+    Decision::Delay {
+        wait: BACKOFF_WHEN_BLOCKED,
+        attempts: incoming.attempts,
+        reason: DelayReason::DatabaseUnavailable,
+        history: incoming.history.clone(),
     }
 }
 
