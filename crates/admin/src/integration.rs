@@ -48,7 +48,8 @@ pub struct DisconnectResponse {
     pub revoked: bool,
 }
 
-pub(crate) fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
+/// The view of an organization's integration (never a token).
+pub fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
     match i {
         None => IntegrationView {
             organization_id: org.to_owned(),

@@ -25,6 +25,7 @@ use utoipa::OpenApi as _;
 
 pub use connect::{expire_pending_connections, run_upkeep};
 pub use error::{ApiError, ApiErrorCode, ErrorBody};
+pub use integration::{IntegrationView, view as integration_view};
 pub use openapi::ApiDoc;
 
 /// Largest request body accepted (the API only takes small JSON objects).
