@@ -9,6 +9,7 @@ mod dispatch;
 mod invalid_jobs;
 mod operability;
 mod pacing;
+mod permissions;
 mod pipeline;
 mod process;
 mod standins;

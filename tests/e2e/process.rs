@@ -692,6 +692,12 @@ async fn the_whole_flow_through_the_program_never_logs_or_prints_a_token() {
         logs.contains("provider connected") && logs.contains("access token refreshed"),
         "logs were captured: {logs}"
     );
+    // A healthy run (a first start included: its topology is new) logs no error.
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(errors.is_empty(), "errors logged: {errors:#?}");
     // Neither tokens nor full addresses (the recipients of jobs and tests).
     for secret in [
         "ya29.g-at-",

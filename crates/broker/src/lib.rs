@@ -137,25 +137,31 @@ impl Broker {
 
     /// Declares the whole topology (idempotent).
     pub async fn declare(&self, topology: &Topology) -> Result<(), BrokerError> {
-        // An existing dead-letter queue is used as it is, whatever its type: a
-        // declare with other arguments would fail (PRECONDITION_FAILED) and stop
-        // the worker over a queue it only publishes to. A passive declare on a
-        // throw-away channel tells (a missing queue closes that channel).
+        // The dead-letter queue is declared (classic, durable) on a throw-away
+        // channel: an existing one of another type or with other arguments answers
+        // PRECONDITION_FAILED, which closes that channel only, and is used as it is.
+        // (A passive declare would close the channel of a healthy first start with
+        // NOT_FOUND, which lapin logs as an error.)
         let probe = self.connection.create_channel().await?;
-        let dead_exists = probe
+        match probe
             .queue_declare(
                 topology.dead_queue.as_str().into(),
                 lapin::options::QueueDeclareOptions {
-                    passive: true,
+                    durable: true,
                     ..Default::default()
                 },
                 FieldTable::default(),
             )
             .await
-            .is_ok();
-        if dead_exists {
-            let _ = probe.close(200, "probe".into()).await;
+        {
+            Ok(_) => {
+                let _ = probe.close(200, "declared".into()).await;
+            }
+            Err(e) => {
+                tracing::info!(queue = %topology.dead_queue, error = %e, "dead-letter queue exists with other settings; used as it is");
+            }
         }
+        let dead_exists = true;
         topology.declare(&self.publisher, dead_exists).await
     }
 
