@@ -773,3 +773,47 @@ async fn the_admin_role_runs_none_of_the_workers_background_work() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Migrations applied once by an owner (`mail-dispatch migrate`), the service runs
+/// under a role that may only read and write rows: no DDL, no CREATEDB. An older
+/// binary stays ready when the schema is newer than it (rolling updates).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_role_without_ddl_rights_runs_the_service_on_a_migrated_database() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        ..Default::default()
+    })
+    .await;
+    let role = mail_dispatch_test_support::unique("md_runtime_");
+    let owner = app.db.client().await;
+    owner
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'pw';
+             GRANT USAGE ON SCHEMA public TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role};
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+             -- A newer binary migrated ahead of this one.
+             INSERT INTO schema_migrations (version, name) VALUES (999, 'from a newer binary');"
+        ))
+        .await
+        .unwrap();
+    let runtime_url = app.db.url.replacen("postgres@", &format!("{role}:pw@"), 1);
+    let program = Program::start_with(
+        &app,
+        "worker",
+        &[("MAIL_DISPATCH_DATABASE_URL", runtime_url)],
+    )
+    .await;
+    let mut tap = app.amqp.tap_results().await;
+    let job = app.job("org_1");
+    app.amqp.publish_job(&job).await;
+    let r = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["status"], "sent", "{r}");
+    let (code, logs) = program.terminate(Duration::from_secs(20)).await;
+    assert_eq!(code, 0, "{logs}");
+    owner
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+}

@@ -132,6 +132,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How long a start waits for another process's migration before giving up.
+const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(60);
+
 /// The embedded migrations, in order.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "init", include_str!("../migrations/0001_init.sql")),
@@ -247,12 +250,59 @@ impl Store {
         Ok(())
     }
 
-    /// Applies the migrations not yet applied. Safe to run from several replicas at once.
+    /// The newest migration applied to the database, if any.
+    async fn schema_version(client: &tokio_postgres::Client) -> Result<Option<i32>, StoreError> {
+        let exists: bool = client
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .await?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+        Ok(client
+            .query_one("SELECT max(version) FROM schema_migrations", &[])
+            .await?
+            .get(0))
+    }
+
+    /// Applies the migrations not yet applied. Safe to run from several replicas at
+    /// once: they take turns under an advisory lock, on a connection of their own
+    /// (a pooled one could go back to the pool still holding it), and a replica
+    /// that waits longer than `MIGRATION_LOCK_WAIT` gives up with an error rather
+    /// than hanging behind a blocked migration. A database that is already up to
+    /// date is left alone: no lock, no DDL, so a runtime role without DDL rights
+    /// works once `mail-dispatch migrate` ran with an owner's.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        client
-            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
+        let latest = MIGRATIONS.last().map(|m| m.0);
+        {
+            let client = self.client().await?;
+            if Self::schema_version(&client).await? >= latest {
+                return Ok(());
+            }
+        }
+        let (mut client, conn) = self
+            .pg_config
+            .connect(NoTls)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let conn = tokio::spawn(conn);
+        let deadline = tokio::time::Instant::now() + MIGRATION_LOCK_WAIT;
+        loop {
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
+                .await?
+                .get(0);
+            if locked {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "another process has held the migration lock for over {} s (a migration blocked behind a long transaction?)",
+                    MIGRATION_LOCK_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         let result = async {
             client
                 .batch_execute(
@@ -286,19 +336,17 @@ impl Store {
             Ok::<_, StoreError>(())
         }
         .await;
-        client
-            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-            .await?;
+        // Closing the session releases the lock as well.
+        drop(client);
+        let _ = conn.await;
         result
     }
 
-    /// Whether the database answers and every migration is applied (for `/readyz`).
+    /// Whether the database answers and its schema is at least as new as this
+    /// binary's (for `/readyz`). Migrations only add, so a replica of the previous
+    /// version stays ready while a rolling update migrates ahead of it.
     pub async fn ping(&self) -> Result<bool, StoreError> {
         let client = self.client().await?;
-        let latest: Option<i32> = client
-            .query_one("SELECT max(version) FROM schema_migrations", &[])
-            .await?
-            .get(0);
-        Ok(latest == MIGRATIONS.last().map(|m| m.0))
+        Ok(Self::schema_version(&client).await? >= MIGRATIONS.last().map(|m| m.0))
     }
 }
