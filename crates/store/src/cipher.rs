@@ -45,15 +45,18 @@ impl std::fmt::Debug for TokenCipher {
 }
 
 fn key_from_base64(encoded: &str) -> Result<Key, CipherError> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .map_err(|_| CipherError::BadKey)?;
+    // The raw key is wiped once the cipher holds its own (zeroized) key schedule.
+    let bytes = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| CipherError::BadKey)?,
+    );
     if bytes.len() != 32 {
         return Err(CipherError::BadKey);
     }
-    let digest = Sha256::digest(&bytes);
+    let digest = Sha256::digest(bytes.as_slice());
     let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    let aead = Aes256Gcm::new_from_slice(&bytes).map_err(|_| CipherError::BadKey)?;
+    let aead = Aes256Gcm::new_from_slice(bytes.as_slice()).map_err(|_| CipherError::BadKey)?;
     Ok(Key { id, aead })
 }
 
@@ -71,9 +74,9 @@ impl TokenCipher {
 
     /// A fresh random key, base64-encoded (for development mode and tests).
     pub fn generate_key() -> String {
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        base64::engine::general_purpose::STANDARD.encode(bytes)
+        let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+        rand::rng().fill_bytes(bytes.as_mut_slice());
+        base64::engine::general_purpose::STANDARD.encode(bytes.as_slice())
     }
 
     /// The id of the key new values are encrypted with.
