@@ -22,6 +22,14 @@ impl Store {
                 &[&organization_id, &until, &reason],
             )
             .await?;
+        // Pauses over for a day are of no use to anyone: the table stays as small as
+        // the set of mailboxes throttled lately.
+        client
+            .execute(
+                "DELETE FROM mailbox_pauses WHERE paused_until < now() - interval '1 day'",
+                &[],
+            )
+            .await?;
         Ok(())
     }
 
@@ -66,5 +74,49 @@ impl Store {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{PoolSettings, Store, TokenCipher};
+    use secrecy::SecretString;
+
+    #[tokio::test]
+    async fn pauses_over_for_a_day_are_pruned_when_a_mailbox_is_paused() {
+        let db = mail_dispatch_test_db::TempDatabase::create("md_test_").await;
+        let key = SecretString::from(TokenCipher::generate_key());
+        let store = Store::connect(
+            &db.url,
+            TokenCipher::new(&key, &[]).unwrap(),
+            PoolSettings::default(),
+        )
+        .unwrap();
+        store.migrate().await.unwrap();
+        let client = db.client().await;
+        client
+            .execute(
+                "INSERT INTO mailbox_pauses (organization_id, paused_until, reason)
+                 VALUES ('old', now() - interval '2 days', 'throttled')",
+                &[],
+            )
+            .await
+            .unwrap();
+        store
+            .pause_mailbox(
+                "new",
+                chrono::Utc::now() + chrono::Duration::seconds(30),
+                "throttled",
+            )
+            .await
+            .unwrap();
+        let orgs: Vec<String> = client
+            .query("SELECT organization_id FROM mailbox_pauses ORDER BY 1", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(orgs, ["new"]);
     }
 }
