@@ -847,3 +847,61 @@ async fn the_openapi_document_lists_every_route() {
     assert_eq!(paths.len(), 5);
     let _ = IntegrationStatus::Active;
 }
+
+/// The admin listener bounds what a client can hold: a connection that stops
+/// sending is closed, and past the connection cap new clients wait until a slot
+/// frees (a slowloris or a socket flood cannot take the API down).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_listener_closes_idle_connections_and_caps_their_number() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = TestApp::spawn_with(TestAppOptions {
+        admin_connection_limits: mail_dispatch_admin::ConnectionLimits {
+            max_connections: 2,
+            idle: Duration::from_millis(500),
+            lifetime: Duration::from_secs(30),
+        },
+        ..Default::default()
+    })
+    .await;
+    let addr = app.admin_url.trim_start_matches("http://").to_owned();
+
+    // A request trickled and never finished: closed after the idle limit.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection is closed: {closed:?}"
+    );
+
+    // Two connections held open take both slots: a third client is not served...
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        held.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let request = b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third.write_all(request).await.unwrap();
+    let mut first_byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), third.read(&mut first_byte))
+            .await
+            .is_err(),
+        "served past the cap"
+    );
+    // ...until a slot frees (here: the held connections go idle and are closed).
+    let answered = tokio::time::timeout(Duration::from_secs(5), third.read(&mut first_byte)).await;
+    assert!(
+        matches!(answered, Ok(Ok(1))),
+        "served once a slot freed: {answered:?}"
+    );
+    drop(held);
+}

@@ -4,6 +4,7 @@ mod connect;
 mod error;
 mod extract;
 mod integration;
+mod listener;
 mod openapi;
 mod sender;
 
@@ -26,6 +27,7 @@ use utoipa::OpenApi as _;
 pub use connect::{expire_pending_connections, run_upkeep};
 pub use error::{ApiError, ApiErrorCode, ErrorBody};
 pub use integration::{IntegrationView, view as integration_view};
+pub use listener::{ConnectionLimits, GuardedListener, GuardedStream};
 pub use openapi::ApiDoc;
 
 /// Largest request body accepted (the API only takes small JSON objects).

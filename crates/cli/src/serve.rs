@@ -66,9 +66,15 @@ pub async fn serve_metrics(
             needs_amqp,
         });
     tracing::info!(listen = %listener.local_addr()?, "metrics and health endpoints listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    axum::serve(
+        mail_dispatch_admin::GuardedListener::new(
+            listener,
+            mail_dispatch_admin::ConnectionLimits::METRICS,
+        ),
+        app,
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await?;
     Ok(())
 }
 

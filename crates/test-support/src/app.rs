@@ -46,6 +46,8 @@ pub struct TestAppOptions {
     pub connection_ttl: Duration,
     /// How often the admin API expires unconfirmed consents.
     pub admin_upkeep_interval: Duration,
+    /// The admin listener's connection limits.
+    pub admin_connection_limits: mail_dispatch_admin::ConnectionLimits,
     /// The keep-alive of idle grants (off unless a test turns it on).
     pub keepalive: Option<mail_dispatch_worker::keepalive::KeepAliveConfig>,
 }
@@ -76,6 +78,7 @@ impl Default for TestAppOptions {
             microsoft_shared_mailboxes: false,
             connection_ttl: mail_dispatch_admin::CONNECTION_TTL,
             admin_upkeep_interval: Duration::from_secs(60),
+            admin_connection_limits: mail_dispatch_admin::ConnectionLimits::ADMIN,
             keepalive: None,
         }
     }
@@ -233,10 +236,12 @@ impl TestApp {
             self.options.admin_upkeep_interval,
         ));
         let router = mail_dispatch_admin::app(state);
+        let limits = self.options.admin_connection_limits;
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let handle = tokio::spawn(async move {
             let _upkeep = tokio_util::task::AbortOnDropHandle::new(upkeep);
+            let listener = mail_dispatch_admin::GuardedListener::new(listener, limits);
             let _ = axum::serve(listener, router)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;

@@ -115,9 +115,15 @@ pub async fn run_until(
             ));
             Some(tokio::spawn(async move {
                 let _upkeep = tokio_util::task::AbortOnDropHandle::new(upkeep);
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                    .await
+                axum::serve(
+                    mail_dispatch_admin::GuardedListener::new(
+                        listener,
+                        mail_dispatch_admin::ConnectionLimits::ADMIN,
+                    ),
+                    app,
+                )
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
             }))
         }
         _ => None,
