@@ -537,6 +537,45 @@ async fn every_organization_route_requires_the_bearer_token() {
         0,
         "nothing stored"
     );
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let resp = api
+        .http
+        .get(format!(
+            "{}/v1/organizations/org_1/integration",
+            app.admin_url
+        ))
+        .header("authorization", format!("bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disconnecting_an_integration_whose_token_cannot_be_decrypted_still_disconnects() {
+    let app = TestApp::spawn().await;
+    let api = Api::new(&app);
+    app.standins
+        .set_consent(Vendor::Google, Consent::Approve("ops@customer.com".into()));
+    api.connect("org_g", "google").await;
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE integrations SET refresh_token = '\\x00010203'::bytea WHERE organization_id = 'org_g'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (status, body) = api
+        .call(Method::DELETE, "/v1/organizations/org_g/integration", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"status": "not_configured", "deleted": true, "revoked": false})
+    );
+    assert_eq!(api.integration("org_g").await["status"], "not_configured");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -817,3 +817,58 @@ async fn a_runtime_role_without_ddl_rights_runs_the_service_on_a_migrated_databa
         .await
         .unwrap();
 }
+
+/// Tasks of a dropped connection keep running until their send is over: the new
+/// connection's deliveries wait for their slots, so in-flight sends never exceed
+/// MAIL_DISPATCH_CONCURRENCY across a reconnect.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_never_raises_sends_in_flight_above_the_concurrency() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        concurrency: 4,
+        exclusive: true,
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    let send_time = Duration::from_millis(800);
+    app.standins.set_send_delay(send_time);
+    let mut tap = app.amqp.tap_results().await;
+    let jobs = publish_jobs(&app, "org_g", 24).await;
+    let deadline = Instant::now() + WAIT;
+    while app.standins.send_attempts(Vendor::Google) < 4 {
+        assert!(Instant::now() < deadline, "no sends started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Four sends in flight: drop the connection under them.
+    let status = Command::new("rabbitmqctl")
+        .args(["close_all_connections", "mail-dispatch test"])
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let results = all_results(&mut tap, 24, Duration::from_secs(90)).await;
+    assert_one_result_each(&results, &jobs);
+    let mut starts = app.standins.attempt_times(Vendor::Google);
+    starts.sort();
+    let window = send_time - Duration::from_millis(50);
+    let most_at_once = starts
+        .iter()
+        .map(|t| {
+            starts
+                .iter()
+                .filter(|u| **u >= *t && **u < *t + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most_at_once <= 4,
+        "{most_at_once} sends at once with MAIL_DISPATCH_CONCURRENCY=4"
+    );
+}

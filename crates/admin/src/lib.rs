@@ -154,7 +154,12 @@ async fn require_bearer(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        })
         .unwrap_or_default();
     let expected = state.config.admin_token.expose_secret().as_bytes();
     let ok = !expected.is_empty() && bool::from(presented.as_bytes().ct_eq(expected));

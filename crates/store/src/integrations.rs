@@ -372,12 +372,16 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let provider = ProviderKind::parse(row.get("provider")).unwrap_or(ProviderKind::Default);
         let refresh: Option<Vec<u8>> = row.get("refresh_token");
-        let refresh = refresh
-            .map(|b| {
-                self.cipher()
-                    .decrypt(&ctx(organization_id, "refresh_token"), &b)
-            })
-            .transpose()?;
+        // The row is gone either way: a token that no longer decrypts (lost key,
+        // corrupt value) cannot be revoked, which is no reason to fail the disconnect.
+        let refresh = refresh.and_then(|b| {
+            self.cipher()
+                .decrypt(&ctx(organization_id, "refresh_token"), &b)
+                .map_err(|e| {
+                    tracing::warn!(org.id = organization_id, error = %e, "the disconnected grant's token cannot be decrypted; not revoked");
+                })
+                .ok()
+        });
         Ok(Some((provider, refresh)))
     }
 

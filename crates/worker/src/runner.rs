@@ -37,6 +37,9 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
     let hard_stop = CancellationToken::new();
     let mut backoff = Duration::from_millis(200);
     let mut last: Option<(Broker, lapin::Channel)> = None;
+    // One set of slots for the life of the worker, not one per connection: tasks
+    // of a dropped connection still run, and must still count.
+    let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
 
     'connection: while !shutdown.is_cancelled() {
         let connected = tokio::select! {
@@ -59,7 +62,6 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
         backoff = Duration::from_millis(200);
         health.set_amqp(true);
         tracing::info!(queue = %config.topology.jobs_queue, concurrency = config.concurrency, "consuming");
-        let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
         loop {
             tokio::select! {
                             biased;
