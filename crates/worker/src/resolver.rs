@@ -68,6 +68,9 @@ pub struct Resolver {
     ttl: Duration,
     max_entries: usize,
     cache: Mutex<HashMap<String, (Route, Instant)>>,
+    /// Bumped by every change notification: a route read from PostgreSQL before a
+    /// change arrived may be stale, and is then used once but not cached.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 impl Resolver {
@@ -77,6 +80,7 @@ impl Resolver {
             ttl,
             max_entries: 100_000,
             cache: Mutex::new(HashMap::new()),
+            changes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -88,9 +92,24 @@ impl Resolver {
             return Ok(route.clone());
         }
         let loaded_at = Instant::now();
+        let changes_before = self.changes();
         let integration = self.store.integration(organization_id).await?;
         let route = Route::for_integration(integration.as_ref());
+        self.fill(organization_id, &route, loaded_at, changes_before);
+        Ok(route)
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Caches a route read from PostgreSQL, unless a change was notified since the
+    /// read began (the route may predate it: the eviction must not be undone).
+    fn fill(&self, organization_id: &str, route: &Route, loaded_at: Instant, changes_before: u64) {
         let mut cache = self.cache.lock().expect("poisoned");
+        if self.changes() != changes_before {
+            return;
+        }
         if cache.len() >= self.max_entries {
             let mut ages: Vec<_> = cache.values().map(|(_, at)| *at).collect();
             ages.sort();
@@ -98,12 +117,16 @@ impl Resolver {
             cache.retain(|_, (_, at)| *at > cutoff);
         }
         cache.insert(organization_id.to_owned(), (route.clone(), loaded_at));
-        Ok(route)
     }
 
     /// Applies a change notification.
     pub fn apply(&self, change: &IntegrationChange) {
         let mut cache = self.cache.lock().expect("poisoned");
+        if !matches!(change, IntegrationChange::Pause { .. }) {
+            // Under the cache lock: a fill either sees this or comes before it.
+            self.changes
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         match change {
             IntegrationChange::Organization(org) => {
                 if cache.remove(org).is_some() {
@@ -187,5 +210,30 @@ mod tests {
                 provider: ProviderKind::Microsoft
             }
         );
+    }
+
+    /// A change notified while a route was being read keeps that (maybe stale)
+    /// route out of the cache; without a change it is cached.
+    #[tokio::test]
+    async fn a_route_read_before_a_change_is_not_cached() {
+        let key = secrecy::SecretString::from(mail_dispatch_store::TokenCipher::generate_key());
+        let store = Store::connect(
+            "postgres://nobody@127.0.0.1:1/none",
+            mail_dispatch_store::TokenCipher::new(&key, &[]).unwrap(),
+            mail_dispatch_store::PoolSettings::default(),
+        )
+        .unwrap();
+        let resolver = Resolver::new(store, Duration::from_secs(300));
+        let route = Route::Platform { on_behalf_of: None };
+        let cached = |r: &Resolver| r.cache.lock().unwrap().contains_key("org_1");
+
+        let before = resolver.changes();
+        resolver.apply(&IntegrationChange::Organization("org_1".into()));
+        resolver.fill("org_1", &route, Instant::now(), before);
+        assert!(!cached(&resolver), "a stale read undid the eviction");
+
+        let before = resolver.changes();
+        resolver.fill("org_1", &route, Instant::now(), before);
+        assert!(cached(&resolver));
     }
 }
