@@ -43,7 +43,10 @@ impl KeySettings {
         }
         let path = &self.dev_key_file;
         let key = match std::fs::read_to_string(path) {
-            Ok(k) => k.trim().to_owned(),
+            Ok(k) => {
+                check_private(path)?;
+                k.trim().to_owned()
+            }
             Err(_) => {
                 let k = mail_dispatch_store::TokenCipher::generate_key();
                 write_private(path, &k)
@@ -62,6 +65,36 @@ impl KeySettings {
         mail_dispatch_store::TokenCipher::new(&self.token_key()?, &self.token_key_previous)
             .context("MAIL_DISPATCH_TOKEN_KEY")
     }
+}
+
+/// Refuses a key file that others could read or that another user planted: the
+/// key decrypts every stored token.
+fn check_private(path: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if meta.mode() & 0o077 != 0 {
+            bail!(
+                "{} is readable by other users (mode {:o}): `chmod 600` it, or delete it to generate a new key",
+                path.display(),
+                meta.mode() & 0o777
+            );
+        }
+        // On Linux, /proc/self belongs to the process's effective user.
+        let uid = std::fs::metadata("/proc/self").map(|m| m.uid());
+        if let Ok(uid) = uid
+            && uid != meta.uid()
+        {
+            bail!(
+                "{} belongs to another user (uid {}): delete it to generate a new key",
+                path.display(),
+                meta.uid()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes a file only its owner can read (the development token key).

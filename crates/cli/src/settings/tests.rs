@@ -190,3 +190,28 @@ fn a_short_admin_token_is_refused() {
     let error = settings.admin_config().expect_err("too short").to_string();
     assert!(error.contains("at least 16 characters"), "{error}");
 }
+
+#[cfg(unix)]
+#[test]
+fn a_development_key_file_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("md-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("key");
+    let settings = |file: &std::path::Path| {
+        crate::settings_from_args([
+            "--dev".to_owned(),
+            "--dev-key-file".to_owned(),
+            file.display().to_string(),
+        ])
+        .unwrap()
+    };
+    // Created by development mode: owner-only, and used again as it is.
+    let first = settings(&file).keys.token_key().unwrap();
+    let again = settings(&file).keys.token_key().unwrap();
+    assert_eq!(first.expose_secret(), again.expose_secret());
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = settings(&file).keys.token_key().unwrap_err().to_string();
+    assert!(refused.contains("readable by other users"), "{refused}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
