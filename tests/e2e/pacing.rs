@@ -333,3 +333,50 @@ async fn a_flood_against_a_throttled_mailbox_is_scheduled_at_the_rate_it_accepts
         "{done} done + {queued} queued (+ at most 32 in flight) of 200"
     );
 }
+
+/// A pause announced while a worker's change listener was disconnected is not
+/// lost: the listener's reconnect reloads the pauses.
+#[tokio::test(flavor = "multi_thread")]
+async fn pauses_missed_while_the_listener_was_away_are_reloaded_when_it_reconnects() {
+    use mail_dispatch_domain::ProviderKind;
+    use mail_dispatch_worker::pacing::{Admission, DeferReason};
+    let app = TestApp::spawn().await;
+    let pacer = app.dispatcher().pacer.clone();
+    let now = chrono::Utc::now();
+    assert!(matches!(
+        pacer.admit("org_p", ProviderKind::Microsoft, 1, now),
+        Admission::Go(_)
+    ));
+    let db = app.db.client().await;
+    // Another replica pauses the mailbox, and this worker never hears of it.
+    db.batch_execute(
+        "ALTER TABLE mailbox_pauses DISABLE TRIGGER mailbox_pauses_notify;
+         INSERT INTO mailbox_pauses (organization_id, paused_until, reason)
+             VALUES ('org_p', now() + interval '10 minutes', 'throttled');
+         ALTER TABLE mailbox_pauses ENABLE TRIGGER mailbox_pauses_notify;",
+    )
+    .await
+    .unwrap();
+    // The listener's connection drops; it reconnects by itself.
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let admission = pacer.admit("org_p", ProviderKind::Microsoft, 1, chrono::Utc::now());
+        if let Admission::Defer { reason, .. } = admission {
+            assert_eq!(reason, DeferReason::MailboxPaused);
+            break;
+        }
+        drop(admission);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the missed pause never reached the pacer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

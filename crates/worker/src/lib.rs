@@ -22,5 +22,5 @@ pub use health::Health;
 pub use published::PublishedMarks;
 pub use resolver::{Resolver, Route};
 pub use sender::{InProcessRetry, SendFailure, Senders};
-pub use services::{CacheConfig, OnPause, ProviderEndpoints, Services};
+pub use services::{CacheConfig, OnPause, PauseEvent, ProviderEndpoints, Services};
 pub use tokens::{KeepAlive, MAX_CACHED_TOKENS, TokenError, Tokens};

@@ -48,8 +48,20 @@ impl Default for CacheConfig {
     }
 }
 
-/// Called with each mailbox pause another replica announced.
-pub type OnPause = Arc<dyn Fn(&str, DateTime<Utc>) + Send + Sync>;
+/// What the change listener says about mailbox pauses.
+#[derive(Clone, Copy, Debug)]
+pub enum PauseEvent<'a> {
+    /// A replica paused this mailbox until then.
+    Paused {
+        organization_id: &'a str,
+        until: DateTime<Utc>,
+    },
+    /// The listener reconnected: pauses announced meanwhile were missed.
+    Missed,
+}
+
+/// Called with each [`PauseEvent`].
+pub type OnPause = Arc<dyn Fn(PauseEvent<'_>) + Send + Sync>;
 
 /// The shared services.
 pub struct Services {
@@ -108,13 +120,21 @@ impl Services {
                 this.resolver.apply(&change);
                 match &change {
                     IntegrationChange::Organization(org) => this.senders.tokens.forget(org),
-                    IntegrationChange::All => this.senders.tokens.forget_all(),
+                    IntegrationChange::All => {
+                        this.senders.tokens.forget_all();
+                        if let Some(on_pause) = &on_pause {
+                            on_pause(PauseEvent::Missed);
+                        }
+                    }
                     IntegrationChange::Pause {
                         organization_id,
                         until,
                     } => {
                         if let Some(on_pause) = &on_pause {
-                            on_pause(organization_id, *until);
+                            on_pause(PauseEvent::Paused {
+                                organization_id,
+                                until: *until,
+                            });
                         }
                     }
                 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::Dispatcher;
+use crate::services::PauseEvent;
 
 /// Past this many mailboxes with a daily count, the pacer forgets those far below
 /// their limit (the next flush brings a sending mailbox's total back).
@@ -23,11 +24,19 @@ impl Dispatcher {
     /// Starts the worker's background work, and the change listener with pauses
     /// routed to this worker's pacer. Aborting the returned task stops all of it.
     pub fn run_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let pacer = Arc::clone(&self.pacer);
+        let (pacer, store) = (Arc::clone(&self.pacer), self.services.store.clone());
         let listener = self
             .services
-            .follow_changes(Some(Arc::new(move |org, until| {
-                pacer.apply_pause(org, until)
+            .follow_changes(Some(Arc::new(move |event| match event {
+                PauseEvent::Paused {
+                    organization_id,
+                    until,
+                } => pacer.apply_pause(organization_id, until),
+                // Pauses announced while the listener was away: read them again.
+                PauseEvent::Missed => {
+                    let (pacer, store) = (Arc::clone(&pacer), store.clone());
+                    tokio::spawn(async move { pacer.load_pauses(&store).await });
+                }
             })));
         let this = Arc::clone(self);
         tokio::spawn(async move {
