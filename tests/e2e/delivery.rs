@@ -366,3 +366,41 @@ async fn finished_ledger_entries_older_than_the_retention_are_pruned_in_batches(
         "unfinished entries are kept whatever their age"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_job_id_from_two_organizations_is_sent_for_each_with_its_own_result() {
+    let app = TestApp::spawn().await;
+    let mut results = app.amqp.tap_results().await;
+    let mut from_a = app.job("org_a");
+    from_a["id"] = json!("task-991");
+    let mut from_b = app.job("org_b");
+    from_b["id"] = json!("task-991");
+    app.amqp.publish_job(&from_a).await;
+    let a = results.result("task-991", WAIT).await;
+    assert_eq!(a["organization_id"], "org_a", "{a:#}");
+    assert_eq!(a["status"], "sent", "{a:#}");
+    app.amqp.publish_job(&from_b).await;
+    let b = results
+        .wait_for(WAIT, |s| {
+            s.routing_key.starts_with("result.")
+                && s.body["job_id"] == "task-991"
+                && s.body["organization_id"] == "org_b"
+        })
+        .await
+        .expect("org_b's job has its own result")
+        .body;
+    assert_valid_result(&b);
+    assert_eq!(b["status"], "sent", "{b:#}");
+    // Each organization's id is still idempotent on its own.
+    app.amqp.publish_job(&from_a).await;
+    app.amqp.publish_job(&from_b).await;
+    let seen = results.settle(Duration::from_secs(2)).await;
+    let mut orgs: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.routing_key.starts_with("result.") && s.body["job_id"] == "task-991")
+        .map(|s| s.body["organization_id"].as_str().unwrap_or("null"))
+        .collect();
+    orgs.sort();
+    assert_eq!(orgs, ["org_a", "org_b"], "one result per organization");
+    assert_eq!(app.outbox_files().len(), 2, "one send per organization");
+}

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use mail_dispatch_domain::{ErrorCode, ResultStatus};
-use mail_dispatch_store::Fallback;
+use mail_dispatch_store::{Fallback, JobKey};
 use mail_dispatch_test_support::standins::{self, Vendor};
 use mail_dispatch_test_support::{Harness, TestAppOptions};
 use mail_dispatch_worker::pacing::DeferReason;
@@ -61,7 +61,7 @@ async fn an_accepted_send_is_finished_as_sent_and_a_redelivery_is_a_duplicate() 
 
     // Its result confirmed published: the same job id again sends nothing.
     h.db.store
-        .mark_published(&[j["id"].as_str().unwrap().to_owned()])
+        .mark_published(&[JobKey::new("org_ms", j["id"].as_str().unwrap())])
         .await
         .unwrap();
     assert!(matches!(h.handle(&j).await, Decision::Duplicate));

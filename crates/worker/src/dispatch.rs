@@ -16,7 +16,7 @@ use mail_dispatch_domain::{
     ProviderKind, ResultStatus,
 };
 use mail_dispatch_providers::Accepted;
-use mail_dispatch_store::{Claim, Store, StoreError};
+use mail_dispatch_store::{Claim, JobKey, Store, StoreError};
 
 use crate::config::WorkerConfig;
 use crate::pacing::{Admission, DeferReason, Pacer, Permit};
@@ -68,7 +68,7 @@ pub struct Finish {
     /// Events to publish before the result (`integration.needs_reauth`).
     pub events: Vec<NeedsReauthEvent>,
     /// The ledger row to mark published once the broker confirmed the result.
-    pub ledger_job_id: Option<String>,
+    pub ledger_key: Option<JobKey>,
 }
 
 /// What the ledger keeps of a finished job, so that a redelivery re-publishes
@@ -83,12 +83,12 @@ struct Recorded {
 }
 
 impl Recorded {
-    fn into_finish(self, job_id: &str) -> Finish {
+    fn into_finish(self, key: &JobKey) -> Finish {
         Finish {
             result: self.result,
             dead_letter: self.dead_letter,
             events: self.events,
-            ledger_job_id: Some(job_id.to_owned()),
+            ledger_key: Some(key.clone()),
         }
     }
 }
@@ -233,10 +233,11 @@ impl Dispatcher {
         span.record("job.id", tracing::field::display(&job.id));
         span.record("org.id", tracing::field::display(&job.organization_id));
         span.record("category", tracing::field::display(&job.category));
-        self.handle_valid(job, incoming).await
+        let key = JobKey::new(&job.organization_id, &job.id);
+        self.handle_valid(job, key, incoming).await
     }
 
-    async fn handle_valid(&self, job: Job, incoming: &Incoming) -> Decision {
+    async fn handle_valid(&self, job: Job, key: JobKey, incoming: &Incoming) -> Decision {
         let route = match self.services.resolver.resolve(&job.organization_id).await {
             Ok(route) => route,
             Err(e) => return blocked(&e, incoming),
@@ -248,7 +249,7 @@ impl Dispatcher {
             Paced::OutOfBudget(reason, provider) => (None, Some((reason, provider))),
             Paced::Deferred(decision) => return decision,
         };
-        if let Err(decision) = self.claim(&job, incoming).await {
+        if let Err(decision) = self.claim(&key, incoming).await {
             return decision;
         }
 
@@ -270,7 +271,7 @@ impl Dispatcher {
                     reason.as_str()
                 ),
             ));
-            return self.finish(&job.id, result, None, vec![]).await;
+            return self.finish(&key, result, None, vec![]).await;
         }
         if job.is_expired(now) {
             result.attempts = incoming.attempts;
@@ -281,7 +282,7 @@ impl Dispatcher {
                     job.not_after.map(|t| t.to_rfc3339()).unwrap_or_default()
                 ),
             ));
-            return self.finish(&job.id, result, None, vec![]).await;
+            return self.finish(&key, result, None, vec![]).await;
         }
 
         let (provider, message, fallback) = match &route {
@@ -292,7 +293,7 @@ impl Dispatcher {
                     ErrorCode::AuthRevoked,
                     "the organization's provider grant no longer works; an admin must reconnect it",
                 ));
-                return self.finish(&job.id, result, None, vec![]).await;
+                return self.finish(&key, result, None, vec![]).await;
             }
             Route::Provider {
                 provider, sender, ..
@@ -342,11 +343,11 @@ impl Dispatcher {
                 }
                 result.status = ResultStatus::Sent;
                 result.provider_message_id = provider_message_id;
-                self.finish(&job.id, result, None, vec![]).await
+                self.finish(&key, result, None, vec![]).await
             }
             Err(SendFailure::Store(e)) => {
                 // Nothing was sent (tokens could not be read): try again later.
-                let _ = self.store().release_job(&job.id).await;
+                let _ = self.store().release_job(&key).await;
                 blocked(&e, incoming)
             }
             Err(SendFailure::Revoked {
@@ -371,7 +372,8 @@ impl Dispatcher {
                     ),
                 );
                 error.provider_code = code;
-                self.revoked(&job, &route, result, error, events).await
+                self.revoked(&job, &key, &route, result, error, events)
+                    .await
             }
             Err(SendFailure::Send(e))
                 if e.final_code() == ErrorCode::AuthRevoked
@@ -406,10 +408,11 @@ impl Dispatcher {
                     vec![]
                 };
                 let error = e.to_job_error(ErrorCode::AuthRevoked);
-                self.revoked(&job, &route, result, error, events).await
+                self.revoked(&job, &key, &route, result, error, events)
+                    .await
             }
             Err(SendFailure::Send(e)) => {
-                self.retry_or_fail(&job, incoming, provider, result, e, &retried)
+                self.retry_or_fail(&job, &key, incoming, provider, result, e, &retried)
                     .await
             }
         }
@@ -418,12 +421,8 @@ impl Dispatcher {
     /// Claims the job id in the ledger: `Err` is what to do instead of sending
     /// (a duplicate, a stored outcome to publish again, another worker's claim, a
     /// database that cannot be used).
-    async fn claim(&self, job: &Job, incoming: &Incoming) -> Result<(), Decision> {
-        match self
-            .store()
-            .claim_job(&job.id, &job.organization_id, self.config.claim_lease)
-            .await
-        {
+    async fn claim(&self, key: &JobKey, incoming: &Incoming) -> Result<(), Decision> {
+        match self.store().claim_job(key, self.config.claim_lease).await {
             Ok(Claim::Acquired { .. }) => Ok(()),
             Ok(Claim::Published) => {
                 tracing::info!("job id already has a published result; not sending again");
@@ -433,7 +432,7 @@ impl Dispatcher {
             Ok(Claim::Completed(stored)) => {
                 // Outcome known, result not confirmed published: publish it, send nothing.
                 Err(match stored.map(serde_json::from_value::<Recorded>) {
-                    Some(Ok(recorded)) => Decision::Finish(Box::new(recorded.into_finish(&job.id))),
+                    Some(Ok(recorded)) => Decision::Finish(Box::new(recorded.into_finish(key))),
                     _ => Decision::Duplicate,
                 })
             }
@@ -453,9 +452,14 @@ impl Dispatcher {
     /// A send failed with `e` after `result.attempts` attempts in all: delay the
     /// job for another attempt, or give up (expired, or retries exhausted, or a
     /// permanent failure), as the retry policy says.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the failed send's whole context, passed on from handle_valid"
+    )]
     async fn retry_or_fail(
         &self,
         job: &Job,
+        key: &JobKey,
         incoming: &Incoming,
         provider: ProviderKind,
         mut result: JobResult,
@@ -496,7 +500,7 @@ impl Dispatcher {
                         ),
                         ..e.to_job_error(ErrorCode::Expired)
                     });
-                    return self.finish(&job.id, result, None, vec![]).await;
+                    return self.finish(key, result, None, vec![]).await;
                 }
                 tracing::info!(
                     attempts,
@@ -506,7 +510,7 @@ impl Dispatcher {
                     provider_code = e.provider_code.as_deref(),
                     "transient failure; job delayed"
                 );
-                if let Err(err) = self.store().release_job(&job.id).await {
+                if let Err(err) = self.store().release_job(key).await {
                     tracing::warn!(error = %err, "could not release the claim; the delayed copy waits for its lease");
                 }
                 Decision::Delay {
@@ -536,7 +540,7 @@ impl Dispatcher {
                     reason: code,
                     detail: format!("retries exhausted after {attempts} attempts: {history}"),
                 });
-                self.finish(&job.id, result, dead_letter, vec![]).await
+                self.finish(key, result, dead_letter, vec![]).await
             }
         }
     }
@@ -560,6 +564,7 @@ impl Dispatcher {
     async fn revoked(
         &self,
         job: &Job,
+        key: &JobKey,
         route: &Route,
         mut result: JobResult,
         error: JobError,
@@ -572,7 +577,7 @@ impl Dispatcher {
         } = route
         else {
             result.error = Some(error);
-            return self.finish(&job.id, result, None, events).await;
+            return self.finish(key, result, None, events).await;
         };
         let message = self.stand_in_message(job, sender);
         tracing::Span::current().record("provider", ProviderKind::Default.as_str());
@@ -604,7 +609,7 @@ impl Dispatcher {
             }
             Err(_) => result.error = Some(error),
         }
-        self.finish(&job.id, result, None, events).await
+        self.finish(key, result, None, events).await
     }
 
     /// Asks the pacer for room.
@@ -665,7 +670,7 @@ impl Dispatcher {
     /// Records the outcome in the ledger, then hands it to the runner to publish.
     async fn finish(
         &self,
-        job_id: &str,
+        key: &JobKey,
         result: JobResult,
         dead_letter: Option<DeadLetter>,
         events: Vec<NeedsReauthEvent>,
@@ -681,11 +686,7 @@ impl Dispatcher {
         // the claim's lease keeps a redelivery from sending again meanwhile.
         let mut delay = Duration::from_millis(100);
         for _ in 0..6 {
-            match self
-                .store()
-                .complete_job(job_id, &value, PUBLISH_LEASE)
-                .await
-            {
+            match self.store().complete_job(key, &value, PUBLISH_LEASE).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record the outcome; retrying");
@@ -694,7 +695,7 @@ impl Dispatcher {
                 }
             }
         }
-        Decision::Finish(Box::new(recorded.into_finish(job_id)))
+        Decision::Finish(Box::new(recorded.into_finish(key)))
     }
 
     async fn invalid(
@@ -713,8 +714,9 @@ impl Dispatcher {
             detail: invalid.to_string(),
         });
         // With a readable id, the ledger keeps a redelivery from publishing a second result.
-        let ledger_job_id = match (&invalid.job_id, &invalid.organization_id) {
+        let ledger_key = match (&invalid.job_id, &invalid.organization_id) {
             (Some(id), Some(org)) => {
+                let key = JobKey::new(org, id);
                 let value = serde_json::to_value(Recorded {
                     result: result.clone(),
                     dead_letter: dead_letter.clone(),
@@ -723,11 +725,11 @@ impl Dispatcher {
                 .expect("outcomes serialize");
                 match self
                     .store()
-                    .complete_unclaimed_job(id, org, &value, PUBLISH_LEASE)
+                    .complete_unclaimed_job(&key, &value, PUBLISH_LEASE)
                     .await
                 {
                     Ok(Claim::Published) => return Decision::Duplicate,
-                    Ok(Claim::Acquired { .. } | Claim::Completed(_)) => Some(id.clone()),
+                    Ok(Claim::Acquired { .. } | Claim::Completed(_)) => Some(key),
                     Ok(Claim::Busy) => {
                         return Decision::Delay {
                             wait: BACKOFF_WHEN_BLOCKED,
@@ -748,7 +750,7 @@ impl Dispatcher {
             result,
             dead_letter,
             events: vec![],
-            ledger_job_id,
+            ledger_key,
         }))
     }
 }

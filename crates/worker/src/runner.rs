@@ -187,15 +187,15 @@ async fn settle(
     let work = async {
         let decision = dispatcher.handle(&incoming).await;
         let publishing = match &decision {
-            Decision::Finish(f) => f.ledger_job_id.clone(),
+            Decision::Finish(f) => f.ledger_key.clone(),
             _ => None,
         };
         let applied = apply(&dispatcher, &broker, &delivery, &incoming, decision).await;
         if applied.is_err()
-            && let Some(job_id) = publishing
+            && let Some(key) = publishing
         {
             // The redelivery of this job publishes the recorded result right away.
-            let _ = dispatcher.services.store.release_publish(&job_id).await;
+            let _ = dispatcher.services.store.release_publish(&key).await;
         }
         applied
     };
@@ -346,8 +346,8 @@ async fn publish_finish(
             mandatory: false,
         })
         .await?;
-    if let Some(job_id) = finish.ledger_job_id {
-        dispatcher.published.push(job_id);
+    if let Some(key) = finish.ledger_key {
+        dispatcher.published.push(key);
     }
     let latency = (Utc::now() - incoming.first_seen)
         .to_std()
