@@ -34,8 +34,11 @@ impl JobKey {
 /// What claiming a job id found.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Claim {
-    /// This worker may send the job. `claims` counts how many times it was claimed
-    /// (more than one after a retry or a crash take-over).
+    /// This worker may send the job. `claims` counts the claims in a row that
+    /// recorded no outcome: 1 for a new job or one released after a failed
+    /// attempt ([`Store::release_job`] starts the count again), more when a
+    /// claim whose lease ran out is taken over, i.e. each time a worker died
+    /// or stalled while holding it.
     Acquired { claims: i32 },
     /// Another worker holds a live claim on it: do not send now.
     Busy,
@@ -265,15 +268,19 @@ impl Store {
         Ok(())
     }
 
-    /// Releases a claim: the job waits in a delay queue and its next delivery may
-    /// claim it again. (A job handed back at shutdown keeps its claim until the
-    /// lease expires: its send may have been under way.)
+    /// Releases a claim after an attempt whose outcome is known (a failure to
+    /// retry, or nothing sent): the job waits in a delay queue and its next
+    /// delivery may claim it again. The claim count starts again: only claims in a
+    /// row without an outcome tell of a job that kills its workers. (A job handed
+    /// back at shutdown keeps its claim until the lease expires: its send may have
+    /// been under way.)
     pub async fn release_job(&self, key: &JobKey) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
         let statement = client
             .prepare_cached(
-                "UPDATE job_ledger SET state = 'retrying', lease_until = NULL, updated_at = now()
+                "UPDATE job_ledger SET state = 'retrying', lease_until = NULL, claims = 0,
+                     updated_at = now()
                  WHERE organization_id = $1 AND job_id = $2 AND state = 'claimed'",
             )
             .await?;
@@ -326,14 +333,15 @@ impl Store {
         }
     }
 
-    /// Makes a finished job id claimable again (dead-letter replay with a fresh budget).
+    /// Makes a finished job id claimable again (dead-letter replay with a fresh
+    /// budget, claim count included).
     pub async fn reopen_job(&self, key: &JobKey) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
         let statement = client
             .prepare_cached(
                 "UPDATE job_ledger SET state = 'retrying', result = NULL, lease_until = NULL,
-                     updated_at = now()
+                     claims = 0, updated_at = now()
                  WHERE organization_id = $1 AND job_id = $2",
             )
             .await?;

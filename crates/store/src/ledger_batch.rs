@@ -324,7 +324,35 @@ mod tests {
         // Each keeps its own state: a is published, b waits for its retry.
         assert_eq!(
             store.claim_jobs(&[a, b], LEASE).await.unwrap(),
-            vec![Claim::Published, Claim::Acquired { claims: 2 }]
+            vec![Claim::Published, Claim::Acquired { claims: 1 }]
+        );
+    }
+
+    #[tokio::test]
+    async fn claims_count_take_overs_in_a_row_and_a_release_starts_again() {
+        let db = TestDb::new().await;
+        let store = &db.store;
+        let k = key("crashy");
+        // Each claim's worker died: its lease ran out, the next claim takes over.
+        for n in 1..=3 {
+            assert_eq!(
+                store.claim_job_now(&k, Duration::ZERO).await.unwrap(),
+                Claim::Acquired { claims: n }
+            );
+        }
+        // An attempt that returned (a failure to retry) is an outcome.
+        store.release_job(&k).await.unwrap();
+        assert_eq!(
+            store.claim_job_now(&k, LEASE).await.unwrap(),
+            Claim::Acquired { claims: 1 }
+        );
+        store.release_job(&k).await.unwrap();
+        // A replayed dead letter starts from nothing too.
+        store.complete_job_now(&k, &json!({}), LEASE).await.unwrap();
+        store.reopen_job(&k).await.unwrap();
+        assert_eq!(
+            store.claim_job_now(&k, LEASE).await.unwrap(),
+            Claim::Acquired { claims: 1 }
         );
     }
 
