@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use mail_dispatch_broker::{header_str, json_properties};
+use mail_dispatch_store::JobKey;
 use mail_dispatch_test_support::standins::{self, Vendor};
 use mail_dispatch_test_support::{TestApp, TestAppOptions};
 use serde_json::json;
@@ -365,4 +367,200 @@ async fn finished_ledger_entries_older_than_the_retention_are_pruned_in_batches(
         left.contains(&"old-but-claimed".to_owned()),
         "unfinished entries are kept whatever their age"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_job_id_from_two_organizations_is_sent_for_each_with_its_own_result() {
+    let app = TestApp::spawn().await;
+    let mut results = app.amqp.tap_results().await;
+    let mut from_a = app.job("org_a");
+    from_a["id"] = json!("task-991");
+    let mut from_b = app.job("org_b");
+    from_b["id"] = json!("task-991");
+    app.amqp.publish_job(&from_a).await;
+    let a = results.result("task-991", WAIT).await;
+    assert_eq!(a["organization_id"], "org_a", "{a:#}");
+    assert_eq!(a["status"], "sent", "{a:#}");
+    app.amqp.publish_job(&from_b).await;
+    let b = results
+        .wait_for(WAIT, |s| {
+            s.routing_key.starts_with("result.")
+                && s.body["job_id"] == "task-991"
+                && s.body["organization_id"] == "org_b"
+        })
+        .await
+        .expect("org_b's job has its own result")
+        .body;
+    assert_valid_result(&b);
+    assert_eq!(b["status"], "sent", "{b:#}");
+    // Each organization's id is still idempotent on its own.
+    app.amqp.publish_job(&from_a).await;
+    app.amqp.publish_job(&from_b).await;
+    let seen = results.settle(Duration::from_secs(2)).await;
+    let mut orgs: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.routing_key.starts_with("result.") && s.body["job_id"] == "task-991")
+        .map(|s| s.body["organization_id"].as_str().unwrap_or("null"))
+        .collect();
+    orgs.sort();
+    assert_eq!(orgs, ["org_a", "org_b"], "one result per organization");
+    assert_eq!(app.outbox_files().len(), 2, "one send per organization");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_claimed_again_and_again_without_an_outcome_is_failed_and_dead_lettered_without_a_send()
+ {
+    let app = TestApp::spawn().await;
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_plain");
+    let id = job["id"].as_str().unwrap();
+    // Five workers took it and died during the send (their leases ran out).
+    for _ in 0..5 {
+        app.db
+            .store
+            .claim_job(&JobKey::new("org_plain", id), Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    app.amqp.publish_job(&job).await;
+    let r = results.result(id, WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["code"], "provider_unavailable", "{r:#}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("claimed 6 times"), "{message}");
+    assert!(app.outbox_files().is_empty(), "not sent again");
+    let dead = app.amqp.drain(&app.amqp.topology.dead_queue).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header_str(&dead[0].properties, "x-mail-dispatch-reason").as_deref(),
+        Some("provider_unavailable")
+    );
+    assert_eq!(
+        header_str(&dead[0].properties, "x-mail-dispatch-job-id").as_deref(),
+        Some(id)
+    );
+    // And it stays finished.
+    app.amqp.publish_job(&job).await;
+    let seen = results.settle(Duration::from_secs(2)).await;
+    assert_eq!(
+        seen.iter().filter(|s| s.body["job_id"] == id).count(),
+        1,
+        "one result"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_redelivered_up_to_near_the_brokers_limit_gets_a_result_and_a_dead_letter() {
+    let mut app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        ..Default::default()
+    })
+    .await;
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_plain");
+    let id = job["id"].as_str().unwrap();
+    app.amqp.publish_job(&job).await;
+    // Each delivery "crashes" its consumer: handed back unacknowledged.
+    let queue = app.amqp.topology.jobs_queue.clone();
+    let channel = app.amqp.broker().await.channel().await.unwrap();
+    for n in 0..15 {
+        let message = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("delivery {n} missing"));
+        message
+            .delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    app.worker = Some(app.start_worker().await);
+    let r = results.result(id, WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["code"], "provider_unavailable", "{r:#}");
+    assert!(app.outbox_files().is_empty(), "not sent");
+    let dead = app.amqp.drain(&app.amqp.topology.dead_queue).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header_str(&dead[0].properties, "x-mail-dispatch-reason").as_deref(),
+        Some("provider_unavailable"),
+        "dead-lettered by the worker, not by the broker"
+    );
+    let detail = header_str(&dead[0].properties, "x-mail-dispatch-detail").unwrap();
+    assert!(detail.contains("delivered 16 times"), "{detail}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producers_own_copy_of_the_workers_headers_is_ignored() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "a@customer.com",
+        "A",
+    )
+    .await;
+    let mut results = app.amqp.tap_results().await;
+    // Paused for a moment: every job is deferred once by the pacer first.
+    app.dispatcher().pacer.apply_pause(
+        "org_ms",
+        chrono::Utc::now() + chrono::Duration::milliseconds(1500),
+    );
+    let far_future = chrono::Utc::now() + chrono::Duration::days(3650);
+    let hostile: [(&str, String); 4] = [
+        ("x-mail-dispatch-attempts", u32::MAX.to_string()),
+        // Within hours of chrono's largest instant.
+        ("x-mail-dispatch-first-seen", "8210266876799999".into()),
+        (
+            "x-mail-dispatch-not-before",
+            far_future.timestamp_millis().to_string(),
+        ),
+        ("x-mail-dispatch-history", "h".repeat(100_000)),
+    ];
+    let mut jobs = Vec::new();
+    for (name, value) in &hostile {
+        let job = app.job("org_ms");
+        let mut headers = FieldTable::default();
+        headers.insert((*name).into(), AMQPValue::LongString(value.clone().into()));
+        app.amqp
+            .publish_raw(
+                &serde_json::to_vec(&job).unwrap(),
+                json_properties()
+                    .with_message_id(job["id"].as_str().unwrap().into())
+                    .with_headers(headers),
+            )
+            .await;
+        jobs.push((name, job));
+    }
+    for (name, job) in &jobs {
+        let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+        assert_valid_result(&r);
+        assert_eq!(r["status"], "sent", "{name}: {r:#}");
+        assert_eq!(r["attempts"], 1, "{name}: {r:#}");
+    }
+    assert_eq!(app.standins.graph_messages().len(), hostile.len());
+    let seen = results.settle(Duration::from_secs(1)).await;
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.routing_key.starts_with("result."))
+            .count(),
+        hostile.len(),
+        "one result each"
+    );
+    for tier in &app.amqp.topology.delay_tiers {
+        assert_eq!(
+            app.amqp
+                .queue_len(&app.amqp.topology.delay_queue(*tier))
+                .await,
+            0,
+            "nothing left cycling through {tier:?}"
+        );
+    }
 }

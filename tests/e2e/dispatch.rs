@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use mail_dispatch_domain::{ErrorCode, ResultStatus};
-use mail_dispatch_store::Fallback;
+use mail_dispatch_store::{Fallback, JobKey};
 use mail_dispatch_test_support::standins::{self, Vendor};
 use mail_dispatch_test_support::{Harness, TestAppOptions};
 use mail_dispatch_worker::pacing::DeferReason;
-use mail_dispatch_worker::{Decision, DelayReason, Finish};
+use mail_dispatch_worker::{Decision, DelayReason, Finish, Incoming};
 use serde_json::{Value, json};
 
 fn job(org: &str) -> Value {
@@ -61,7 +61,7 @@ async fn an_accepted_send_is_finished_as_sent_and_a_redelivery_is_a_duplicate() 
 
     // Its result confirmed published: the same job id again sends nothing.
     h.db.store
-        .mark_published(&[j["id"].as_str().unwrap().to_owned()])
+        .mark_published(&[JobKey::new("org_ms", j["id"].as_str().unwrap())])
         .await
         .unwrap();
     assert!(matches!(h.handle(&j).await, Decision::Duplicate));
@@ -155,4 +155,100 @@ async fn a_dead_grant_with_the_fallback_goes_out_through_the_platform_sender_wit
     assert!(f.result.fallback);
     assert_eq!(f.events.len(), 1, "integration.needs_reauth goes with it");
     assert_eq!(f.events[0].organization_id, "org_ms");
+}
+
+fn older_than_the_budget(j: &Value, options: &TestAppOptions) -> Incoming {
+    let mut incoming = Incoming::new(serde_json::to_vec(j).unwrap());
+    incoming.first_seen = chrono::Utc::now()
+        - chrono::Duration::from_std(options.max_age).unwrap()
+        - chrono::Duration::minutes(1);
+    incoming
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_workers_claim_taken_over_past_the_jobs_budget_fails_without_a_send() {
+    let h = Harness::new(options()).await;
+    h.connect("org_ms", Vendor::Microsoft, "a@customer.com")
+        .await;
+    let j = job("org_ms");
+    // One worker claimed it and died; its lease is over.
+    h.db.store
+        .claim_job(
+            &JobKey::new("org_ms", j["id"].as_str().unwrap()),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let f = finished(
+        h.handle_incoming(&older_than_the_budget(&j, &options()))
+            .await,
+    );
+    let error = f.result.error.unwrap();
+    assert_eq!(error.code, ErrorCode::ProviderUnavailable, "{error:?}");
+    assert_eq!(
+        f.dead_letter.unwrap().reason,
+        ErrorCode::ProviderUnavailable
+    );
+    assert_eq!(h.standins.send_attempts(Vendor::Microsoft), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_held_by_a_live_claim_past_its_budget_waits_out_the_lease() {
+    let h = Harness::new(options()).await;
+    let j = job("org_1");
+    h.db.store
+        .claim_job(
+            &JobKey::new("org_1", j["id"].as_str().unwrap()),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    // Within its budget: looked at again shortly.
+    match h.handle(&j).await {
+        Decision::Delay { reason, wait, .. } => {
+            assert_eq!(reason, DelayReason::ClaimedElsewhere);
+            assert_eq!(wait, Duration::from_secs(5));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Past it: the next look is when the holder's lease is over, where either its
+    // outcome is there or the take-over fails the job (above).
+    match h
+        .handle_incoming(&older_than_the_budget(&j, &options()))
+        .await
+    {
+        Decision::Delay { reason, wait, .. } => {
+            assert_eq!(reason, DelayReason::ClaimedElsewhere);
+            assert_eq!(wait, options().claim_lease);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_blocked_by_the_database_past_its_budget_fails_with_a_dead_letter() {
+    let h = Harness::new(options()).await;
+    let j = job("org_1");
+    h.db.client()
+        .await
+        .batch_execute("ALTER TABLE job_ledger RENAME TO job_ledger_away")
+        .await
+        .unwrap();
+    match h.handle(&j).await {
+        Decision::Delay { reason, .. } => assert_eq!(reason, DelayReason::DatabaseUnavailable),
+        other => panic!("{other:?}"),
+    }
+    let f = finished(
+        h.handle_incoming(&older_than_the_budget(&j, &options()))
+            .await,
+    );
+    let error = f.result.error.unwrap();
+    assert_eq!(error.code, ErrorCode::ProviderUnavailable, "{error:?}");
+    assert!(error.message.contains("database"), "{}", error.message);
+    assert_eq!(
+        f.dead_letter.unwrap().reason,
+        ErrorCode::ProviderUnavailable
+    );
+    let sent = std::fs::read_dir(&h.outbox).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(sent, 0);
 }

@@ -401,3 +401,49 @@ async fn the_platform_sender_delivers_over_smtp_with_bcc_in_the_envelope_only() 
         pdf_bytes().as_slice()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_google_job_over_100_recipients_fails_as_recipient_rejected_without_calling_gmail() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    let mut results = app.amqp.tap_results().await;
+    let with_recipients = |n: usize| {
+        let mut job = app.job("org_g");
+        job["bcc"] = (1..n)
+            .map(|i| json!({"email": format!("u{i}@example.com")}))
+            .collect();
+        job
+    };
+    let too_many = with_recipients(101);
+    app.amqp.publish_job(&too_many).await;
+    let r = results.result(too_many["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["code"], "recipient_rejected", "{r:#}");
+    assert_eq!(r["provider"], "google");
+    assert_eq!(r["attempts"], 0);
+    assert_eq!(
+        app.standins.send_attempts(Vendor::Google),
+        0,
+        "no Gmail call"
+    );
+    assert_eq!(
+        app.amqp.queue_len(&app.amqp.topology.dead_queue).await,
+        0,
+        "a refusal is a result, not a dead letter"
+    );
+
+    // Gmail's limit itself is fine.
+    let at_limit = with_recipients(100);
+    app.amqp.publish_job(&at_limit).await;
+    let r = results.result(at_limit["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["status"], "sent", "{r:#}");
+    assert_eq!(app.standins.gmail_messages().len(), 1);
+}

@@ -21,6 +21,27 @@ pub const MAX_ATTACHMENTS_BYTES: usize = 35 * 1024 * 1024;
 /// Exchange Online's 500 recipients per message, the largest of the providers;
 /// Gmail's lower limit (100 through the API) is checked by its sender.
 pub const MAX_RECIPIENTS: usize = 500;
+/// Attachments per job at most: far above what a notification carries, low
+/// enough that one job cannot make the providers' MIME and JSON builders work
+/// through thousands of parts.
+pub const MAX_ATTACHMENTS: usize = 100;
+/// Longest attachment file name, in characters (the usual file-system limit).
+pub const MAX_FILENAME_CHARS: usize = 255;
+/// Longest attachment `content_type`, parameters included, in bytes.
+pub const MAX_CONTENT_TYPE_LEN: usize = 255;
+/// Longest subject, in characters: RFC 5322's line length.
+pub const MAX_SUBJECT_CHARS: usize = 998;
+/// Largest `text` and largest `html` body, each in UTF-8 bytes.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Longest custom header name, `X-` included.
+pub const MAX_HEADER_NAME_LEN: usize = 64;
+/// Longest custom header value, in characters: RFC 5322's line length.
+pub const MAX_HEADER_VALUE_CHARS: usize = 998;
+/// Longest [`InvalidJob::detail`], in bytes. The detail quotes what was wrong and
+/// travels in the dead letter's `x-mail-dispatch-detail` header and in logs: an
+/// unbounded quote of producer input could push that header past the broker's
+/// frame size, and RabbitMQ closes the whole connection over it.
+pub const MAX_DETAIL_BYTES: usize = 300;
 /// Category used when a job names none.
 pub const DEFAULT_CATEGORY: &str = "notification";
 
@@ -80,7 +101,7 @@ impl Job {
             job_id: None,
             organization_id: None,
             rule: "json",
-            detail: format!("body is not valid JSON ({e})"),
+            detail: bounded(format!("body is not valid JSON ({e})")),
         })?;
         let Value::Object(obj) = value else {
             return Err(InvalidJob {
@@ -124,7 +145,7 @@ impl Reader<'_> {
             job_id: self.job_id.clone(),
             organization_id: self.organization_id.clone(),
             rule,
-            detail: detail.into(),
+            detail: bounded(detail.into()),
         }
     }
 
@@ -211,10 +232,16 @@ impl Reader<'_> {
         if subject.contains(['\r', '\n']) {
             return Err(self.fail("subject", "must not contain CR or LF"));
         }
+        if subject.chars().count() > MAX_SUBJECT_CHARS {
+            return Err(self.fail(
+                "subject",
+                format!("must be at most {MAX_SUBJECT_CHARS} characters"),
+            ));
+        }
         let subject = subject.to_owned();
 
-        let text = self.opt_str("text")?.map(str::to_owned);
-        let html = self.opt_str("html")?.map(str::to_owned);
+        let text = self.body("text")?;
+        let html = self.body("html")?;
         if text.is_none() && html.is_none() {
             return Err(self.fail("body", "at least one of `text` and `html` is required"));
         }
@@ -247,6 +274,17 @@ impl Reader<'_> {
             headers,
             not_after,
         })
+    }
+
+    fn body(&self, field: &'static str) -> Result<Option<String>, InvalidJob> {
+        let body = self.opt_str(field)?;
+        if body.is_some_and(|b| b.len() > MAX_BODY_BYTES) {
+            return Err(self.fail(
+                field,
+                format!("must be at most {MAX_BODY_BYTES} bytes (UTF-8)"),
+            ));
+        }
+        Ok(body.map(str::to_owned))
     }
 
     fn mailboxes(&self, field: &'static str) -> Result<Vec<Mailbox>, InvalidJob> {
@@ -286,6 +324,12 @@ impl Reader<'_> {
             Some(Value::Array(items)) => items,
             Some(_) => return Err(self.fail("attachments", "must be an array")),
         };
+        if items.len() > MAX_ATTACHMENTS {
+            return Err(self.fail(
+                "attachments",
+                format!("at most {MAX_ATTACHMENTS} attachments"),
+            ));
+        }
         let mut total = 0usize;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
@@ -302,13 +346,23 @@ impl Reader<'_> {
                     "filename must not contain control characters",
                 ));
             }
+            if filename.chars().count() > MAX_FILENAME_CHARS {
+                return Err(self.fail(
+                    "attachments",
+                    format!("filename must be at most {MAX_FILENAME_CHARS} characters"),
+                ));
+            }
             let content_type = field("content_type").ok_or_else(|| {
                 self.fail("attachments", "each attachment needs a `content_type`")
             })?;
-            if !is_mime_type(content_type) {
+            if !is_content_type(content_type) {
                 return Err(self.fail(
                     "attachments",
-                    format!("`{content_type}` is not a MIME type such as application/pdf"),
+                    format!(
+                        "`{content_type}` is not a MIME type such as application/pdf, \
+                         optionally with `; name=value` parameters (at most \
+                         {MAX_CONTENT_TYPE_LEN} bytes, printable ASCII)"
+                    ),
                 ));
             }
             let encoded = field("content_base64").ok_or_else(|| {
@@ -348,6 +402,7 @@ impl Reader<'_> {
         let mut out = BTreeMap::new();
         for (name, value) in map {
             let valid_name = name.len() > 2
+                && name.len() <= MAX_HEADER_NAME_LEN
                 && name[..2].eq_ignore_ascii_case("x-")
                 && name[2..]
                     .bytes()
@@ -355,7 +410,10 @@ impl Reader<'_> {
             if !valid_name {
                 return Err(self.fail(
                     "headers",
-                    format!("`{name}`: only names of the form X-Name are allowed"),
+                    format!(
+                        "`{name}`: only names of the form X-Name, at most \
+                         {MAX_HEADER_NAME_LEN} characters, are allowed"
+                    ),
                 ));
             }
             let Value::String(value) = value else {
@@ -364,22 +422,62 @@ impl Reader<'_> {
             if value.contains(['\r', '\n']) {
                 return Err(self.fail("headers", format!("`{name}`: value contains CR or LF")));
             }
+            if value.chars().count() > MAX_HEADER_VALUE_CHARS {
+                return Err(self.fail(
+                    "headers",
+                    format!("`{name}`: value longer than {MAX_HEADER_VALUE_CHARS} characters"),
+                ));
+            }
             out.insert(name.clone(), value.clone());
         }
         Ok(out)
     }
 }
 
-fn is_mime_type(raw: &str) -> bool {
+/// `type/subtype *(";" name=value)`, as RFC 2045 §5.1 writes it (value: a token
+/// or a quoted string), within [`MAX_CONTENT_TYPE_LEN`]. Providers put the value in
+/// a MIME header or Graph's JSON as it is: a parameter is where CR/LF would get in.
+fn is_content_type(raw: &str) -> bool {
     let token = |s: &str| {
         !s.is_empty()
             && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`{|}~".contains(&b))
     };
-    match raw.split_once('/') {
-        Some((top, sub)) => token(top) && token(sub.split(';').next().unwrap_or_default().trim()),
-        None => false,
+    let quoted = |s: &str| {
+        s.len() >= 2
+            && s.starts_with('"')
+            && s.ends_with('"')
+            && s[1..s.len() - 1]
+                .bytes()
+                .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    };
+    if raw.len() > MAX_CONTENT_TYPE_LEN {
+        return false;
     }
+    let mut parts = raw.split(';');
+    let mime_type = parts.next().unwrap_or_default().trim_end_matches(' ');
+    let type_ok = match mime_type.split_once('/') {
+        Some((top, sub)) => token(top) && token(sub),
+        None => false,
+    };
+    type_ok
+        && parts.all(|param| match param.trim_matches(' ').split_once('=') {
+            Some((name, value)) => token(name) && (token(value) || quoted(value)),
+            None => false,
+        })
+}
+
+/// `detail` cut to [`MAX_DETAIL_BYTES`] on a character boundary, marked with `…`.
+fn bounded(mut detail: String) -> String {
+    if detail.len() > MAX_DETAIL_BYTES {
+        let mut cut = MAX_DETAIL_BYTES - '…'.len_utf8();
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+        detail.push('…');
+    }
+    detail
 }
 
 #[cfg(test)]
@@ -536,6 +634,153 @@ mod tests {
             Some("8d5e0f0a-2b0e-4c35-9d0c-3f5c4b6f6a11")
         );
         assert_eq!(err.organization_id.as_deref(), Some("org_42"));
+    }
+
+    /// An invalid job's detail goes into the `x-mail-dispatch-detail` header of its
+    /// dead letter and into logs: whatever of the job it quotes, it stays short.
+    #[test]
+    fn an_invalid_jobs_detail_is_bounded_whatever_it_echoes() {
+        let long_name = format!("X-{}", "a".repeat(130_000));
+        let long_type = format!("application/{}", "b".repeat(130_000));
+        let mut cases = Vec::new();
+        let mut v = valid();
+        v["headers"] = json!({ long_name.clone(): "v" });
+        cases.push(v);
+        let mut v = valid();
+        v["headers"] = json!({ format!("Bad{long_name}"): "v" });
+        cases.push(v);
+        let mut v = valid();
+        v["attachments"][0]["content_type"] = json!(long_type);
+        cases.push(v);
+        let mut v = valid();
+        v["attachments"][0]["content_type"] = json!(format!("no-slash-{}", "c".repeat(130_000)));
+        cases.push(v);
+        for v in cases {
+            let err = decode(&v).unwrap_err();
+            assert!(
+                err.detail.len() <= MAX_DETAIL_BYTES,
+                "{}: detail of {} bytes",
+                err.rule,
+                err.detail.len()
+            );
+            assert!(err.to_string().len() <= MAX_DETAIL_BYTES + 20);
+        }
+        // Cut on a character boundary.
+        let mut v = valid();
+        v["headers"] = json!({ format!("Bad-{}", "é".repeat(1000)): "v" });
+        let err = decode(&v).unwrap_err();
+        assert!(err.detail.len() <= MAX_DETAIL_BYTES, "{}", err.detail.len());
+        assert!(err.detail.ends_with('…'), "{}", err.detail);
+    }
+
+    #[test]
+    fn attachment_content_type_parameters_are_checked() {
+        let accepted = [
+            "text/plain; charset=utf-8",
+            "text/plain;charset=\"utf-8\"",
+            "application/pdf; name=\"rapport 2026.pdf\"",
+            "text/csv; charset=utf-8; header=present",
+        ];
+        for ct in accepted {
+            let mut v = valid();
+            v["attachments"][0]["content_type"] = json!(ct);
+            assert!(decode(&v).is_ok(), "{ct:?} should be accepted");
+        }
+        let refused = [
+            "text/plain;\r\nBcc: evil@example.com",
+            "text/plain; charset=utf-8\r\nX-Injected: 1",
+            "text/plain; charset=utf-8\n",
+            "text/plain; charset=\"a\rb\"",
+            "text/plain; charset=\u{0}",
+            "text/plain; charset=\u{7f}",
+            "text/plain; charset",
+            "text/plain; =utf-8",
+            "text/plain; charset=",
+            "text/plain; charset=\"unterminated",
+            "text/plain; charset=utf-8;",
+            "text/plain; charset=ütf-8",
+            "text/plain\t; charset=utf-8",
+        ];
+        for ct in refused {
+            let mut v = valid();
+            v["attachments"][0]["content_type"] = json!(ct);
+            let err = decode(&v).expect_err(&format!("{ct:?} should be refused"));
+            assert_eq!(err.rule, "attachments", "{ct:?}");
+        }
+        let mut v = valid();
+        v["attachments"][0]["content_type"] = json!(format!(
+            "text/plain; x={}",
+            "a".repeat(MAX_CONTENT_TYPE_LEN)
+        ));
+        assert_eq!(decode(&v).unwrap_err().rule, "attachments");
+    }
+
+    #[test]
+    fn field_lengths_and_attachment_count_are_bounded() {
+        let attachment =
+            json!({"filename": "a.txt", "content_type": "text/plain", "content_base64": "YQ=="});
+        // (field, value at the bound: accepted, value past it: refused, rule)
+        let cases: Vec<(&str, Value, Value, &str)> = vec![
+            (
+                "subject",
+                json!("s".repeat(MAX_SUBJECT_CHARS)),
+                json!("s".repeat(MAX_SUBJECT_CHARS + 1)),
+                "subject",
+            ),
+            (
+                "subject",
+                json!("é".repeat(MAX_SUBJECT_CHARS)),
+                json!("é".repeat(MAX_SUBJECT_CHARS + 1)),
+                "subject",
+            ),
+            (
+                "text",
+                json!("t".repeat(MAX_BODY_BYTES)),
+                json!("t".repeat(MAX_BODY_BYTES + 1)),
+                "text",
+            ),
+            (
+                "html",
+                json!("h".repeat(MAX_BODY_BYTES)),
+                json!("h".repeat(MAX_BODY_BYTES + 1)),
+                "html",
+            ),
+            (
+                "attachments",
+                json!([{"filename": "f".repeat(MAX_FILENAME_CHARS), "content_type": "text/plain", "content_base64": ""}]),
+                json!([{"filename": "f".repeat(MAX_FILENAME_CHARS + 1), "content_type": "text/plain", "content_base64": ""}]),
+                "attachments",
+            ),
+            (
+                "attachments",
+                Value::Array(vec![attachment.clone(); MAX_ATTACHMENTS]),
+                Value::Array(vec![attachment; MAX_ATTACHMENTS + 1]),
+                "attachments",
+            ),
+            (
+                "headers",
+                json!({ format!("X-{}", "n".repeat(MAX_HEADER_NAME_LEN - 2)): "v" }),
+                json!({ format!("X-{}", "n".repeat(MAX_HEADER_NAME_LEN - 1)): "v" }),
+                "headers",
+            ),
+            (
+                "headers",
+                json!({"X-Ref": "v".repeat(MAX_HEADER_VALUE_CHARS)}),
+                json!({"X-Ref": "v".repeat(MAX_HEADER_VALUE_CHARS + 1)}),
+                "headers",
+            ),
+        ];
+        for (field, at_bound, past_bound, rule) in cases {
+            let mut v = valid();
+            v[field] = at_bound;
+            if let Err(e) = decode(&v) {
+                panic!("{field} at its bound should be accepted: {e}");
+            }
+            let mut v = valid();
+            v[field] = past_bound;
+            let err = decode(&v).expect_err(&format!("{field} past its bound should be refused"));
+            assert_eq!(err.rule, rule, "{field}: {err}");
+        }
     }
 
     #[test]

@@ -15,8 +15,8 @@
 //! while it runs, and one at a time carries larger batches, which costs PostgreSQL
 //! less per job than several smaller ones (BENCHMARKS.md has the measurements).
 //!
-//! A key (job id) appears at most once per statement (ON CONFLICT cannot touch a
-//! row twice): a request for a key already in the batch being formed stays pending
+//! A key (organization and job id) appears at most once per statement (ON
+//! CONFLICT cannot touch a row twice): a request for a key already in the batch being formed stays pending
 //! for the next one, as does a request with a different lease. A failed statement
 //! answers every request of its batch with the error ([`StoreError::Shared`]). A
 //! leader whose caller is cancelled mid-statement still hands its slot on (its
@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::{Store, StoreError};
+use crate::{JobKey, Store, StoreError};
 
 /// At most this many requests per statement.
 pub(crate) const MAX_BATCH: usize = 256;
@@ -41,20 +41,20 @@ pub(crate) const MAX_IN_FLIGHT: usize = 1;
 
 /// A kind of batched statement.
 pub(crate) trait Op: Sized + 'static {
-    /// What a request carries besides its job id and lease.
+    /// What a request carries besides its key and lease.
     type Payload: Send + 'static;
     /// The answer to one request.
     type Output: Send + 'static;
-    /// Runs one statement for `items` (distinct job ids); one output per item, in order.
+    /// Runs one statement for `items` (distinct keys); one output per item, in order.
     fn run(
         store: &Store,
-        items: Vec<(String, Self::Payload)>,
+        items: Vec<(JobKey, Self::Payload)>,
         lease: Duration,
     ) -> impl Future<Output = Result<Vec<Self::Output>, StoreError>> + Send;
 }
 
 pub(crate) struct Request<P> {
-    pub(crate) job_id: String,
+    pub(crate) key: JobKey,
     pub(crate) payload: P,
     pub(crate) lease: Duration,
 }
@@ -163,9 +163,9 @@ impl<O: Op> Queue<O> {
         let others = self.take_batch(&own);
         let mut items = Vec::with_capacity(others.len() + 1);
         let mut replies = Vec::with_capacity(others.len());
-        items.push((own.job_id, own.payload));
+        items.push((own.key, own.payload));
         for Entry { request, reply } in others {
-            items.push((request.job_id, request.payload));
+            items.push((request.key, request.payload));
             replies.push(reply);
         }
         let result = O::run(store, items, lease).await;
@@ -191,7 +191,7 @@ impl<O: Op> Queue<O> {
     }
 
     /// Takes the pending requests that can share a statement with `own`: oldest
-    /// first, same lease, job ids distinct, at most `MAX_BATCH` in all. Requests
+    /// first, same lease, keys distinct, at most `MAX_BATCH` in all. Requests
     /// whose caller gave up are dropped.
     fn take_batch(&self, own: &Request<O::Payload>) -> Vec<Entry<O>> {
         let mut state = self.lock();
@@ -199,7 +199,7 @@ impl<O: Op> Queue<O> {
             return Vec::new();
         }
         let mut batch = Vec::new();
-        let mut ids = HashSet::from([own.job_id.clone()]);
+        let mut keys = HashSet::from([own.key.clone()]);
         let mut kept = VecDeque::new();
         let mut pending = std::mem::take(&mut state.pending);
         while let Some(entry) = pending.pop_front() {
@@ -211,8 +211,8 @@ impl<O: Op> Queue<O> {
             if entry.reply.is_closed() {
                 continue;
             }
-            if entry.request.lease == own.lease && !ids.contains(&entry.request.job_id) {
-                ids.insert(entry.request.job_id.clone());
+            if entry.request.lease == own.lease && !keys.contains(&entry.request.key) {
+                keys.insert(entry.request.key.clone());
                 batch.push(entry);
             } else {
                 kept.push_back(entry);

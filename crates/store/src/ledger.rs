@@ -1,5 +1,7 @@
 //! The idempotency ledger: a job id is claimed before sending, completed with its
-//! result after, and marked published once the broker confirmed the result.
+//! result after, and marked published once the broker confirmed the result. Rows
+//! are keyed by organization and job id ([`JobKey`]): job ids are unique within
+//! an organization only.
 //!
 //! Every statement here is prepared once per connection (`prepare_cached`) and
 //! counted in `QueryCounts::ledger_writes` once per execution. Claims and
@@ -12,11 +14,31 @@ use std::time::Duration;
 
 use crate::{Store, StoreError};
 
+/// A job's row in the ledger: the organization and the job id it gave.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobKey {
+    // Field order is the primary key's: sorting keys sorts them as the index does.
+    pub organization_id: String,
+    pub job_id: String,
+}
+
+impl JobKey {
+    pub fn new(organization_id: impl Into<String>, job_id: impl Into<String>) -> Self {
+        JobKey {
+            organization_id: organization_id.into(),
+            job_id: job_id.into(),
+        }
+    }
+}
+
 /// What claiming a job id found.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Claim {
-    /// This worker may send the job. `claims` counts how many times it was claimed
-    /// (more than one after a retry or a crash take-over).
+    /// This worker may send the job. `claims` counts the claims in a row that
+    /// recorded no outcome: 1 for a new job or one released after a failed
+    /// attempt ([`Store::release_job`] starts the count again), more when a
+    /// claim whose lease ran out is taken over, i.e. each time a worker died
+    /// or stalled while holding it.
     Acquired { claims: i32 },
     /// Another worker holds a live claim on it: do not send now.
     Busy,
@@ -28,7 +50,7 @@ pub enum Claim {
 }
 
 /// Claims a batch of job ids in one statement. The input is distinct and sorted by
-/// job id (so that concurrent batches, from this or another replica, lock rows in
+/// key (so that concurrent batches, from this or another replica, lock rows in
 /// the same order). In a data-modifying CTE the outer `SELECT` sees `job_ledger`
 /// as it was before the statement: a job id that `claimed` did not return shows
 /// its unchanged state there (`existing`). `existing` is NULL only when another
@@ -42,30 +64,37 @@ claimed AS (
     INSERT INTO job_ledger (job_id, organization_id, state, lease_until)
     SELECT job_id, organization_id, 'claimed', now() + make_interval(secs => $3::float8)
     FROM input
-    ON CONFLICT (job_id) DO UPDATE SET
+    ON CONFLICT (organization_id, job_id) DO UPDATE SET
         state = CASE WHEN job_ledger.state = 'completed' THEN 'completed' ELSE 'claimed' END,
         lease_until = EXCLUDED.lease_until,
         claims = job_ledger.claims + 1,
         updated_at = now()
     WHERE job_ledger.state = 'retrying'
        OR (job_ledger.state IN ('claimed', 'completed') AND job_ledger.lease_until < now())
-    RETURNING job_id, state, claims, result
+    RETURNING organization_id, job_id, state, claims, result
 )
-SELECT i.job_id, c.state, c.claims, c.result, l.state AS existing
+SELECT i.organization_id, i.job_id, c.state, c.claims, c.result, l.state AS existing
 FROM input i
-LEFT JOIN claimed c ON c.job_id = i.job_id
-LEFT JOIN job_ledger l ON l.job_id = i.job_id";
+LEFT JOIN claimed c ON c.organization_id = i.organization_id AND c.job_id = i.job_id
+LEFT JOIN job_ledger l ON l.organization_id = i.organization_id AND l.job_id = i.job_id";
 
-/// Records the outcomes of a batch of claimed jobs in one statement (distinct job
-/// ids, sorted).
+/// Records the outcomes of a batch of claimed jobs in one statement (distinct
+/// keys, sorted).
 pub(crate) const COMPLETE_JOBS: &str = "
 UPDATE job_ledger l SET state = 'completed', result = i.result,
-    lease_until = now() + make_interval(secs => $3::float8), updated_at = now()
-FROM unnest($1::text[], $2::jsonb[]) AS i(job_id, result)
-WHERE l.job_id = i.job_id AND l.state <> 'published'";
+    lease_until = now() + make_interval(secs => $4::float8), updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS i(job_id, organization_id, result)
+WHERE l.organization_id = i.organization_id AND l.job_id = i.job_id
+  AND l.state <> 'published'";
+
+/// The job ids and organization ids of `keys`, as two statement parameters.
+fn columns<'a>(keys: impl Iterator<Item = &'a JobKey>) -> (Vec<&'a str>, Vec<&'a str>) {
+    keys.map(|k| (k.job_id.as_str(), k.organization_id.as_str()))
+        .unzip()
+}
 
 impl Store {
-    /// Claims `job_id` for `lease`. A claim whose lease expired (its worker
+    /// Claims `key` for `lease`. A claim whose lease expired (its worker
     /// crashed) is taken over; a job waiting for a retry is claimable again; a
     /// completed job whose publisher's lease expired is handed over for publishing.
     ///
@@ -73,35 +102,31 @@ impl Store {
     /// share one (group commit).
     pub(crate) async fn claim_job_now(
         &self,
-        job_id: &str,
-        organization_id: &str,
+        key: &JobKey,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let mut claims = self
-            .claim_jobs(&[(job_id.to_owned(), organization_id.to_owned())], lease)
-            .await?;
+        let mut claims = self.claim_jobs(std::slice::from_ref(key), lease).await?;
         Ok(claims.pop().expect("one answer per job id"))
     }
 
-    /// [`Store::claim_job_now`] for many `(job_id, organization_id)` at once, in ONE
-    /// statement; the answers come in the order of `items`. A job id given twice
-    /// is answered as if claimed twice in a row: the first occurrence claims it, a
-    /// later one finds that claim (`Busy`, or `Published` if it was published).
+    /// [`Store::claim_job_now`] for many keys at once, in ONE statement; the
+    /// answers come in the order of `keys`. A key given twice is answered as if
+    /// claimed twice in a row: the first occurrence claims it, a later one finds
+    /// that claim (`Busy`, or `Published` if it was published).
     pub(crate) async fn claim_jobs(
         &self,
-        items: &[(String, String)],
+        keys: &[JobKey],
         lease: Duration,
     ) -> Result<Vec<Claim>, StoreError> {
-        if items.is_empty() {
+        if keys.is_empty() {
             return Ok(Vec::new());
         }
-        // Distinct job ids, sorted: ON CONFLICT cannot touch a row twice in one
+        // Distinct keys, sorted: ON CONFLICT cannot touch a row twice in one
         // statement, and a fixed order keeps concurrent batches from deadlocking.
-        let mut order: Vec<&(String, String)> = items.iter().collect();
-        order.sort_by(|a, b| a.0.cmp(&b.0));
-        order.dedup_by(|a, b| a.0 == b.0);
-        let job_ids: Vec<&str> = order.iter().map(|(id, _)| id.as_str()).collect();
-        let orgs: Vec<&str> = order.iter().map(|(_, org)| org.as_str()).collect();
+        let mut order: Vec<&JobKey> = keys.iter().collect();
+        order.sort();
+        order.dedup();
+        let (job_ids, orgs) = columns(order.into_iter());
 
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
@@ -111,24 +136,26 @@ impl Store {
             .await?;
         drop(client);
 
-        let mut found: HashMap<String, Claim> = HashMap::with_capacity(rows.len());
+        let mut found: HashMap<JobKey, Claim> = HashMap::with_capacity(rows.len());
         for row in rows {
-            let claim = match row.get::<_, Option<&str>>(1) {
-                Some("completed") => Claim::Completed(row.get(3)),
-                Some(_) => Claim::Acquired { claims: row.get(2) },
-                None if row.get::<_, Option<&str>>(4) == Some("published") => Claim::Published,
+            let claim = match row.get::<_, Option<&str>>(2) {
+                Some("completed") => Claim::Completed(row.get(4)),
+                Some(_) => Claim::Acquired { claims: row.get(3) },
+                None if row.get::<_, Option<&str>>(5) == Some("published") => Claim::Published,
                 None => Claim::Busy,
             };
-            found.insert(row.get(0), claim);
+            found.insert(
+                JobKey::new(row.get::<_, String>(0), row.get::<_, String>(1)),
+                claim,
+            );
         }
-        let mut answered = std::collections::HashSet::with_capacity(items.len());
-        items
-            .iter()
-            .map(|(job_id, _)| {
-                let claim = found.get(job_id.as_str()).ok_or_else(|| {
-                    StoreError::Unavailable(format!("no claim answer for job id {job_id}"))
+        let mut answered = std::collections::HashSet::with_capacity(keys.len());
+        keys.iter()
+            .map(|key| {
+                let claim = found.get(key).ok_or_else(|| {
+                    StoreError::Unavailable(format!("no claim answer for job id {}", key.job_id))
                 })?;
-                Ok(if answered.insert(job_id.as_str()) {
+                Ok(if answered.insert(key) {
                     claim.clone()
                 } else if *claim == Claim::Published {
                     Claim::Published
@@ -148,37 +175,40 @@ impl Store {
     #[cfg(test)]
     pub(crate) async fn complete_job_now(
         &self,
-        job_id: &str,
+        key: &JobKey,
         result: &serde_json::Value,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.complete_jobs(&[(job_id.to_owned(), result.clone())], lease)
+        self.complete_jobs(&[(key.clone(), result.clone())], lease)
             .await
     }
 
-    /// [`Store::complete_job_now`] for many `(job_id, result)` at once, in ONE
-    /// statement. A job id given twice keeps its last result.
+    /// [`Store::complete_job_now`] for many `(key, result)` at once, in ONE
+    /// statement. A key given twice keeps its last result.
     pub(crate) async fn complete_jobs(
         &self,
-        items: &[(String, serde_json::Value)],
+        items: &[(JobKey, serde_json::Value)],
         lease: Duration,
     ) -> Result<(), StoreError> {
         if items.is_empty() {
             return Ok(());
         }
-        // Distinct job ids (the last occurrence wins), sorted.
-        let mut order: Vec<(usize, &(String, serde_json::Value))> =
+        // Distinct keys (the last occurrence wins), sorted.
+        let mut order: Vec<(usize, &(JobKey, serde_json::Value))> =
             items.iter().enumerate().collect();
         order.sort_by(|a, b| a.1.0.cmp(&b.1.0).then(b.0.cmp(&a.0)));
         order.dedup_by(|a, b| a.1.0 == b.1.0);
-        let job_ids: Vec<&str> = order.iter().map(|(_, (id, _))| id.as_str()).collect();
+        let (job_ids, orgs) = columns(order.iter().map(|(_, (key, _))| key));
         let results: Vec<&serde_json::Value> = order.iter().map(|(_, (_, r))| r).collect();
 
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
         let statement = client.prepare_cached(COMPLETE_JOBS).await?;
         client
-            .execute(&statement, &[&job_ids, &results, &lease.as_secs_f64()])
+            .execute(
+                &statement,
+                &[&job_ids, &orgs, &results, &lease.as_secs_f64()],
+            )
             .await?;
         Ok(())
     }
@@ -187,8 +217,7 @@ impl Store {
     /// id was readable). `Acquired` means this caller publishes it.
     pub async fn complete_unclaimed_job(
         &self,
-        job_id: &str,
-        organization_id: &str,
+        key: &JobKey,
         result: &serde_json::Value,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
@@ -198,67 +227,83 @@ impl Store {
             .prepare_cached(
                 "INSERT INTO job_ledger (job_id, organization_id, state, result, lease_until)
                  VALUES ($1, $2, 'completed', $3, now() + make_interval(secs => $4::float8))
-                 ON CONFLICT (job_id) DO NOTHING",
+                 ON CONFLICT (organization_id, job_id) DO NOTHING",
             )
             .await?;
         let inserted = client
             .execute(
                 &statement,
-                &[&job_id, &organization_id, result, &lease.as_secs_f64()],
+                &[
+                    &key.job_id,
+                    &key.organization_id,
+                    result,
+                    &lease.as_secs_f64(),
+                ],
             )
             .await?;
         if inserted == 1 {
             return Ok(Claim::Acquired { claims: 1 });
         }
         drop(client);
-        self.claim_job_now(job_id, organization_id, lease).await
+        self.claim_job_now(key, lease).await
     }
 
     /// The results of these jobs were confirmed by the broker (one statement for
     /// a batch: see the worker's batcher).
-    pub async fn mark_published(&self, job_ids: &[String]) -> Result<(), StoreError> {
-        if job_ids.is_empty() {
+    pub async fn mark_published(&self, keys: &[JobKey]) -> Result<(), StoreError> {
+        if keys.is_empty() {
             return Ok(());
         }
+        let (job_ids, orgs) = columns(keys.iter());
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
         let statement = client
             .prepare_cached(
-                "UPDATE job_ledger SET state = 'published', updated_at = now() WHERE job_id = ANY($1)",
+                "UPDATE job_ledger l SET state = 'published', updated_at = now()
+                 FROM unnest($1::text[], $2::text[]) AS i(job_id, organization_id)
+                 WHERE l.organization_id = i.organization_id AND l.job_id = i.job_id",
             )
             .await?;
-        client.execute(&statement, &[&job_ids]).await?;
+        client.execute(&statement, &[&job_ids, &orgs]).await?;
         Ok(())
     }
 
-    /// Releases a claim: the job waits in a delay queue and its next delivery may
-    /// claim it again. (A job handed back at shutdown keeps its claim until the
-    /// lease expires: its send may have been under way.)
-    pub async fn release_job(&self, job_id: &str) -> Result<(), StoreError> {
+    /// Releases a claim after an attempt whose outcome is known (a failure to
+    /// retry, or nothing sent): the job waits in a delay queue and its next
+    /// delivery may claim it again. The claim count starts again: only claims in a
+    /// row without an outcome tell of a job that kills its workers. (A job handed
+    /// back at shutdown keeps its claim until the lease expires: its send may have
+    /// been under way.)
+    pub async fn release_job(&self, key: &JobKey) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
         let statement = client
             .prepare_cached(
-                "UPDATE job_ledger SET state = 'retrying', lease_until = NULL, updated_at = now()
-                 WHERE job_id = $1 AND state = 'claimed'",
+                "UPDATE job_ledger SET state = 'retrying', lease_until = NULL, claims = 0,
+                     updated_at = now()
+                 WHERE organization_id = $1 AND job_id = $2 AND state = 'claimed'",
             )
             .await?;
-        client.execute(&statement, &[&job_id]).await?;
+        client
+            .execute(&statement, &[&key.organization_id, &key.job_id])
+            .await?;
         Ok(())
     }
 
     /// Publishing a completed job's result failed: let its next delivery publish
     /// it at once instead of waiting for the publish lease to expire.
-    pub async fn release_publish(&self, job_id: &str) -> Result<(), StoreError> {
+    pub async fn release_publish(&self, key: &JobKey) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
         let statement = client
             .prepare_cached(
                 "UPDATE job_ledger SET lease_until = now(), updated_at = now()
-                 WHERE job_id = $1 AND state = 'completed'",
+                 WHERE organization_id = $1 AND job_id = $2 AND state = 'completed'",
             )
             .await?;
-        client.execute(&statement, &[&job_id]).await?;
+        client
+            .execute(&statement, &[&key.organization_id, &key.job_id])
+            .await?;
         Ok(())
     }
 
@@ -269,8 +314,8 @@ impl Store {
         let client = self.ledger_client().await?;
         let statement = client
             .prepare_cached(
-                "DELETE FROM job_ledger WHERE job_id IN (
-                     SELECT job_id FROM job_ledger
+                "DELETE FROM job_ledger WHERE (organization_id, job_id) IN (
+                     SELECT organization_id, job_id FROM job_ledger
                      WHERE state = 'published' AND updated_at < now() - make_interval(secs => $1::float8)
                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
             )
@@ -288,17 +333,21 @@ impl Store {
         }
     }
 
-    /// Makes a finished job id claimable again (dead-letter replay with a fresh budget).
-    pub async fn reopen_job(&self, job_id: &str) -> Result<(), StoreError> {
+    /// Makes a finished job id claimable again (dead-letter replay with a fresh
+    /// budget, claim count included).
+    pub async fn reopen_job(&self, key: &JobKey) -> Result<(), StoreError> {
         crate::QueryCounts::bump(&self.counts().ledger_writes);
         let client = self.ledger_client().await?;
         let statement = client
             .prepare_cached(
-                "UPDATE job_ledger SET state = 'retrying', result = NULL, lease_until = NULL, updated_at = now()
-                 WHERE job_id = $1",
+                "UPDATE job_ledger SET state = 'retrying', result = NULL, lease_until = NULL,
+                     claims = 0, updated_at = now()
+                 WHERE organization_id = $1 AND job_id = $2",
             )
             .await?;
-        client.execute(&statement, &[&job_id]).await?;
+        client
+            .execute(&statement, &[&key.organization_id, &key.job_id])
+            .await?;
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::group_commit::{Op, Queue, Request};
-use crate::{Claim, Store, StoreError};
+use crate::{Claim, JobKey, Store, StoreError};
 
 /// The pending claims and completions, shared by a [`Store`] and its clones.
 #[derive(Clone, Default)]
@@ -17,18 +17,13 @@ pub(crate) struct LedgerBatcher {
 }
 
 impl Store {
-    /// Claims `job_id` for `lease` (see [`Store::claim_job_now`] for what a claim
+    /// Claims `key` for `lease` (see [`Store::claim_job_now`] for what a claim
     /// finds), through group commit: concurrent calls (from this store and its
     /// clones) share one statement. See the module documentation.
-    pub async fn claim_job(
-        &self,
-        job_id: &str,
-        organization_id: &str,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
+    pub async fn claim_job(&self, key: &JobKey, lease: Duration) -> Result<Claim, StoreError> {
         let request = Request {
-            job_id: job_id.to_owned(),
-            payload: organization_id.to_owned(),
+            key: key.clone(),
+            payload: (),
             lease,
         };
         self.ledger_batch.claims.submit(self, request).await
@@ -39,12 +34,12 @@ impl Store {
     /// Through group commit: concurrent calls share one statement.
     pub async fn complete_job(
         &self,
-        job_id: &str,
+        key: &JobKey,
         result: &serde_json::Value,
         lease: Duration,
     ) -> Result<(), StoreError> {
         let request = Request {
-            job_id: job_id.to_owned(),
+            key: key.clone(),
             payload: result.clone(),
             lease,
         };
@@ -55,15 +50,16 @@ impl Store {
 struct ClaimOp;
 
 impl Op for ClaimOp {
-    type Payload = String;
+    type Payload = ();
     type Output = Claim;
 
     async fn run(
         store: &Store,
-        items: Vec<(String, String)>,
+        items: Vec<(JobKey, ())>,
         lease: Duration,
     ) -> Result<Vec<Claim>, StoreError> {
-        store.claim_jobs(&items, lease).await
+        let keys: Vec<JobKey> = items.into_iter().map(|(key, ())| key).collect();
+        store.claim_jobs(&keys, lease).await
     }
 }
 
@@ -75,7 +71,7 @@ impl Op for CompleteOp {
 
     async fn run(
         store: &Store,
-        items: Vec<(String, serde_json::Value)>,
+        items: Vec<(JobKey, serde_json::Value)>,
         lease: Duration,
     ) -> Result<Vec<()>, StoreError> {
         store.complete_jobs(&items, lease).await?;
@@ -134,10 +130,12 @@ mod tests {
         }
     }
 
-    fn items(ids: &[&str]) -> Vec<(String, String)> {
-        ids.iter()
-            .map(|id| (id.to_string(), "org_1".to_string()))
-            .collect()
+    fn key(id: impl Into<String>) -> JobKey {
+        JobKey::new("org_1", id)
+    }
+
+    fn items(ids: &[&str]) -> Vec<JobKey> {
+        ids.iter().map(|id| key(*id)).collect()
     }
 
     fn spawn_claim(
@@ -145,7 +143,7 @@ mod tests {
         id: impl Into<String>,
     ) -> tokio::task::JoinHandle<Result<Claim, StoreError>> {
         let (store, id) = (store.clone(), id.into());
-        tokio::spawn(async move { store.claim_job(&id, "org_1", LEASE).await })
+        tokio::spawn(async move { store.claim_job(&key(&id), LEASE).await })
     }
 
     /// Waits until `n` requests are pending in `queue`.
@@ -220,7 +218,7 @@ mod tests {
         let complete = cached_plan_after_growth(
             &db,
             crate::ledger::COMPLETE_JOBS,
-            "ARRAY['a','b'], ARRAY['{}','{}']::jsonb[], 60",
+            "ARRAY['a','b'], ARRAY['org_1','org_1'], ARRAY['{}','{}']::jsonb[], 60",
         )
         .await;
         assert!(!complete.contains("Seq Scan on job_ledger"), "{complete}");
@@ -289,18 +287,73 @@ mod tests {
 
         // The single-item form answers the same way.
         assert_eq!(
-            store.claim_job_now("j1", "org_1", LEASE).await.unwrap(),
+            store.claim_job_now(&key("j1"), LEASE).await.unwrap(),
             Claim::Published
         );
         assert_eq!(
-            store.claim_job_now("j9", "org_1", LEASE).await.unwrap(),
+            store.claim_job_now(&key("j9"), LEASE).await.unwrap(),
             Claim::Busy
         );
         assert_eq!(
-            store.claim_job_now("new", "org_1", LEASE).await.unwrap(),
+            store.claim_job_now(&key("new"), LEASE).await.unwrap(),
             Claim::Acquired { claims: 1 }
         );
         assert_eq!(db.statements(), 5);
+    }
+
+    #[tokio::test]
+    async fn the_same_job_id_of_two_organizations_is_two_jobs() {
+        let db = TestDb::new().await;
+        let store = &db.store;
+        let a = JobKey::new("org_a", "task-991");
+        let b = JobKey::new("org_b", "task-991");
+        let answers = store
+            .claim_jobs(&[a.clone(), b.clone()], LEASE)
+            .await
+            .unwrap();
+        assert_eq!(answers, vec![Claim::Acquired { claims: 1 }; 2]);
+        store
+            .complete_jobs(&[(a.clone(), json!({"org": "a"}))], LEASE)
+            .await
+            .unwrap();
+        store
+            .mark_published(std::slice::from_ref(&a))
+            .await
+            .unwrap();
+        store.release_job(&b).await.unwrap();
+        // Each keeps its own state: a is published, b waits for its retry.
+        assert_eq!(
+            store.claim_jobs(&[a, b], LEASE).await.unwrap(),
+            vec![Claim::Published, Claim::Acquired { claims: 1 }]
+        );
+    }
+
+    #[tokio::test]
+    async fn claims_count_take_overs_in_a_row_and_a_release_starts_again() {
+        let db = TestDb::new().await;
+        let store = &db.store;
+        let k = key("crashy");
+        // Each claim's worker died: its lease ran out, the next claim takes over.
+        for n in 1..=3 {
+            assert_eq!(
+                store.claim_job_now(&k, Duration::ZERO).await.unwrap(),
+                Claim::Acquired { claims: n }
+            );
+        }
+        // An attempt that returned (a failure to retry) is an outcome.
+        store.release_job(&k).await.unwrap();
+        assert_eq!(
+            store.claim_job_now(&k, LEASE).await.unwrap(),
+            Claim::Acquired { claims: 1 }
+        );
+        store.release_job(&k).await.unwrap();
+        // A replayed dead letter starts from nothing too.
+        store.complete_job_now(&k, &json!({}), LEASE).await.unwrap();
+        store.reopen_job(&k).await.unwrap();
+        assert_eq!(
+            store.claim_job_now(&k, LEASE).await.unwrap(),
+            Claim::Acquired { claims: 1 }
+        );
     }
 
     #[tokio::test]
@@ -320,7 +373,7 @@ mod tests {
                 Claim::Busy,
             ]
         );
-        store.mark_published(&["a".to_string()]).await.unwrap();
+        store.mark_published(&[key("a")]).await.unwrap();
         let answers = store.claim_jobs(&items(&["a", "a"]), LEASE).await.unwrap();
         assert_eq!(answers, vec![Claim::Published, Claim::Published]);
         let claims: i32 = db
@@ -341,17 +394,17 @@ mod tests {
             .claim_jobs(&items(&["c1", "c2", "c3"]), LEASE)
             .await
             .unwrap();
-        store.mark_published(&["c3".to_string()]).await.unwrap();
+        store.mark_published(&[key("c3")]).await.unwrap();
         let before = db.statements();
         store
             .complete_jobs(
                 &[
-                    ("c2".into(), json!({"n": 2})),
-                    ("c1".into(), json!({"n": 1})),
-                    ("c3".into(), json!({"n": 3})),
-                    ("unknown".into(), json!({"n": 0})),
+                    (key("c2"), json!({"n": 2})),
+                    (key("c1"), json!({"n": 1})),
+                    (key("c3"), json!({"n": 3})),
+                    (key("unknown"), json!({"n": 0})),
                     // A job id twice keeps its last result.
-                    ("c2".into(), json!({"n": 22})),
+                    (key("c2"), json!({"n": 22})),
                 ],
                 Duration::from_secs(30),
             )
@@ -392,7 +445,7 @@ mod tests {
         );
         // The single-item form.
         store
-            .complete_job_now("c1", &json!({"n": 11}), LEASE)
+            .complete_job_now(&key("c1"), &json!({"n": 11}), LEASE)
             .await
             .unwrap();
         assert_eq!(db.statements() - before, 2);
@@ -407,7 +460,7 @@ mod tests {
                     let store = db.store.clone();
                     tokio::spawn(async move {
                         store
-                            .claim_job(&format!("{prefix}{i:03}"), "org_1", LEASE)
+                            .claim_job(&key(&format!("{prefix}{i:03}")), LEASE)
                             .await
                     })
                 })
@@ -431,7 +484,7 @@ mod tests {
                 let store = db.store.clone();
                 tokio::spawn(async move {
                     store
-                        .complete_job(&format!("job{i:03}"), &json!({ "i": i }), LEASE)
+                        .complete_job(&key(&format!("job{i:03}")), &json!({ "i": i }), LEASE)
                         .await
                 })
             })
@@ -537,7 +590,7 @@ mod tests {
         let claims: Vec<_> = (0..100)
             .map(|i| {
                 let store = db.store.clone();
-                tokio::spawn(async move { store.claim_job(&format!("f{i}"), "org_1", LEASE).await })
+                tokio::spawn(async move { store.claim_job(&key(&format!("f{i}")), LEASE).await })
             })
             .collect();
         let completes: Vec<_> = (0..100)
@@ -545,7 +598,7 @@ mod tests {
                 let store = db.store.clone();
                 tokio::spawn(async move {
                     store
-                        .complete_job(&format!("f{i}"), &json!({}), LEASE)
+                        .complete_job(&key(&format!("f{i}")), &json!({}), LEASE)
                         .await
                 })
             })
@@ -572,7 +625,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            db.store.claim_job("f1", "org_1", LEASE).await.unwrap(),
+            db.store.claim_job(&key("f1"), LEASE).await.unwrap(),
             Claim::Acquired { claims: 1 }
         );
         assert_eq!(db.store.ledger_batch.claims.lock().in_flight, 0);
@@ -586,7 +639,7 @@ mod tests {
         let claims: Vec<_> = (0..50)
             .map(|i| {
                 let store = db.store.clone();
-                tokio::spawn(async move { store.claim_job(&format!("p{i}"), "org_1", LEASE).await })
+                tokio::spawn(async move { store.claim_job(&key(&format!("p{i}")), LEASE).await })
             })
             .collect();
         let all = async {
@@ -679,7 +732,7 @@ mod tests {
         assert_eq!(queue.lock().in_flight, 0);
         // The batcher goes on.
         assert_eq!(
-            db.store.claim_job("after", "org_1", LEASE).await.unwrap(),
+            db.store.claim_job(&key("after"), LEASE).await.unwrap(),
             Claim::Acquired { claims: 1 }
         );
     }

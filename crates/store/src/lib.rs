@@ -19,7 +19,7 @@ pub use cipher::{CipherError, TokenCipher};
 pub use integrations::{
     Fallback, Integration, IntegrationStatus, NewConnection, RefreshDecision, StoredTokens,
 };
-pub use ledger::Claim;
+pub use ledger::{Claim, JobKey};
 pub use listener::{IntegrationChange, spawn_change_listener};
 pub use oauth_states::{OAuthState, StateLookup, StatePurpose};
 pub use pending_connections::{ConfirmLookup, ExpiredConnection};
@@ -141,6 +141,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "oauth", include_str!("../migrations/0002_oauth.sql")),
     (3, "pacing", include_str!("../migrations/0003_pacing.sql")),
     (4, "connect", include_str!("../migrations/0004_connect.sql")),
+    (
+        5,
+        "ledger_per_organization",
+        include_str!("../migrations/0005_ledger_per_organization.sql"),
+    ),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;

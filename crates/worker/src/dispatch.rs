@@ -16,7 +16,7 @@ use mail_dispatch_domain::{
     ProviderKind, ResultStatus,
 };
 use mail_dispatch_providers::Accepted;
-use mail_dispatch_store::{Claim, Store, StoreError};
+use mail_dispatch_store::{Claim, JobKey, Store, StoreError};
 
 use crate::config::WorkerConfig;
 use crate::pacing::{Admission, DeferReason, Pacer, Permit};
@@ -38,6 +38,9 @@ pub struct Incoming {
     pub not_before: Option<DateTime<Utc>>,
     /// Short record of earlier failed attempts, kept for dead letters.
     pub history: String,
+    /// How many times the broker delivered this message before (its
+    /// `x-delivery-count`): deliveries whose consumer died or handed it back.
+    pub delivery_count: u32,
 }
 
 impl Incoming {
@@ -49,6 +52,7 @@ impl Incoming {
             first_seen: Utc::now(),
             not_before: None,
             history: String::new(),
+            delivery_count: 0,
         }
     }
 }
@@ -68,7 +72,7 @@ pub struct Finish {
     /// Events to publish before the result (`integration.needs_reauth`).
     pub events: Vec<NeedsReauthEvent>,
     /// The ledger row to mark published once the broker confirmed the result.
-    pub ledger_job_id: Option<String>,
+    pub ledger_key: Option<JobKey>,
 }
 
 /// What the ledger keeps of a finished job, so that a redelivery re-publishes
@@ -83,12 +87,12 @@ struct Recorded {
 }
 
 impl Recorded {
-    fn into_finish(self, job_id: &str) -> Finish {
+    fn into_finish(self, key: &JobKey) -> Finish {
         Finish {
             result: self.result,
             dead_letter: self.dead_letter,
             events: self.events,
-            ledger_job_id: Some(job_id.to_owned()),
+            ledger_key: Some(key.clone()),
         }
     }
 }
@@ -169,7 +173,19 @@ enum Paced {
 /// A waiting period used when the job cannot be handled now for a reason that
 /// is not the job's (database unreachable, claim held by another worker).
 const BACKOFF_WHEN_BLOCKED: Duration = Duration::from_secs(5);
-const HISTORY_MAX_CHARS: usize = 1000;
+/// The attempt history carried on delayed copies and dead letters keeps its last
+/// this many characters (it travels in a header).
+pub(crate) const HISTORY_MAX_CHARS: usize = 1000;
+/// A job claimed more often than this in a row without an outcome (each of its
+/// workers died or stalled before the send returned) is failed and
+/// dead-lettered instead of being sent again: a job that kills its worker would
+/// otherwise do so every claim lease, forever, taking every other job in flight
+/// on that worker with it.
+pub const MAX_CLAIMS_WITHOUT_OUTCOME: i32 = 5;
+/// The worker gives a job up this many deliveries before the jobs queue's
+/// `x-delivery-limit`, where the broker would dead-letter it silently: the
+/// margin leaves room for the give-up's own publishes to fail and be retried.
+const DELIVERY_LIMIT_MARGIN: u32 = 5;
 /// How long a completed job's publisher is protected from a concurrent
 /// redelivery publishing the same result.
 const PUBLISH_LEASE: Duration = Duration::from_secs(60);
@@ -215,9 +231,11 @@ impl Dispatcher {
         if let Some(not_before) = incoming.not_before {
             let remaining = (not_before - now).to_std().unwrap_or_default();
             if remaining > Duration::from_millis(500) {
-                // Came back from a shorter tier than its wait: wait the rest.
+                // Came back from a shorter tier than its wait: wait the rest. No
+                // wait of ours is longer than a job's budget or a claim's lease.
+                let longest = self.config.retry.max_age.max(self.config.claim_lease);
                 return Decision::Delay {
-                    wait: remaining,
+                    wait: remaining.min(longest),
                     attempts: incoming.attempts,
                     reason: DelayReason::RemainingWait,
                     history: incoming.history.clone(),
@@ -233,22 +251,39 @@ impl Dispatcher {
         span.record("job.id", tracing::field::display(&job.id));
         span.record("org.id", tracing::field::display(&job.organization_id));
         span.record("category", tracing::field::display(&job.category));
-        self.handle_valid(job, incoming).await
+        let key = JobKey::new(&job.organization_id, &job.id);
+        let give_up_at = self
+            .config
+            .topology
+            .delivery_limit
+            .saturating_sub(DELIVERY_LIMIT_MARGIN)
+            .max(1);
+        if incoming.delivery_count >= give_up_at {
+            return self.redelivered_too_often(&job, &key, incoming).await;
+        }
+        self.handle_valid(job, key, incoming).await
     }
 
-    async fn handle_valid(&self, job: Job, incoming: &Incoming) -> Decision {
+    async fn handle_valid(&self, job: Job, key: JobKey, incoming: &Incoming) -> Decision {
         let route = match self.services.resolver.resolve(&job.organization_id).await {
             Ok(route) => route,
-            Err(e) => return blocked(&e, incoming),
+            Err(e) => return self.blocked(&e, &job, &key, incoming).await,
         };
+        let refused = refused_by_route(&job, &route);
         // Pacing and fairness come before the claim: a deferred job leaves the
-        // consumer without touching the ledger.
-        let (mut permit, deferred_out_of_budget) = match self.pace(&job, incoming, &route) {
+        // consumer without touching the ledger. A job the route refuses is not
+        // sent, so it takes no room.
+        let paced = if refused.is_some() {
+            Paced::Go(None)
+        } else {
+            self.pace(&job, incoming, &route)
+        };
+        let (mut permit, deferred_out_of_budget) = match paced {
             Paced::Go(permit) => (permit, None),
             Paced::OutOfBudget(reason, provider) => (None, Some((reason, provider))),
             Paced::Deferred(decision) => return decision,
         };
-        if let Err(decision) = self.claim(&job, incoming).await {
+        if let Err(decision) = self.claim(&job, &key, &route, incoming).await {
             return decision;
         }
 
@@ -270,7 +305,7 @@ impl Dispatcher {
                     reason.as_str()
                 ),
             ));
-            return self.finish(&job.id, result, None, vec![]).await;
+            return self.finish(&key, result, None, vec![]).await;
         }
         if job.is_expired(now) {
             result.attempts = incoming.attempts;
@@ -281,7 +316,13 @@ impl Dispatcher {
                     job.not_after.map(|t| t.to_rfc3339()).unwrap_or_default()
                 ),
             ));
-            return self.finish(&job.id, result, None, vec![]).await;
+            return self.finish(&key, result, None, vec![]).await;
+        }
+        if let Some(error) = refused {
+            result.provider = Some(route_provider(&route));
+            result.attempts = incoming.attempts;
+            result.error = Some(error);
+            return self.finish(&key, result, None, vec![]).await;
         }
 
         let (provider, message, fallback) = match &route {
@@ -292,7 +333,7 @@ impl Dispatcher {
                     ErrorCode::AuthRevoked,
                     "the organization's provider grant no longer works; an admin must reconnect it",
                 ));
-                return self.finish(&job.id, result, None, vec![]).await;
+                return self.finish(&key, result, None, vec![]).await;
             }
             Route::Provider {
                 provider, sender, ..
@@ -329,7 +370,7 @@ impl Dispatcher {
                 self.in_process_retry(incoming.attempts),
             )
             .await;
-        let attempts = incoming.attempts + made;
+        let attempts = incoming.attempts.saturating_add(made);
         result.attempts = attempts;
         result.completed_at = Utc::now();
         match outcome {
@@ -342,12 +383,12 @@ impl Dispatcher {
                 }
                 result.status = ResultStatus::Sent;
                 result.provider_message_id = provider_message_id;
-                self.finish(&job.id, result, None, vec![]).await
+                self.finish(&key, result, None, vec![]).await
             }
             Err(SendFailure::Store(e)) => {
                 // Nothing was sent (tokens could not be read): try again later.
-                let _ = self.store().release_job(&job.id).await;
-                blocked(&e, incoming)
+                let _ = self.store().release_job(&key).await;
+                self.blocked(&e, &job, &key, incoming).await
             }
             Err(SendFailure::Revoked {
                 reason,
@@ -371,7 +412,8 @@ impl Dispatcher {
                     ),
                 );
                 error.provider_code = code;
-                self.revoked(&job, &route, result, error, events).await
+                self.revoked(&job, &key, &route, result, error, events)
+                    .await
             }
             Err(SendFailure::Send(e))
                 if e.final_code() == ErrorCode::AuthRevoked
@@ -406,10 +448,11 @@ impl Dispatcher {
                     vec![]
                 };
                 let error = e.to_job_error(ErrorCode::AuthRevoked);
-                self.revoked(&job, &route, result, error, events).await
+                self.revoked(&job, &key, &route, result, error, events)
+                    .await
             }
             Err(SendFailure::Send(e)) => {
-                self.retry_or_fail(&job, incoming, provider, result, e, &retried)
+                self.retry_or_fail(&job, &key, incoming, provider, result, e, &retried)
                     .await
             }
         }
@@ -417,45 +460,198 @@ impl Dispatcher {
 
     /// Claims the job id in the ledger: `Err` is what to do instead of sending
     /// (a duplicate, a stored outcome to publish again, another worker's claim, a
-    /// database that cannot be used).
-    async fn claim(&self, job: &Job, incoming: &Incoming) -> Result<(), Decision> {
-        match self
-            .store()
-            .claim_job(&job.id, &job.organization_id, self.config.claim_lease)
-            .await
-        {
+    /// database that cannot be used, a job that keeps killing its workers).
+    async fn claim(
+        &self,
+        job: &Job,
+        key: &JobKey,
+        route: &Route,
+        incoming: &Incoming,
+    ) -> Result<(), Decision> {
+        let provider = Some(route_provider(route));
+        match self.store().claim_job(key, self.config.claim_lease).await {
+            Ok(Claim::Acquired { claims }) if claims > MAX_CLAIMS_WITHOUT_OUTCOME => {
+                tracing::warn!(
+                    claims,
+                    "job claimed again and again without an outcome; failed"
+                );
+                let why = format!(
+                    "claimed {claims} times without an outcome: each worker that took it \
+                     died or stalled before its send returned; not sent again"
+                );
+                Err(self.give_up(job, key, provider, incoming, why).await)
+            }
+            // A take-over (its last worker died or stalled) of a job whose budget
+            // is spent: a send now could only be late, and maybe a second one.
+            Ok(Claim::Acquired { claims })
+                if claims > 1 && self.past_max_age(incoming, Utc::now()) =>
+            {
+                tracing::warn!(
+                    claims,
+                    "claim taken over past the job's maximum age; failed"
+                );
+                let why = format!(
+                    "claimed {claims} times without an outcome, and past its maximum age \
+                     ({} s); not sent again",
+                    self.config.retry.max_age.as_secs()
+                );
+                Err(self.give_up(job, key, provider, incoming, why).await)
+            }
             Ok(Claim::Acquired { .. }) => Ok(()),
             Ok(Claim::Published) => {
                 tracing::info!("job id already has a published result; not sending again");
                 metrics::counter!(crate::metrics::DUPLICATES_SKIPPED).increment(1);
                 Err(Decision::Duplicate)
             }
-            Ok(Claim::Completed(stored)) => {
-                // Outcome known, result not confirmed published: publish it, send nothing.
-                Err(match stored.map(serde_json::from_value::<Recorded>) {
-                    Some(Ok(recorded)) => Decision::Finish(Box::new(recorded.into_finish(&job.id))),
-                    _ => Decision::Duplicate,
-                })
-            }
+            Ok(Claim::Completed(stored)) => Err(republish(stored, key)),
             Ok(Claim::Busy) => {
-                tracing::info!("another worker holds this job id; delaying");
+                // Past its budget, the job is looked at again once the holder's
+                // lease is over: by then the holder's outcome is in the ledger, or
+                // the take-over above ends the job. Failing it here could give the
+                // job a second result, next to the live holder's.
+                let now = Utc::now();
+                let wait = if after(now, BACKOFF_WHEN_BLOCKED) > self.budget_end(job, incoming) {
+                    self.config.claim_lease
+                } else {
+                    BACKOFF_WHEN_BLOCKED
+                };
+                tracing::info!(
+                    wait_ms = wait.as_millis() as u64,
+                    "another worker holds this job id; delaying"
+                );
                 Err(Decision::Delay {
-                    wait: BACKOFF_WHEN_BLOCKED,
+                    wait,
                     attempts: incoming.attempts,
                     reason: DelayReason::ClaimedElsewhere,
                     history: incoming.history.clone(),
                 })
             }
-            Err(e) => Err(blocked(&e, incoming)),
+            Err(e) => Err(self.blocked(&e, job, key, incoming).await),
         }
+    }
+
+    /// The broker delivered this message so often that its next hand-back would
+    /// come close to the queue's delivery limit, past which the broker
+    /// dead-letters it without a result. Whatever kills its consumers comes
+    /// before the claim (or the claim would count it): fail it now, once.
+    async fn redelivered_too_often(
+        &self,
+        job: &Job,
+        key: &JobKey,
+        incoming: &Incoming,
+    ) -> Decision {
+        let deliveries = incoming.delivery_count.saturating_add(1);
+        tracing::warn!(
+            deliveries,
+            "job redelivered again and again without an outcome; failed"
+        );
+        match self.store().claim_job(key, self.config.claim_lease).await {
+            Ok(Claim::Published) => Decision::Duplicate,
+            Ok(Claim::Completed(stored)) => republish(stored, key),
+            // The holder is alive and the copy it leaves goes through a delay
+            // queue, which starts the delivery count again.
+            Ok(Claim::Busy) => Decision::Delay {
+                wait: BACKOFF_WHEN_BLOCKED,
+                attempts: incoming.attempts,
+                reason: DelayReason::ClaimedElsewhere,
+                history: incoming.history.clone(),
+            },
+            Ok(Claim::Acquired { .. }) | Err(_) => {
+                let why = format!(
+                    "delivered {deliveries} times without an outcome (each consumer died or \
+                     handed it back); not sent again"
+                );
+                self.give_up(job, key, None, incoming, why).await
+            }
+        }
+    }
+
+    /// Fails the job for good without sending it, as retries run out do:
+    /// `provider_unavailable`, with a dead letter.
+    async fn give_up(
+        &self,
+        job: &Job,
+        key: &JobKey,
+        provider: Option<ProviderKind>,
+        incoming: &Incoming,
+        why: String,
+    ) -> Decision {
+        let mut result = JobResult::for_job(job, Utc::now());
+        result.provider = provider;
+        result.attempts = incoming.attempts;
+        result.error = Some(JobError::new(ErrorCode::ProviderUnavailable, why.clone()));
+        let detail = if incoming.history.is_empty() {
+            why
+        } else {
+            format!("{why}: {}", incoming.history)
+        };
+        let dead_letter = DeadLetter {
+            reason: ErrorCode::ProviderUnavailable,
+            detail,
+        };
+        self.finish(key, result, Some(dead_letter), vec![]).await
+    }
+
+    /// PostgreSQL could not be used: nothing was sent; the job waits and comes
+    /// back, within its budget.
+    async fn blocked(
+        &self,
+        e: &StoreError,
+        job: &Job,
+        key: &JobKey,
+        incoming: &Incoming,
+    ) -> Decision {
+        let next = after(Utc::now(), BACKOFF_WHEN_BLOCKED);
+        if job.not_after.is_some_and(|limit| next > limit) {
+            tracing::warn!(error = %e, "database unavailable until the job's not_after; expired");
+            let mut result = JobResult::for_job(job, Utc::now());
+            result.attempts = incoming.attempts;
+            result.error = Some(JobError::new(
+                ErrorCode::Expired,
+                "the database could not be used, and the next attempt would be after not_after",
+            ));
+            return self.finish(key, result, None, vec![]).await;
+        }
+        if self.past_max_age(incoming, next) {
+            tracing::warn!(error = %e, "database unavailable past the job's maximum age; failed");
+            let why = format!(
+                "not sent within its maximum age ({} s): the database could not be used",
+                self.config.retry.max_age.as_secs()
+            );
+            return self.give_up(job, key, None, incoming, why).await;
+        }
+        tracing::warn!(error = %e, "database unavailable; job delayed, not acked until its copy is confirmed");
+        Decision::Delay {
+            wait: BACKOFF_WHEN_BLOCKED,
+            attempts: incoming.attempts,
+            reason: DelayReason::DatabaseUnavailable,
+            history: incoming.history.clone(),
+        }
+    }
+
+    /// When the job's budget ends: its `not_after`, or its maximum age after it
+    /// was first seen, whichever comes first.
+    fn budget_end(&self, job: &Job, incoming: &Incoming) -> DateTime<Utc> {
+        let by_age = after(incoming.first_seen, self.config.retry.max_age);
+        job.not_after.map_or(by_age, |limit| limit.min(by_age))
+    }
+
+    /// Whether the job is older than its maximum age at `at`.
+    fn past_max_age(&self, incoming: &Incoming, at: DateTime<Utc>) -> bool {
+        at > after(incoming.first_seen, self.config.retry.max_age)
     }
 
     /// A send failed with `e` after `result.attempts` attempts in all: delay the
     /// job for another attempt, or give up (expired, or retries exhausted, or a
     /// permanent failure), as the retry policy says.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the failed send's whole context, passed on from handle_valid"
+    )]
     async fn retry_or_fail(
         &self,
         job: &Job,
+        key: &JobKey,
         incoming: &Incoming,
         provider: ProviderKind,
         mut result: JobResult,
@@ -464,9 +660,8 @@ impl Dispatcher {
     ) -> Decision {
         let attempts = result.attempts;
         let mut history = incoming.history.clone();
-        let first = incoming.attempts + 1;
-        for (n, earlier) in (first..).zip(retried) {
-            history = append_history(&history, n, earlier);
+        for (n, earlier) in (1..).zip(retried) {
+            history = append_history(&history, incoming.attempts.saturating_add(n), earlier);
         }
         let history = append_history(&history, attempts, &e);
         let age = (Utc::now() - incoming.first_seen)
@@ -487,7 +682,10 @@ impl Dispatcher {
                     self.pause_mailbox(&job.organization_id, provider, wait)
                         .await;
                 }
-                if job.not_after.is_some_and(|limit| Utc::now() + wait > limit) {
+                if job
+                    .not_after
+                    .is_some_and(|limit| after(Utc::now(), wait) > limit)
+                {
                     result.error = Some(JobError {
                         code: ErrorCode::Expired,
                         message: format!(
@@ -496,7 +694,7 @@ impl Dispatcher {
                         ),
                         ..e.to_job_error(ErrorCode::Expired)
                     });
-                    return self.finish(&job.id, result, None, vec![]).await;
+                    return self.finish(key, result, None, vec![]).await;
                 }
                 tracing::info!(
                     attempts,
@@ -506,7 +704,7 @@ impl Dispatcher {
                     provider_code = e.provider_code.as_deref(),
                     "transient failure; job delayed"
                 );
-                if let Err(err) = self.store().release_job(&job.id).await {
+                if let Err(err) = self.store().release_job(key).await {
                     tracing::warn!(error = %err, "could not release the claim; the delayed copy waits for its lease");
                 }
                 Decision::Delay {
@@ -536,7 +734,7 @@ impl Dispatcher {
                     reason: code,
                     detail: format!("retries exhausted after {attempts} attempts: {history}"),
                 });
-                self.finish(&job.id, result, dead_letter, vec![]).await
+                self.finish(key, result, dead_letter, vec![]).await
             }
         }
     }
@@ -560,6 +758,7 @@ impl Dispatcher {
     async fn revoked(
         &self,
         job: &Job,
+        key: &JobKey,
         route: &Route,
         mut result: JobResult,
         error: JobError,
@@ -572,7 +771,7 @@ impl Dispatcher {
         } = route
         else {
             result.error = Some(error);
-            return self.finish(&job.id, result, None, events).await;
+            return self.finish(key, result, None, events).await;
         };
         let message = self.stand_in_message(job, sender);
         tracing::Span::current().record("provider", ProviderKind::Default.as_str());
@@ -587,7 +786,7 @@ impl Dispatcher {
                 self.in_process_retry(result.attempts),
             )
             .await;
-        result.attempts += made;
+        result.attempts = result.attempts.saturating_add(made);
         result.provider = Some(ProviderKind::Default);
         result.fallback = true;
         result.sender = Some(message.from.clone());
@@ -604,7 +803,7 @@ impl Dispatcher {
             }
             Err(_) => result.error = Some(error),
         }
-        self.finish(&job.id, result, None, events).await
+        self.finish(key, result, None, events).await
     }
 
     /// Asks the pacer for room.
@@ -623,12 +822,7 @@ impl Dispatcher {
                 Admission::Go(permit) => return Paced::Go(Some(permit)),
                 Admission::Defer { until, reason } => (until, reason),
             };
-        let max_age = chrono::Duration::from_std(self.config.retry.max_age)
-            .unwrap_or(chrono::Duration::days(1));
-        let budget_end = job
-            .not_after
-            .unwrap_or(incoming.first_seen + max_age)
-            .min(incoming.first_seen + max_age);
+        let budget_end = self.budget_end(job, incoming);
         // Wait for room, but not past the job's budget; once the budget is spent,
         // a refusal the provider would give is reported as such (daily limit,
         // pause), and otherwise the job simply expires.
@@ -654,7 +848,7 @@ impl Dispatcher {
     /// replica, until the wait is over.
     async fn pause_mailbox(&self, org: &str, provider: ProviderKind, wait: Duration) {
         let now = Utc::now();
-        let until = now + chrono::Duration::from_std(wait).unwrap_or_default();
+        let until = after(now, wait);
         self.pacer.apply_pause(org, until);
         self.pacer.throttled(org, provider, now);
         if let Err(e) = self.store().pause_mailbox(org, until, "throttled").await {
@@ -665,7 +859,7 @@ impl Dispatcher {
     /// Records the outcome in the ledger, then hands it to the runner to publish.
     async fn finish(
         &self,
-        job_id: &str,
+        key: &JobKey,
         result: JobResult,
         dead_letter: Option<DeadLetter>,
         events: Vec<NeedsReauthEvent>,
@@ -681,11 +875,7 @@ impl Dispatcher {
         // the claim's lease keeps a redelivery from sending again meanwhile.
         let mut delay = Duration::from_millis(100);
         for _ in 0..6 {
-            match self
-                .store()
-                .complete_job(job_id, &value, PUBLISH_LEASE)
-                .await
-            {
+            match self.store().complete_job(key, &value, PUBLISH_LEASE).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record the outcome; retrying");
@@ -694,7 +884,7 @@ impl Dispatcher {
                 }
             }
         }
-        Decision::Finish(Box::new(recorded.into_finish(job_id)))
+        Decision::Finish(Box::new(recorded.into_finish(key)))
     }
 
     async fn invalid(
@@ -713,8 +903,9 @@ impl Dispatcher {
             detail: invalid.to_string(),
         });
         // With a readable id, the ledger keeps a redelivery from publishing a second result.
-        let ledger_job_id = match (&invalid.job_id, &invalid.organization_id) {
+        let ledger_key = match (&invalid.job_id, &invalid.organization_id) {
             (Some(id), Some(org)) => {
+                let key = JobKey::new(org, id);
                 let value = serde_json::to_value(Recorded {
                     result: result.clone(),
                     dead_letter: dead_letter.clone(),
@@ -723,11 +914,11 @@ impl Dispatcher {
                 .expect("outcomes serialize");
                 match self
                     .store()
-                    .complete_unclaimed_job(id, org, &value, PUBLISH_LEASE)
+                    .complete_unclaimed_job(&key, &value, PUBLISH_LEASE)
                     .await
                 {
                     Ok(Claim::Published) => return Decision::Duplicate,
-                    Ok(Claim::Acquired { .. } | Claim::Completed(_)) => Some(id.clone()),
+                    Ok(Claim::Acquired { .. } | Claim::Completed(_)) => Some(key),
                     Ok(Claim::Busy) => {
                         return Decision::Delay {
                             wait: BACKOFF_WHEN_BLOCKED,
@@ -748,20 +939,67 @@ impl Dispatcher {
             result,
             dead_letter,
             events: vec![],
-            ledger_job_id,
+            ledger_key,
         }))
     }
 }
 
-/// PostgreSQL could not be used: nothing was sent; the job waits and comes back.
-fn blocked(e: &StoreError, incoming: &Incoming) -> Decision {
-    tracing::warn!(error = %e, "database unavailable; job delayed, not acked until its copy is confirmed");
-    Decision::Delay {
-        wait: BACKOFF_WHEN_BLOCKED,
-        attempts: incoming.attempts,
-        reason: DelayReason::DatabaseUnavailable,
-        history: incoming.history.clone(),
+/// The outcome of a job is known, its result not confirmed published: publish
+/// the stored result (with its dead letter and events), send nothing.
+fn republish(stored: Option<serde_json::Value>, key: &JobKey) -> Decision {
+    match stored.map(serde_json::from_value::<Recorded>) {
+        Some(Ok(recorded)) => Decision::Finish(Box::new(recorded.into_finish(key))),
+        _ => Decision::Duplicate,
     }
+}
+
+/// The sender a route names.
+fn route_provider(route: &Route) -> ProviderKind {
+    match route {
+        Route::Revoked { provider } | Route::Provider { provider, .. } => *provider,
+        Route::Platform { .. } => ProviderKind::Default,
+    }
+}
+
+/// What the route's provider would refuse whatever the moment, checked before
+/// any call: Gmail takes at most 100 recipients per message through its API
+/// (Exchange Online's 500 is the decoder's bound).
+fn refused_by_route(job: &Job, route: &Route) -> Option<JobError> {
+    let recipients = job.recipient_count();
+    match route {
+        Route::Provider {
+            provider: ProviderKind::Google,
+            ..
+        } if recipients > mail_dispatch_providers::gmail::MAX_RECIPIENTS => Some(JobError::new(
+            ErrorCode::RecipientRejected,
+            format!(
+                "{recipients} recipients; Gmail takes at most {} per message (to, cc and bcc)",
+                mail_dispatch_providers::gmail::MAX_RECIPIENTS
+            ),
+        )),
+        _ => None,
+    }
+}
+
+/// `t + d`, or the latest instant there is: nothing of a job's (first seen,
+/// waits) may make the arithmetic panic.
+fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// The last [`HISTORY_MAX_CHARS`] of an attempt history, cut on a character boundary.
+pub(crate) fn cap_history(mut history: String) -> String {
+    if history.len() > HISTORY_MAX_CHARS {
+        let mut cut = history.len() - HISTORY_MAX_CHARS;
+        while !history.is_char_boundary(cut) {
+            cut += 1;
+        }
+        history.drain(..cut);
+    }
+    history
 }
 
 fn append_history(history: &str, attempt: u32, e: &mail_dispatch_providers::SendError) -> String {
@@ -773,17 +1011,9 @@ fn append_history(history: &str, attempt: u32, e: &mail_dispatch_providers::Send
             .map(|s| format!(" {s}"))
             .unwrap_or_default()
     );
-    let mut out = if history.is_empty() {
+    cap_history(if history.is_empty() {
         entry
     } else {
         format!("{history}; {entry}")
-    };
-    if out.len() > HISTORY_MAX_CHARS {
-        let mut cut = out.len() - HISTORY_MAX_CHARS;
-        while !out.is_char_boundary(cut) {
-            cut += 1;
-        }
-        out = out[cut..].to_owned();
-    }
-    out
+    })
 }

@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use mail_dispatch_store::Store;
+use mail_dispatch_store::{JobKey, Store};
 use tokio::sync::Notify;
 
 /// A batch is written when it reaches this size, or after `FLUSH_EVERY`.
@@ -16,14 +16,14 @@ const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Default)]
 pub struct PublishedMarks {
-    pending: Mutex<Vec<String>>,
+    pending: Mutex<Vec<JobKey>>,
     full: Notify,
 }
 
 impl PublishedMarks {
-    pub fn push(&self, job_id: String) {
+    pub fn push(&self, key: JobKey) {
         let mut pending = self.pending.lock().expect("poisoned");
-        pending.push(job_id);
+        pending.push(key);
         if pending.len() >= BATCH {
             self.full.notify_one();
         }

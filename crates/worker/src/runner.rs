@@ -18,9 +18,11 @@ use futures_util::StreamExt as _;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 use lapin::types::{FieldTable, ShortString};
 use mail_dispatch_broker::{
-    Broker, BrokerError, Outgoing, header_i64, header_str, headers, json_properties, with_headers,
+    Broker, BrokerError, Outgoing, Topology, header_i64, header_str, headers, json_properties,
+    with_headers,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -130,25 +132,90 @@ fn millis_to_time(ms: i64) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(ms).single()
 }
 
+/// Far above any job's real attempt count; keeps sums with it far from overflowing.
+const MAX_CARRIED_ATTEMPTS: i64 = 1_000_000;
+/// The quorum queue's count of earlier deliveries of a message.
+const DELIVERY_COUNT: &str = "x-delivery-count";
+
 /// Reads what the dispatcher needs from a delivery.
-pub fn incoming_from(delivery: &Delivery) -> Incoming {
-    let p = &delivery.properties;
+pub fn incoming_from(delivery: &Delivery, topology: &Topology) -> Incoming {
+    read_incoming(
+        &delivery.properties,
+        delivery.redelivered,
+        delivery.data.clone(),
+        topology,
+        Utc::now(),
+    )
+}
+
+/// [`incoming_from`] on the parts of a delivery. Everything here is producer
+/// input, so it is bounded: instants are never later than `now`, counts are
+/// clamped, the history is capped.
+fn read_incoming(
+    p: &BasicProperties,
+    redelivered: bool,
+    body: Vec<u8>,
+    topology: &Topology,
+    now: DateTime<Utc>,
+) -> Incoming {
     let published = p
         .timestamp()
-        .and_then(|secs| Utc.timestamp_opt(secs as i64, 0).single());
+        .and_then(|secs| i64::try_from(secs).ok())
+        .and_then(|secs| Utc.timestamp_opt(secs, 0).single());
+    // Our headers count only on a copy one of our delay queues handed back: on
+    // anything else they are a producer's, who could zero or stretch a job's
+    // budget with them, or have it wait forever.
+    let ours = from_our_delay_queue(p, topology);
+    let carried = |name: &str| if ours { header_i64(p, name) } else { None };
     Incoming {
-        body: delivery.data.clone(),
+        body,
         message_id: p.message_id().as_ref().map(|m| m.as_str().to_owned()),
-        attempts: header_i64(p, headers::ATTEMPTS)
-            .unwrap_or(0)
-            .clamp(0, u32::MAX as i64) as u32,
-        first_seen: header_i64(p, headers::FIRST_SEEN)
+        attempts: carried(headers::ATTEMPTS).map_or(0, |n| n.clamp(0, MAX_CARRIED_ATTEMPTS) as u32),
+        first_seen: carried(headers::FIRST_SEEN)
             .and_then(millis_to_time)
             .or(published)
-            .unwrap_or_else(Utc::now),
-        not_before: header_i64(p, headers::NOT_BEFORE).and_then(millis_to_time),
-        history: header_str(p, headers::HISTORY).unwrap_or_default(),
+            .map_or(now, |t| t.min(now)),
+        not_before: carried(headers::NOT_BEFORE).and_then(millis_to_time),
+        history: if ours {
+            header_str(p, headers::HISTORY)
+                .map(crate::dispatch::cap_history)
+                .unwrap_or_default()
+        } else {
+            String::new()
+        },
+        // A first delivery's count is not the broker's: a copy we re-published
+        // does not carry it (see `carried_headers`), a producer might.
+        delivery_count: if redelivered {
+            header_i64(p, DELIVERY_COUNT).map_or(0, |n| n.clamp(0, u32::MAX.into()) as u32)
+        } else {
+            0
+        },
     }
+}
+
+/// Whether the last time this message was dead-lettered, it was by one of our
+/// delay queues at the end of its TTL (the broker's `x-death`, newest first).
+fn from_our_delay_queue(p: &BasicProperties, topology: &Topology) -> bool {
+    let Some(AMQPValue::FieldArray(deaths)) =
+        p.headers().as_ref().and_then(|h| h.inner().get("x-death"))
+    else {
+        return false;
+    };
+    let Some(AMQPValue::FieldTable(last)) = deaths.as_slice().first() else {
+        return false;
+    };
+    let text = |name: &str| match last.inner().get(name) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    text("reason").as_deref() == Some("expired")
+        && text("queue").is_some_and(|queue| {
+            topology
+                .delay_tiers
+                .iter()
+                .any(|tier| topology.delay_queue(*tier) == queue)
+        })
 }
 
 async fn process(
@@ -160,7 +227,7 @@ async fn process(
 ) {
     metrics::gauge!(crate::metrics::JOBS_IN_FLIGHT).increment(1.0);
     metrics::counter!(crate::metrics::JOBS_RECEIVED).increment(1);
-    let incoming = incoming_from(&delivery);
+    let incoming = incoming_from(&delivery, &dispatcher.config.topology);
     // One span for the whole delivery, from receipt to ack: the dispatcher fills in
     // the job's fields once it has decoded it, so publish and ack failures carry them.
     let span = tracing::info_span!(
@@ -169,7 +236,7 @@ async fn process(
         org.id = tracing::field::Empty,
         category = tracing::field::Empty,
         provider = tracing::field::Empty,
-        attempt = incoming.attempts + 1,
+        attempt = incoming.attempts.saturating_add(1),
         delivery_tag = delivery.delivery_tag,
     );
     settle(dispatcher, broker, delivery, incoming, hard_stop)
@@ -189,15 +256,15 @@ async fn settle(
     let work = async {
         let decision = dispatcher.handle(&incoming).await;
         let publishing = match &decision {
-            Decision::Finish(f) => f.ledger_job_id.clone(),
+            Decision::Finish(f) => f.ledger_key.clone(),
             _ => None,
         };
         let applied = apply(&dispatcher, &broker, &delivery, &incoming, decision).await;
         if applied.is_err()
-            && let Some(job_id) = publishing
+            && let Some(key) = publishing
         {
             // The redelivery of this job publishes the recorded result right away.
-            let _ = dispatcher.services.store.release_publish(&job_id).await;
+            let _ = dispatcher.services.store.release_publish(&key).await;
         }
         applied
     };
@@ -251,7 +318,10 @@ pub async fn apply(
             history,
         } => {
             let tier = topology.tier_for(wait);
-            let not_before = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            let not_before = chrono::Duration::from_std(wait)
+                .ok()
+                .and_then(|wait| Utc::now().checked_add_signed(wait))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
             let properties = copy_properties(&delivery.properties).with_headers(with_headers(
                 carried_headers(&delivery.properties),
                 &[
@@ -348,8 +418,8 @@ async fn publish_finish(
             mandatory: false,
         })
         .await?;
-    if let Some(job_id) = finish.ledger_job_id {
-        dispatcher.published.push(job_id);
+    if let Some(key) = finish.ledger_key {
+        dispatcher.published.push(key);
     }
     let latency = (Utc::now() - incoming.first_seen)
         .to_std()
@@ -373,7 +443,8 @@ fn copy_properties(p: &BasicProperties) -> BasicProperties {
     out
 }
 
-/// The job's headers minus ours and the broker's `x-death` (rewritten each copy).
+/// The job's headers minus ours and the broker's `x-death` and
+/// `x-delivery-count` (rewritten each copy).
 fn carried_headers(p: &BasicProperties) -> FieldTable {
     let mut table = FieldTable::default();
     if let Some(h) = p.headers() {
@@ -381,6 +452,7 @@ fn carried_headers(p: &BasicProperties) -> FieldTable {
             let key = k.as_str();
             if key.starts_with("x-mail-dispatch-")
                 || key == "x-death"
+                || key == DELIVERY_COUNT
                 || key.starts_with("x-first-death")
                 || key.starts_with("x-last-death")
             {
@@ -390,4 +462,124 @@ fn carried_headers(p: &BasicProperties) -> FieldTable {
         }
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString};
+
+    fn text(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s))
+    }
+
+    /// The `x-death` entry the broker writes when `queue` dead-letters a message.
+    fn died_in(queue: &str, reason: &str) -> (&'static str, AMQPValue) {
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), text(queue));
+        death.insert("reason".into(), text(reason));
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        (
+            "x-death",
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        )
+    }
+
+    fn ours(
+        attempts: &str,
+        first_seen: &str,
+        not_before: &str,
+        history: &str,
+    ) -> Vec<(&'static str, AMQPValue)> {
+        vec![
+            (headers::ATTEMPTS, text(attempts)),
+            (headers::FIRST_SEEN, text(first_seen)),
+            (headers::NOT_BEFORE, text(not_before)),
+            (headers::HISTORY, text(history)),
+        ]
+    }
+
+    fn read(
+        headers: Vec<(&'static str, AMQPValue)>,
+        redelivered: bool,
+    ) -> (Incoming, DateTime<Utc>) {
+        let mut table = FieldTable::default();
+        for (k, v) in headers {
+            table.insert(k.into(), v);
+        }
+        let now = Utc::now();
+        let p = json_properties().with_headers(table);
+        (
+            read_incoming(&p, redelivered, Vec::new(), &Topology::default(), now),
+            now,
+        )
+    }
+
+    #[test]
+    fn our_headers_count_only_on_a_copy_from_our_delay_queue() {
+        let now_ms = Utc::now().timestamp_millis();
+        let earlier = (now_ms - 60_000).to_string();
+        let later = (now_ms + 30_000).to_string();
+        let mut from_delay = ours("3", &earlier, &later, "#1 x");
+        from_delay.push(died_in("mail.jobs.delay.5000", "expired"));
+        let (incoming, _) = read(from_delay, false);
+        assert_eq!(incoming.attempts, 3);
+        assert_eq!(incoming.first_seen.timestamp_millis(), now_ms - 60_000);
+        assert_eq!(
+            incoming.not_before.map(|t| t.timestamp_millis()),
+            Some(now_ms + 30_000)
+        );
+        assert_eq!(incoming.history, "#1 x");
+
+        // A producer's copy of them: no death at all, a death elsewhere, or not
+        // by expiry.
+        for death in [
+            None,
+            Some(died_in("someone.elses.queue", "expired")),
+            Some(died_in("mail.jobs.send", "expired")),
+            Some(died_in("mail.jobs.delay.5000", "rejected")),
+        ] {
+            let mut headers = ours("3", &earlier, &later, "#1 x");
+            headers.extend(death.clone());
+            let (incoming, now) = read(headers, false);
+            assert_eq!(incoming.attempts, 0, "{death:?}");
+            assert_eq!(incoming.first_seen, now, "{death:?}");
+            assert_eq!(incoming.not_before, None, "{death:?}");
+            assert_eq!(incoming.history, "", "{death:?}");
+        }
+    }
+
+    /// Even with a death that names our queue (a producer can write `x-death`
+    /// too), nothing read is out of bounds.
+    #[test]
+    fn what_is_read_is_bounded_whatever_the_headers_say() {
+        let mut headers = ours(
+            "4294967295",
+            "8210266876799999",
+            "8210266876799999",
+            &"h".repeat(100_000),
+        );
+        headers.push(died_in("mail.jobs.delay.1000", "expired"));
+        let (incoming, now) = read(headers, false);
+        assert_eq!(incoming.attempts as i64, MAX_CARRIED_ATTEMPTS);
+        assert_eq!(incoming.first_seen, now, "never later than now");
+        assert_eq!(incoming.history.len(), crate::dispatch::HISTORY_MAX_CHARS);
+
+        let (incoming, _) = read(
+            vec![
+                (headers::ATTEMPTS, text("-5")),
+                died_in("mail.jobs.delay.1000", "expired"),
+            ],
+            false,
+        );
+        assert_eq!(incoming.attempts, 0);
+    }
+
+    #[test]
+    fn the_delivery_count_is_the_brokers_only_on_a_redelivery() {
+        let count = || vec![(DELIVERY_COUNT, AMQPValue::LongLongInt(7))];
+        assert_eq!(read(count(), true).0.delivery_count, 7);
+        assert_eq!(read(count(), false).0.delivery_count, 0);
+        assert_eq!(read(vec![], true).0.delivery_count, 0);
+    }
 }

@@ -5,6 +5,7 @@ use clap::Subcommand;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use mail_dispatch_broker::headers;
 use mail_dispatch_broker::{Outgoing, header_str, json_properties};
+use mail_dispatch_store::JobKey;
 
 use crate::settings::Settings;
 
@@ -88,10 +89,12 @@ pub async fn dead_letters(settings: &Settings, command: &DeadLettersCommand) -> 
                 if id.is_some() && job_id != *id {
                     continue;
                 }
-                if let Some(job_id) = &job_id {
-                    // A fresh budget: the ledger would otherwise treat it as finished.
+                // A fresh budget: the ledger would otherwise treat it as finished.
+                // It knows a job by its organization too; a body without a
+                // readable one was never recorded.
+                if let (Some(job_id), Some(org)) = (&job_id, organization_of(&delivery.data)) {
                     store
-                        .reopen_job(job_id)
+                        .reopen_job(&JobKey::new(org, job_id))
                         .await
                         .context("reopening the job in the ledger")?;
                 }
@@ -120,4 +123,10 @@ pub async fn dead_letters(settings: &Settings, command: &DeadLettersCommand) -> 
     let _ = channel.close(200, "done".into()).await;
     broker.close().await;
     result
+}
+
+/// The `organization_id` of a job's body, when it is readable.
+fn organization_of(body: &[u8]) -> Option<String> {
+    let job: serde_json::Value = serde_json::from_slice(body).ok()?;
+    Some(job.get("organization_id")?.as_str()?.to_owned())
 }
