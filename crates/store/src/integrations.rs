@@ -430,7 +430,7 @@ impl Store {
         Fut: Future<Output = (RefreshDecision, T)>,
     {
         crate::QueryCounts::bump(&self.counts().token_refreshes);
-        let mut client = self.client().await?;
+        let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let Some(row) = tx
             .query_opt(

@@ -100,7 +100,7 @@ impl Services {
         on_pause: Option<OnPause>,
     ) -> tokio::task::JoinHandle<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let listener = spawn_change_listener(self.store.pg_config().clone(), tx);
+        let listener = spawn_change_listener(&self.store, tx);
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let _listener = AbortOnDropHandle::new(listener);
