@@ -103,3 +103,41 @@ async fn a_blackholed_database_is_reported_down_within_seconds_and_no_job_is_los
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_readiness_checks_at_once_share_one_connection_and_answer_in_time_when_blackholed() {
+    let db = mail_dispatch_test_support::TestDb::new().await;
+    let proxy = mail_dispatch_test_support::FaultProxy::start(db.server_addr()).await;
+    let store = db.store_at(proxy.addr(), Default::default());
+    let health = std::sync::Arc::new(mail_dispatch_worker::Health::default());
+    let check_all = || {
+        let checks: Vec<_> = (0..100)
+            .map(|_| {
+                let (health, store) = (health.clone(), store.clone());
+                tokio::spawn(async move { health.check_database(&store).await })
+            })
+            .collect();
+        futures_util::future::join_all(checks)
+    };
+    for up in check_all().await {
+        assert!(up.unwrap());
+    }
+    assert_eq!(
+        proxy.open_connections(),
+        1,
+        "a hundred probes at once took one pooled connection"
+    );
+
+    proxy.blackhole();
+    // A check younger than a second answers for the next callers too.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = Instant::now();
+    for up in check_all().await {
+        assert!(!up.unwrap(), "a database that does not answer is down");
+    }
+    assert!(
+        started.elapsed() < mail_dispatch_worker::DATABASE_CHECK_TIMEOUT + Duration::from_secs(1),
+        "every probe answered within the check's timeout: {:?}",
+        started.elapsed()
+    );
+}
