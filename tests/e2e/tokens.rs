@@ -111,12 +111,10 @@ async fn microsofts_rotated_refresh_token_replaces_the_stored_one() {
     let stored = app
         .db
         .store
-        .refresh_locked("org_ms", |t| async move {
-            (mail_dispatch_store::RefreshDecision::Keep, t.refresh_token)
-        })
+        .stored_tokens("org_ms")
         .await
         .unwrap()
-        .flatten()
+        .and_then(|t| t.refresh_token)
         .expect("a refresh token is stored");
     assert_ne!(
         stored.expose_secret(),
@@ -445,5 +443,104 @@ async fn the_token_cache_is_bounded_and_keeps_no_refresh_lock_behind() {
         reads(&app),
         before + 1,
         "evicted token read from PostgreSQL again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_token_endpoint_for_twenty_organizations_holds_no_connection_and_other_mail_keeps_flowing()
+ {
+    const TOKEN_DELAY: Duration = Duration::from_secs(25);
+    let app = TestApp::spawn_with(mail_dispatch_test_support::TestAppOptions {
+        concurrency: 64,
+        // The endpoint is slow, not dead: its answers arrive within the HTTP timeout.
+        http_timeout: TOKEN_DELAY + Duration::from_secs(5),
+        ..Default::default()
+    })
+    .await;
+    let slow_orgs: Vec<String> = (0..20).map(|n| format!("org_slow_{n:02}")).collect();
+    for (n, org) in slow_orgs.iter().enumerate() {
+        expired_grant(
+            &app,
+            org,
+            Vendor::Microsoft,
+            &format!("admin{n}@customer.com"),
+        )
+        .await;
+    }
+    app.connect(
+        "org_google",
+        Vendor::Google,
+        "ops@other.com",
+        "ops@other.com",
+        "Ops",
+    )
+    .await;
+    app.standins.set_token_delay(TOKEN_DELAY);
+    let mut results = app.amqp.tap_results().await;
+    let slow_jobs: Vec<_> = slow_orgs.iter().map(|org| app.job(org)).collect();
+    for job in &slow_jobs {
+        app.amqp.publish_job(job).await;
+    }
+    // At least as many refreshes as the main pool has connections.
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.standins.refreshes(Vendor::Microsoft).len() < 16 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refreshes did not all start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Twenty refreshes wait on the token endpoint. Meanwhile no session sits in a
+    // transaction, and mail of other organizations (the platform sender's, and
+    // a Google organization with a valid token) goes out at once.
+    let client = app.db.client().await;
+    let in_transaction: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND state LIKE 'idle in transaction%'",
+            &[&app.db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        in_transaction, 0,
+        "no connection is held across the HTTP call"
+    );
+    let started = std::time::Instant::now();
+    let others: Vec<_> = (0..10)
+        .flat_map(|_| [app.job("org_platform"), app.job("org_google")])
+        .collect();
+    for job in &others {
+        app.amqp.publish_job(job).await;
+    }
+    for job in &others {
+        let left = Duration::from_secs(5).saturating_sub(started.elapsed());
+        let r = results.result(job["id"].as_str().unwrap(), left).await;
+        assert_eq!(r["status"], "sent", "{r:#}");
+    }
+    assert!(
+        results
+            .settle(Duration::from_millis(10))
+            .await
+            .iter()
+            .filter(|s| s.routing_key.starts_with("result."))
+            .count()
+            == others.len(),
+        "the slow refreshes are still under way"
+    );
+
+    // And the slow ones get their tokens, with one refresh each.
+    for job in &slow_jobs {
+        let r = results
+            .result(job["id"].as_str().unwrap(), TOKEN_DELAY + WAIT)
+            .await;
+        assert_eq!(r["status"], "sent", "{r:#}");
+    }
+    assert_eq!(
+        app.standins.refreshes(Vendor::Microsoft).len(),
+        slow_orgs.len(),
+        "one refresh per organization"
     );
 }

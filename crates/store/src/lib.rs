@@ -18,7 +18,8 @@ use tokio_postgres::NoTls;
 
 pub use cipher::{CipherError, TokenCipher};
 pub use integrations::{
-    Fallback, Integration, IntegrationStatus, NewConnection, RefreshDecision, StoredTokens,
+    Fallback, Integration, IntegrationStatus, NewConnection, RefreshDecision, RefreshLease,
+    StoredTokens,
 };
 pub use ledger::Claim;
 pub use listener::{IntegrationChange, spawn_change_listener};
@@ -240,6 +241,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "oauth", include_str!("../migrations/0002_oauth.sql")),
     (3, "pacing", include_str!("../migrations/0003_pacing.sql")),
     (4, "connect", include_str!("../migrations/0004_connect.sql")),
+    (
+        5,
+        "refresh_lease",
+        include_str!("../migrations/0005_refresh_lease.sql"),
+    ),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;
@@ -532,5 +538,101 @@ mod tests {
             "{waited:?}"
         );
         holder.batch_execute("ROLLBACK").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_refresh_lease_at_a_time_and_a_lost_lease_stores_nothing() {
+        use secrecy::ExposeSecret as _;
+        let database = mail_dispatch_test_db::TempDatabase::create("md_test_").await;
+        let store = store_for(&database, "").await;
+        let lease = Duration::from_secs(30);
+        assert!(matches!(
+            store.take_refresh_lease("org_none", lease).await.unwrap(),
+            RefreshLease::Missing
+        ));
+        store
+            .save_connection(&NewConnection {
+                organization_id: "org_1".into(),
+                provider: mail_dispatch_domain::ProviderKind::Google,
+                account_email: "a@b.c".into(),
+                account_id: None,
+                account_tenant: None,
+                refresh_token: SecretString::from("rt-1"),
+                access_token: None,
+                granted_scopes: None,
+            })
+            .await
+            .unwrap();
+        let RefreshLease::Held { holder, tokens } =
+            store.take_refresh_lease("org_1", lease).await.unwrap()
+        else {
+            panic!("the first caller holds the lease");
+        };
+        assert_eq!(tokens.refresh_token.unwrap().expose_secret(), "rt-1");
+        assert!(matches!(
+            store.take_refresh_lease("org_1", lease).await.unwrap(),
+            RefreshLease::Busy { .. }
+        ));
+        assert!(
+            !store
+                .finish_refresh("org_1", "someone else", RefreshDecision::Keep)
+                .await
+                .unwrap()
+        );
+        let expires_at = chrono::Utc::now() + chrono::Duration::hours(1);
+        let store_token = |holder: String| {
+            let store = store.clone();
+            async move {
+                store
+                    .finish_refresh(
+                        "org_1",
+                        &holder,
+                        RefreshDecision::Store {
+                            access_token: SecretString::from("at-new"),
+                            expires_at,
+                            refresh_token: Some(SecretString::from("rt-2")),
+                        },
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        assert!(store_token(holder.clone()).await, "the holder stores");
+        assert!(!store_token(holder).await, "once: the lease is released");
+
+        // A lease that expired is taken over; its first holder then stores nothing.
+        let RefreshLease::Held { holder: first, .. } = store
+            .take_refresh_lease("org_1", Duration::ZERO)
+            .await
+            .unwrap()
+        else {
+            panic!("free again");
+        };
+        let RefreshLease::Held {
+            holder: second,
+            tokens,
+        } = store.take_refresh_lease("org_1", lease).await.unwrap()
+        else {
+            panic!("an expired lease is taken over");
+        };
+        assert_eq!(tokens.access_token.unwrap().0.expose_secret(), "at-new");
+        assert!(!store_token(first).await, "a lost lease stores nothing");
+        // A reconnect ends any lease: the refresh under way is stale.
+        store
+            .save_connection(&NewConnection {
+                organization_id: "org_1".into(),
+                provider: mail_dispatch_domain::ProviderKind::Google,
+                account_email: "a@b.c".into(),
+                account_id: None,
+                account_tenant: None,
+                refresh_token: SecretString::from("rt-3"),
+                access_token: None,
+                granted_scopes: None,
+            })
+            .await
+            .unwrap();
+        assert!(!store_token(second).await);
+        let stored = store.stored_tokens("org_1").await.unwrap().unwrap();
+        assert_eq!(stored.refresh_token.unwrap().expose_secret(), "rt-3");
     }
 }

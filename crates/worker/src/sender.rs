@@ -67,6 +67,10 @@ fn from_token_error(e: TokenError) -> SendFailure {
                 format!("could not obtain an access token: {e}"),
             ))
         }
+        TokenError::Busy => SendFailure::Send(SendError::new(
+            FailureClass::unavailable(None),
+            "another replica is still refreshing the organization's access token",
+        )),
         // Transient, or the operator's OAuth client: retried within the job's budget.
         TokenError::Refresh(e) => SendFailure::Send(SendError::new(
             FailureClass::unavailable(None),

@@ -73,11 +73,10 @@ impl Services {
             endpoints.microsoft.as_ref(),
             endpoints.google.as_ref(),
         );
-        let tokens = Arc::new(Tokens::new(
-            store.clone(),
-            service,
-            caches.token_refresh_margin,
-        ));
+        let tokens = Arc::new(
+            Tokens::new(store.clone(), service, caches.token_refresh_margin)
+                .with_refresh_lease(endpoints.http_timeout + crate::tokens::REFRESH_LEASE_MARGIN),
+        );
         let senders = Senders {
             graph: GraphSender::new(api.clone(), &endpoints.graph_url, false),
             gmail: GmailSender::new(api, &endpoints.gmail_url),
