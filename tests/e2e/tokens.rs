@@ -544,3 +544,137 @@ async fn a_slow_token_endpoint_for_twenty_organizations_holds_no_connection_and_
         "one refresh per organization"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undecryptable_stored_token_turns_the_integration_needs_reauth_with_one_event() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_bad",
+        Vendor::Google,
+        "ops@customer.com",
+        "ops@customer.com",
+        "Ops",
+    )
+    .await;
+    // One bit flipped in the last byte of each ciphertext: AES-GCM refuses them.
+    let client = app.db.client().await;
+    client
+        .execute(
+            "UPDATE integrations SET
+                 access_token = set_byte(access_token, length(access_token) - 1,
+                                         get_byte(access_token, length(access_token) - 1) # 1),
+                 refresh_token = set_byte(refresh_token, length(refresh_token) - 1,
+                                          get_byte(refresh_token, length(refresh_token) - 1) # 1)
+             WHERE organization_id = 'org_bad'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut tap = app.amqp.tap_results().await;
+    let job = app.job("org_bad");
+    app.amqp.publish_job(&job).await;
+    let r = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["code"], "auth_revoked", "{r:#}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the stored token cannot be decrypted: ")
+            && message.ends_with("; reconnect"),
+        "{message}"
+    );
+    // Later jobs fail at once too, and announce nothing more.
+    let later: Vec<_> = (0..2).map(|_| app.job("org_bad")).collect();
+    for job in &later {
+        app.amqp.publish_job(job).await;
+    }
+    for job in &later {
+        let r = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+        assert_eq!(r["error"]["code"], "auth_revoked", "{r:#}");
+    }
+    let integration = app.db.store.integration("org_bad").await.unwrap().unwrap();
+    assert_eq!(integration.status, IntegrationStatus::NeedsReauth);
+    assert!(
+        integration
+            .last_error
+            .unwrap()
+            .starts_with("the stored token cannot be decrypted: ")
+    );
+    let events: Vec<_> = tap
+        .settle(Duration::from_millis(500))
+        .await
+        .iter()
+        .filter(|s| s.routing_key == "integration.needs_reauth")
+        .map(|s| s.body.clone())
+        .collect();
+    assert_eq!(events.len(), 1, "one event: {events:#?}");
+    assert_eq!(events[0]["organization_id"], "org_bad");
+    assert_eq!(app.standins.gmail_messages().len(), 0, "nothing sent");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_under_a_key_that_is_not_configured_blocks_its_jobs_within_their_budget_only() {
+    let max_age = Duration::from_secs(8);
+    let app = TestApp::spawn_with(mail_dispatch_test_support::TestAppOptions {
+        max_age,
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_key",
+        Vendor::Google,
+        "ops@customer.com",
+        "ops@customer.com",
+        "Ops",
+    )
+    .await;
+    // Another key id in the stored form (after its length byte): a key this
+    // deployment does not have, as after a key was removed too early.
+    let client = app.db.client().await;
+    client
+        .execute(
+            "UPDATE integrations SET
+                 access_token = overlay(access_token PLACING convert_to('0123456789abcdef', 'UTF8') FROM 2 FOR 16),
+                 refresh_token = overlay(refresh_token PLACING convert_to('0123456789abcdef', 'UTF8') FROM 2 FOR 16)
+             WHERE organization_id = 'org_key'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut tap = app.amqp.tap_results().await;
+    let job = app.job("org_key");
+    let published = std::time::Instant::now();
+    app.amqp.publish_job(&job).await;
+    let r = tap
+        .result(job["id"].as_str().unwrap(), max_age + WAIT)
+        .await;
+    // Delayed in 5 s steps until the next one would end past the budget.
+    assert!(
+        published.elapsed() >= max_age - Duration::from_secs(5),
+        "retried while the key may come back: {:?}",
+        published.elapsed()
+    );
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["code"], "expired", "{r:#}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("0123456789abcdef"), "{message}");
+    let dead = app.amqp.drain(&app.amqp.topology.dead_queue).await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "dead-lettered, to replay once the key is back"
+    );
+    // The grant is not thrown away: putting the key back is enough.
+    let integration = app.db.store.integration("org_key").await.unwrap().unwrap();
+    assert_eq!(integration.status, IntegrationStatus::Active);
+    let refresh: Option<Vec<u8>> = client
+        .query_one(
+            "SELECT refresh_token FROM integrations WHERE organization_id = 'org_key'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(refresh.is_some());
+}

@@ -239,7 +239,7 @@ impl Dispatcher {
     async fn handle_valid(&self, job: Job, incoming: &Incoming) -> Decision {
         let route = match self.services.resolver.resolve(&job.organization_id).await {
             Ok(route) => route,
-            Err(e) => return blocked(&e, incoming),
+            Err(e) => return self.blocked(&job, &e, incoming).await,
         };
         // Pacing and fairness come before the claim: a deferred job leaves the
         // consumer without touching the ledger.
@@ -347,7 +347,21 @@ impl Dispatcher {
             Err(SendFailure::Store(e)) => {
                 // Nothing was sent (tokens could not be read): try again later.
                 let _ = self.store().release_job(&job.id).await;
-                blocked(&e, incoming)
+                self.blocked(&job, &e, incoming).await
+            }
+            Err(SendFailure::Unreadable { reason, newly }) => {
+                let events = if newly {
+                    vec![NeedsReauthEvent::new(
+                        &job.organization_id,
+                        provider,
+                        &reason,
+                        Utc::now(),
+                    )]
+                } else {
+                    vec![]
+                };
+                let error = JobError::new(ErrorCode::AuthRevoked, reason);
+                self.revoked(&job, &route, result, error, events).await
             }
             Err(SendFailure::Revoked {
                 reason,
@@ -446,7 +460,7 @@ impl Dispatcher {
                     history: incoming.history.clone(),
                 })
             }
-            Err(e) => Err(blocked(&e, incoming)),
+            Err(e) => Err(self.blocked(job, &e, incoming).await),
         }
     }
 
@@ -697,6 +711,52 @@ impl Dispatcher {
         Decision::Finish(Box::new(recorded.into_finish(job_id)))
     }
 
+    /// PostgreSQL could not be used, or a stored token's key is not configured:
+    /// nothing was sent. The job waits and comes back while the next try falls
+    /// within its budget (its `not_after`, or the maximum age from first seen);
+    /// past that it fails with `expired` and a dead letter, to be replayed once
+    /// the cause is fixed. Without that bound it would come back every 5 s for
+    /// ever, with no result.
+    async fn blocked(&self, job: &Job, e: &StoreError, incoming: &Incoming) -> Decision {
+        let key_missing = matches!(
+            e,
+            StoreError::Cipher(mail_dispatch_store::CipherError::UnknownKey(_))
+        );
+        let now = Utc::now();
+        let max_age = chrono::Duration::from_std(self.config.retry.max_age)
+            .unwrap_or(chrono::Duration::days(1));
+        let budget_end = job
+            .not_after
+            .map_or(incoming.first_seen + max_age, |limit| {
+                limit.min(incoming.first_seen + max_age)
+            });
+        let wait = chrono::Duration::from_std(BACKOFF_WHEN_BLOCKED).unwrap_or_default();
+        if now + wait <= budget_end {
+            if key_missing {
+                tracing::warn!(error = %e, "a stored token's key is not configured; job delayed");
+            } else {
+                tracing::warn!(error = %e, "database unavailable; job delayed, not acked until its copy is confirmed");
+            }
+            return Decision::Delay {
+                wait: BACKOFF_WHEN_BLOCKED,
+                attempts: incoming.attempts,
+                reason: DelayReason::DatabaseUnavailable,
+                history: incoming.history.clone(),
+            };
+        }
+        tracing::warn!(error = %e, "store unusable until the job's budget ran out; job failed");
+        let detail = format!("not sent within its budget (not_after, or the maximum age): {e}");
+        let mut result = JobResult::for_job(job, now);
+        result.attempts = incoming.attempts;
+        result.error = Some(JobError::new(ErrorCode::Expired, detail.clone()));
+        let dead_letter = DeadLetter {
+            reason: ErrorCode::Expired,
+            detail,
+        };
+        self.finish(&job.id, result, Some(dead_letter), vec![])
+            .await
+    }
+
     async fn invalid(
         &self,
         invalid: &mail_dispatch_domain::InvalidJob,
@@ -750,17 +810,6 @@ impl Dispatcher {
             events: vec![],
             ledger_job_id,
         }))
-    }
-}
-
-/// PostgreSQL could not be used: nothing was sent; the job waits and comes back.
-fn blocked(e: &StoreError, incoming: &Incoming) -> Decision {
-    tracing::warn!(error = %e, "database unavailable; job delayed, not acked until its copy is confirmed");
-    Decision::Delay {
-        wait: BACKOFF_WHEN_BLOCKED,
-        attempts: incoming.attempts,
-        reason: DelayReason::DatabaseUnavailable,
-        history: incoming.history.clone(),
     }
 }
 

@@ -18,7 +18,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
 use mail_dispatch_providers::{RefreshError, TokenService};
-use mail_dispatch_store::{RefreshDecision, RefreshLease, Store, StoreError, StoredTokens};
+use mail_dispatch_store::{
+    CipherError, RefreshDecision, RefreshLease, Store, StoreError, StoredTokens,
+};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::Instrument as _;
 
@@ -34,6 +36,11 @@ pub enum TokenError {
         code: Option<String>,
         newly: bool,
     },
+    /// The stored token is damaged: no configured key decrypts it, though one
+    /// claims to (tampered, truncated or swapped ciphertext). Only a reconnect
+    /// helps, so the integration is now `needs_reauth`; `newly` as for `Revoked`.
+    #[error("{reason}")]
+    Unreadable { reason: String, newly: bool },
     #[error(transparent)]
     Refresh(RefreshError),
     #[error(transparent)]
@@ -192,7 +199,12 @@ impl Tokens {
             .or_default()
             .clone();
         let guard = lock.lock().await;
-        let outcome = self.load_or_refresh(org, provider, rejected).await;
+        let outcome = match self.load_or_refresh(org, provider, rejected).await {
+            Err(TokenError::Store(StoreError::Cipher(e @ CipherError::Corrupt))) => {
+                Err(self.unreadable(org, &e).await)
+            }
+            other => other,
+        };
         drop(guard);
         let mut locks = self.refresh_locks.lock().expect("poisoned");
         // Nobody else waits on it (the map's and this clone are the only ones).
@@ -375,7 +387,23 @@ impl Tokens {
         idle_for: Duration,
     ) -> Result<KeepAlive, TokenError> {
         let idle_for = chrono::Duration::from_std(idle_for).unwrap_or(chrono::Duration::days(7));
-        let (holder, tokens) = match self.store.take_refresh_lease(org, self.lease).await? {
+        let taken = match self.store.take_refresh_lease(org, self.lease).await {
+            Err(StoreError::Cipher(e @ CipherError::Corrupt)) => {
+                return match self.unreadable(org, &e).await {
+                    TokenError::Unreadable {
+                        reason,
+                        newly: true,
+                    } => Ok(KeepAlive::Revoked {
+                        reason,
+                        code: "undecryptable_token".into(),
+                    }),
+                    TokenError::Unreadable { .. } => Ok(KeepAlive::NotDue),
+                    other => Err(other),
+                };
+            }
+            other => other?,
+        };
+        let (holder, tokens) = match taken {
             RefreshLease::Missing | RefreshLease::Busy { .. } => return Ok(KeepAlive::NotDue),
             RefreshLease::Held { holder, tokens } => (holder, tokens),
         };
@@ -433,6 +461,24 @@ impl Tokens {
                 lease.release().await;
                 Err(TokenError::Refresh(e))
             }
+        }
+    }
+
+    /// The organization's stored token is damaged ([`CipherError::Corrupt`]):
+    /// flags the integration `needs_reauth` with the reason. An unknown key is
+    /// not handled here: that is a deployment missing a key, which putting the
+    /// key back repairs, and flagging would throw the grant away.
+    async fn unreadable(&self, org: &str, e: &CipherError) -> TokenError {
+        let reason = format!("the stored token cannot be decrypted: {e}; reconnect");
+        match self.store.mark_needs_reauth(org, &reason).await {
+            Ok(newly) => {
+                if newly {
+                    tracing::error!(org.id = org, error = %e, "stored token cannot be decrypted; integration needs reauthorization");
+                }
+                self.forget(org);
+                TokenError::Unreadable { reason, newly }
+            }
+            Err(e) => TokenError::Store(e),
         }
     }
 
