@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use mail_dispatch_test_support::standins::Vendor;
 use mail_dispatch_test_support::{TestApp, TestAppOptions};
 
 use crate::support::WAIT;
@@ -102,6 +103,20 @@ async fn a_blackholed_database_is_reported_down_within_seconds_and_no_job_is_los
         assert!(recovered_at.elapsed() < WAIT, "the store never recovered");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Change notifications reach the worker again: org_flow's cached route (the
+    // platform sender) gives way to its new Google integration.
+    app.connect(
+        "org_flow",
+        Vendor::Google,
+        "ops@customer.com",
+        "ops@customer.com",
+        "Ops",
+    )
+    .await;
+    let job = app.job("org_flow");
+    app.amqp.publish_job(&job).await;
+    let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["provider"], "google", "{r:#}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
