@@ -271,6 +271,9 @@ impl Tokens {
         let give_up = tokio::time::Instant::now() + self.lease * 2;
         let mut pause = POLL_FIRST;
         loop {
+            if tokio::time::Instant::now() >= give_up {
+                return Err(TokenError::Busy);
+            }
             match self.store.take_refresh_lease(org, self.lease).await? {
                 RefreshLease::Missing => return Err(TokenError::NotConnected),
                 RefreshLease::Busy { tokens, until } => {
@@ -280,13 +283,10 @@ impl Tokens {
                     if tokens.refresh_token.is_none() {
                         return Err(no_grant());
                     }
-                    let now = tokio::time::Instant::now();
-                    if now >= give_up {
-                        return Err(TokenError::Busy);
-                    }
                     // Not past the lease's end, when it can be taken over.
                     let to_expiry = (until - Utc::now()).to_std().unwrap_or_default();
-                    let wait = pause.min(to_expiry.max(POLL_FIRST)).min(give_up - now);
+                    let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+                    let wait = pause.min(to_expiry.max(POLL_FIRST)).min(left);
                     tokio::time::sleep(wait).await;
                     pause = (pause * 2).min(POLL_MAX);
                 }
@@ -326,7 +326,8 @@ impl Tokens {
                             }
                             // The integration changed under us (reconnected,
                             // flagged, or another replica's refresh after our
-                            // lease expired): what it holds now decides.
+                            // lease expired): what it holds now decides, in the
+                            // next round (within `give_up`).
                         }
                         Err(RefreshError::Revoked { reason, code }) => {
                             tracing::warn!(org.id = org, %provider, %code, %reason, "grant refused; integration needs reauthorization");
