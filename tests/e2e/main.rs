@@ -6,6 +6,7 @@ mod config_changes;
 mod connect;
 mod delivery;
 mod dispatch;
+mod faults;
 mod invalid_jobs;
 mod operability;
 mod pacing;

@@ -111,12 +111,10 @@ async fn microsofts_rotated_refresh_token_replaces_the_stored_one() {
     let stored = app
         .db
         .store
-        .refresh_locked("org_ms", |t| async move {
-            (mail_dispatch_store::RefreshDecision::Keep, t.refresh_token)
-        })
+        .stored_tokens("org_ms")
         .await
         .unwrap()
-        .flatten()
+        .and_then(|t| t.refresh_token)
         .expect("a refresh token is stored");
     assert_ne!(
         stored.expose_secret(),
@@ -446,4 +444,238 @@ async fn the_token_cache_is_bounded_and_keeps_no_refresh_lock_behind() {
         before + 1,
         "evicted token read from PostgreSQL again"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_token_endpoint_for_twenty_organizations_holds_no_connection_and_other_mail_keeps_flowing()
+ {
+    const TOKEN_DELAY: Duration = Duration::from_secs(25);
+    let app = TestApp::spawn_with(mail_dispatch_test_support::TestAppOptions {
+        concurrency: 64,
+        // The endpoint is slow, not dead: its answers arrive within the HTTP timeout.
+        http_timeout: TOKEN_DELAY + Duration::from_secs(5),
+        ..Default::default()
+    })
+    .await;
+    let slow_orgs: Vec<String> = (0..20).map(|n| format!("org_slow_{n:02}")).collect();
+    for (n, org) in slow_orgs.iter().enumerate() {
+        expired_grant(
+            &app,
+            org,
+            Vendor::Microsoft,
+            &format!("admin{n}@customer.com"),
+        )
+        .await;
+    }
+    app.connect(
+        "org_google",
+        Vendor::Google,
+        "ops@other.com",
+        "ops@other.com",
+        "Ops",
+    )
+    .await;
+    app.standins.set_token_delay(TOKEN_DELAY);
+    let mut results = app.amqp.tap_results().await;
+    let slow_jobs: Vec<_> = slow_orgs.iter().map(|org| app.job(org)).collect();
+    for job in &slow_jobs {
+        app.amqp.publish_job(job).await;
+    }
+    // At least as many refreshes as the main pool has connections.
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.standins.refreshes(Vendor::Microsoft).len() < 16 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refreshes did not all start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Twenty refreshes wait on the token endpoint. Meanwhile no session sits in a
+    // transaction, and mail of other organizations (the platform sender's, and
+    // a Google organization with a valid token) goes out at once.
+    let client = app.db.client().await;
+    let in_transaction: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND state LIKE 'idle in transaction%'",
+            &[&app.db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        in_transaction, 0,
+        "no connection is held across the HTTP call"
+    );
+    let started = std::time::Instant::now();
+    let others: Vec<_> = (0..10)
+        .flat_map(|_| [app.job("org_platform"), app.job("org_google")])
+        .collect();
+    for job in &others {
+        app.amqp.publish_job(job).await;
+    }
+    for job in &others {
+        let left = Duration::from_secs(5).saturating_sub(started.elapsed());
+        let r = results.result(job["id"].as_str().unwrap(), left).await;
+        assert_eq!(r["status"], "sent", "{r:#}");
+    }
+    assert!(
+        results
+            .settle(Duration::from_millis(10))
+            .await
+            .iter()
+            .filter(|s| s.routing_key.starts_with("result."))
+            .count()
+            == others.len(),
+        "the slow refreshes are still under way"
+    );
+
+    // And the slow ones get their tokens, with one refresh each.
+    for job in &slow_jobs {
+        let r = results
+            .result(job["id"].as_str().unwrap(), TOKEN_DELAY + WAIT)
+            .await;
+        assert_eq!(r["status"], "sent", "{r:#}");
+    }
+    assert_eq!(
+        app.standins.refreshes(Vendor::Microsoft).len(),
+        slow_orgs.len(),
+        "one refresh per organization"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undecryptable_stored_token_turns_the_integration_needs_reauth_with_one_event() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_bad",
+        Vendor::Google,
+        "ops@customer.com",
+        "ops@customer.com",
+        "Ops",
+    )
+    .await;
+    // One bit flipped in the last byte of each ciphertext: AES-GCM refuses them.
+    let client = app.db.client().await;
+    client
+        .execute(
+            "UPDATE integrations SET
+                 access_token = set_byte(access_token, length(access_token) - 1,
+                                         get_byte(access_token, length(access_token) - 1) # 1),
+                 refresh_token = set_byte(refresh_token, length(refresh_token) - 1,
+                                          get_byte(refresh_token, length(refresh_token) - 1) # 1)
+             WHERE organization_id = 'org_bad'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut tap = app.amqp.tap_results().await;
+    let job = app.job("org_bad");
+    app.amqp.publish_job(&job).await;
+    let r = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["code"], "auth_revoked", "{r:#}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the stored token cannot be decrypted: ")
+            && message.ends_with("; reconnect"),
+        "{message}"
+    );
+    // Later jobs fail at once too, and announce nothing more.
+    let later: Vec<_> = (0..2).map(|_| app.job("org_bad")).collect();
+    for job in &later {
+        app.amqp.publish_job(job).await;
+    }
+    for job in &later {
+        let r = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+        assert_eq!(r["error"]["code"], "auth_revoked", "{r:#}");
+    }
+    let integration = app.db.store.integration("org_bad").await.unwrap().unwrap();
+    assert_eq!(integration.status, IntegrationStatus::NeedsReauth);
+    assert!(
+        integration
+            .last_error
+            .unwrap()
+            .starts_with("the stored token cannot be decrypted: ")
+    );
+    let events: Vec<_> = tap
+        .settle(Duration::from_millis(500))
+        .await
+        .iter()
+        .filter(|s| s.routing_key == "integration.needs_reauth")
+        .map(|s| s.body.clone())
+        .collect();
+    assert_eq!(events.len(), 1, "one event: {events:#?}");
+    assert_eq!(events[0]["organization_id"], "org_bad");
+    assert_eq!(app.standins.gmail_messages().len(), 0, "nothing sent");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_under_a_key_that_is_not_configured_blocks_its_jobs_within_their_budget_only() {
+    let max_age = Duration::from_secs(8);
+    let app = TestApp::spawn_with(mail_dispatch_test_support::TestAppOptions {
+        max_age,
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_key",
+        Vendor::Google,
+        "ops@customer.com",
+        "ops@customer.com",
+        "Ops",
+    )
+    .await;
+    // Another key id in the stored form (after its length byte): a key this
+    // deployment does not have, as after a key was removed too early.
+    let client = app.db.client().await;
+    client
+        .execute(
+            "UPDATE integrations SET
+                 access_token = overlay(access_token PLACING convert_to('0123456789abcdef', 'UTF8') FROM 2 FOR 16),
+                 refresh_token = overlay(refresh_token PLACING convert_to('0123456789abcdef', 'UTF8') FROM 2 FOR 16)
+             WHERE organization_id = 'org_key'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut tap = app.amqp.tap_results().await;
+    let job = app.job("org_key");
+    let published = std::time::Instant::now();
+    app.amqp.publish_job(&job).await;
+    let r = tap
+        .result(job["id"].as_str().unwrap(), max_age + WAIT)
+        .await;
+    // Delayed in 5 s steps until the next one would end past the budget.
+    assert!(
+        published.elapsed() >= max_age - Duration::from_secs(5),
+        "retried while the key may come back: {:?}",
+        published.elapsed()
+    );
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "failed", "{r:#}");
+    // Past its maximum age, as any job the provider could not take in time.
+    assert_eq!(r["error"]["code"], "provider_unavailable", "{r:#}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("0123456789abcdef"), "{message}");
+    let dead = app.amqp.drain(&app.amqp.topology.dead_queue).await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "dead-lettered, to replay once the key is back"
+    );
+    // The grant is not thrown away: putting the key back is enough.
+    let integration = app.db.store.integration("org_key").await.unwrap().unwrap();
+    assert_eq!(integration.status, IntegrationStatus::Active);
+    let refresh: Option<Vec<u8>> = client
+        .query_one(
+            "SELECT refresh_token FROM integrations WHERE organization_id = 'org_key'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(refresh.is_some());
 }

@@ -166,6 +166,11 @@ async fn test_send(
             error.provider_code = code;
             (TestStatus::Failed, None, Some(error))
         }
+        Err(mail_dispatch_worker::SendFailure::Unreadable { reason, .. }) => (
+            TestStatus::Failed,
+            None,
+            Some(JobError::new(ErrorCode::AuthRevoked, reason)),
+        ),
         Err(mail_dispatch_worker::SendFailure::Store(e)) => return Err(ApiError::internal(e)),
     };
     let sent = status == TestStatus::Sent;

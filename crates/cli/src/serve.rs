@@ -79,8 +79,7 @@ pub async fn serve_metrics(
 }
 
 async fn readyz(State(p): State<Probe>) -> (StatusCode, String) {
-    let database = matches!(p.store.ping().await, Ok(true));
-    p.health.set_database(database);
+    let database = p.health.check_database(&p.store).await;
     let amqp = !p.needs_amqp || p.health.amqp();
     let body = format!(
         "amqp: {}\ndatabase: {}\n",

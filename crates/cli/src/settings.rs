@@ -89,6 +89,7 @@ impl Settings {
     /// Checks what can be checked before connecting anywhere.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.worker.validate()?;
+        self.database.validate()?;
         self.default_sender()?;
         self.telemetry.validate()?;
         self.cipher()?;

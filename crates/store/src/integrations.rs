@@ -1,7 +1,5 @@
 //! Organization integrations and their encrypted tokens.
 
-use std::future::Future;
-
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
 use secrecy::SecretString;
@@ -132,7 +130,7 @@ pub struct NewConnection {
     pub granted_scopes: Option<String>,
 }
 
-/// The decrypted tokens of an integration, seen while its row is locked.
+/// The decrypted tokens of an integration.
 #[derive(Debug)]
 pub struct StoredTokens {
     pub provider: ProviderKind,
@@ -142,12 +140,15 @@ pub struct StoredTokens {
     pub last_refreshed_at: Option<DateTime<Utc>>,
 }
 
-/// What a refresh decided, applied to the locked row before the lock is released.
+/// What a refresh lease's holder decided, applied as it releases the lease.
 #[derive(Debug)]
 pub enum RefreshDecision {
-    /// Leave the row as it is (another replica refreshed it, or the call failed transiently).
+    /// Leave the tokens as they are (another replica refreshed them, or the call
+    /// failed transiently).
     Keep,
-    /// Store a new access token, and the rotated refresh token when the provider sent one.
+    /// Store a new access token, and the refresh token: the rotated one when the
+    /// provider sent one, else the one used (re-encrypted under the current key,
+    /// so that `token_key_id` stays truthful).
     Store {
         access_token: SecretString,
         expires_at: DateTime<Utc>,
@@ -158,6 +159,28 @@ pub enum RefreshDecision {
     /// then fail fast without asking the provider again).
     Revoked { reason: String },
 }
+
+/// What asking for an integration's refresh lease found.
+#[derive(Debug)]
+pub enum RefreshLease {
+    /// The organization has no integration.
+    Missing,
+    /// This caller holds the lease (`holder`) and may call the token endpoint;
+    /// the tokens as they are now.
+    Held {
+        holder: String,
+        tokens: StoredTokens,
+    },
+    /// Someone else holds it, until `until`; the tokens as they are now (the
+    /// holder may have stored fresh ones already).
+    Busy {
+        tokens: StoredTokens,
+        until: DateTime<Utc>,
+    },
+}
+
+const TOKEN_COLUMNS: &str = "provider, granted_scopes, refresh_token, access_token, \
+     access_token_expires_at, last_refreshed_at";
 
 fn ctx(org: &str, column: &str) -> String {
     format!("{org}/{column}")
@@ -245,7 +268,9 @@ impl Store {
                          provider = EXCLUDED.provider,
                          connected_at = now(),
                          last_error = NULL,
-                         updated_at = now()
+                         updated_at = now(),
+                         refreshing_until = NULL,
+                         refresh_holder = NULL
                      RETURNING {INTEGRATION_COLUMNS}"
                 ),
                 &[
@@ -310,7 +335,8 @@ impl Store {
     }
 
     /// Marks an integration `needs_reauth` and drops its tokens. Returns whether it
-    /// changed (so that the event is published once, not once per job).
+    /// changed (so that the event is published once, not once per job). A refresh
+    /// under way loses its lease: what it gets is not stored.
     pub async fn mark_needs_reauth(
         &self,
         organization_id: &str,
@@ -320,7 +346,8 @@ impl Store {
         let n = client
             .execute(
                 "UPDATE integrations SET status = 'needs_reauth', last_error = $2, refresh_token = NULL,
-                     access_token = NULL, access_token_expires_at = NULL, updated_at = now()
+                     access_token = NULL, access_token_expires_at = NULL, updated_at = now(),
+                     refreshing_until = NULL, refresh_holder = NULL
                  WHERE organization_id = $1 AND status <> 'needs_reauth'",
                 &[&organization_id, &reason],
             )
@@ -419,36 +446,30 @@ impl Store {
         }
     }
 
-    /// Runs `refresh` with the integration's row locked (`SELECT … FOR UPDATE`), so
-    /// that across all replicas at most one refresh of an integration runs at a
-    /// time, then applies its decision in the same transaction: a rotated refresh
-    /// token is stored atomically with the access token it came with.
-    /// Returns `None` when the organization has no integration.
-    pub async fn refresh_locked<F, Fut, T>(
+    /// The tokens of an integration as they are now, decrypted.
+    pub async fn stored_tokens(
         &self,
         organization_id: &str,
-        refresh: F,
-    ) -> Result<Option<T>, StoreError>
-    where
-        F: FnOnce(StoredTokens) -> Fut,
-        Fut: Future<Output = (RefreshDecision, T)>,
-    {
-        crate::QueryCounts::bump(&self.counts().token_refreshes);
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let Some(row) = tx
+    ) -> Result<Option<StoredTokens>, StoreError> {
+        crate::QueryCounts::bump(&self.counts().token_reads);
+        let client = self.client().await?;
+        let row = client
             .query_opt(
-                "SELECT provider, granted_scopes, refresh_token, access_token, access_token_expires_at,
-                     last_refreshed_at
-                 FROM integrations WHERE organization_id = $1 FOR UPDATE",
+                &format!("SELECT {TOKEN_COLUMNS} FROM integrations WHERE organization_id = $1"),
                 &[&organization_id],
             )
-            .await?
-        else {
-            return Ok(None);
-        };
+            .await?;
+        row.map(|row| self.stored_from_row(organization_id, &row))
+            .transpose()
+    }
+
+    fn stored_from_row(
+        &self,
+        organization_id: &str,
+        row: &Row,
+    ) -> Result<StoredTokens, StoreError> {
         let refresh_token: Option<Vec<u8>> = row.get("refresh_token");
-        let tokens = StoredTokens {
+        Ok(StoredTokens {
             provider: ProviderKind::parse(row.get("provider")).unwrap_or(ProviderKind::Default),
             granted_scopes: row.get("granted_scopes"),
             refresh_token: refresh_token
@@ -457,13 +478,91 @@ impl Store {
                         .decrypt(&ctx(organization_id, "refresh_token"), &b)
                 })
                 .transpose()?,
-            access_token: self.decrypt_access(organization_id, &row)?,
+            access_token: self.decrypt_access(organization_id, row)?,
             last_refreshed_at: row.get("last_refreshed_at"),
+        })
+    }
+
+    /// Takes the integration's refresh lease for `lease` if nobody holds it (or
+    /// its holder's lease expired). One statement, no transaction: the row is
+    /// locked only for as long as the statement runs, so across all replicas at
+    /// most one refresh of an integration is under way, and nobody holds a
+    /// connection or a lock while its holder waits for the token endpoint.
+    /// The holder ends it with [`Store::finish_refresh`].
+    pub async fn take_refresh_lease(
+        &self,
+        organization_id: &str,
+        lease: std::time::Duration,
+    ) -> Result<RefreshLease, StoreError> {
+        crate::QueryCounts::bump(&self.counts().token_refreshes);
+        let holder = uuid::Uuid::new_v4().to_string();
+        let client = self.client().await?;
+        let taken = client
+            .query_opt(
+                &format!(
+                    "UPDATE integrations
+                     SET refreshing_until = now() + make_interval(secs => $3::float8), refresh_holder = $2
+                     WHERE organization_id = $1
+                       AND (refreshing_until IS NULL OR refreshing_until <= now())
+                     RETURNING {TOKEN_COLUMNS}"
+                ),
+                &[&organization_id, &holder, &lease.as_secs_f64()],
+            )
+            .await?;
+        if let Some(row) = taken {
+            // Decrypting may fail (a corrupt or unknown-key token): the lease is
+            // given back first, so that the failure is not also a 35 s wait for others.
+            return match self.stored_from_row(organization_id, &row) {
+                Ok(tokens) => Ok(RefreshLease::Held { holder, tokens }),
+                Err(e) => {
+                    drop(client);
+                    let _ = self
+                        .finish_refresh(organization_id, &holder, RefreshDecision::Keep)
+                        .await;
+                    Err(e)
+                }
+            };
+        }
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT {TOKEN_COLUMNS}, COALESCE(refreshing_until, now()) AS until
+                     FROM integrations WHERE organization_id = $1"
+                ),
+                &[&organization_id],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(RefreshLease::Missing);
         };
-        let current_refresh = tokens.refresh_token.clone();
-        let (decision, value) = refresh(tokens).await;
-        match decision {
-            RefreshDecision::Keep => {}
+        Ok(RefreshLease::Busy {
+            tokens: self.stored_from_row(organization_id, &row)?,
+            until: row.get("until"),
+        })
+    }
+
+    /// Applies the decision of a refresh lease's `holder` and releases the lease,
+    /// if it still holds it. Returns whether it did: `false` when the lease
+    /// expired and someone else took it, or the integration was reconnected,
+    /// marked `needs_reauth` or deleted meanwhile (what the holder got is then
+    /// stale, and not stored).
+    pub async fn finish_refresh(
+        &self,
+        organization_id: &str,
+        holder: &str,
+        decision: RefreshDecision,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let changed = match decision {
+            RefreshDecision::Keep => {
+                client
+                    .execute(
+                        "UPDATE integrations SET refreshing_until = NULL, refresh_holder = NULL
+                         WHERE organization_id = $1 AND refresh_holder = $2",
+                        &[&organization_id, &holder],
+                    )
+                    .await?
+            }
             RefreshDecision::Store {
                 access_token,
                 expires_at,
@@ -471,38 +570,38 @@ impl Store {
             } => {
                 let cipher = self.cipher();
                 let access = cipher.encrypt(&ctx(organization_id, "access_token"), &access_token);
-                // The refresh token is re-encrypted under the current key even when the
-                // provider did not rotate it (Google), so token_key_id stays truthful.
-                let rotated = refresh_token
-                    .or(current_refresh)
+                let refresh = refresh_token
                     .map(|t| cipher.encrypt(&ctx(organization_id, "refresh_token"), &t));
-                tx.execute(
-                    "UPDATE integrations SET access_token = $2, access_token_expires_at = $3,
-                         refresh_token = COALESCE($4, refresh_token), token_key_id = $5,
-                         last_refreshed_at = now(), updated_at = now()
-                     WHERE organization_id = $1",
-                    &[
-                        &organization_id,
-                        &access,
-                        &expires_at,
-                        &rotated,
-                        &cipher.key_id(),
-                    ],
-                )
-                .await?;
+                client
+                    .execute(
+                        "UPDATE integrations SET access_token = $3, access_token_expires_at = $4,
+                             refresh_token = COALESCE($5, refresh_token), token_key_id = $6,
+                             last_refreshed_at = now(), updated_at = now(),
+                             refreshing_until = NULL, refresh_holder = NULL
+                         WHERE organization_id = $1 AND refresh_holder = $2",
+                        &[
+                            &organization_id,
+                            &holder,
+                            &access,
+                            &expires_at,
+                            &refresh,
+                            &cipher.key_id(),
+                        ],
+                    )
+                    .await?
             }
             RefreshDecision::Revoked { reason } => {
-                tx.execute(
-                    "UPDATE integrations SET status = 'needs_reauth', last_error = $2,
-                         refresh_token = NULL, access_token = NULL, access_token_expires_at = NULL,
-                         updated_at = now()
-                     WHERE organization_id = $1",
-                    &[&organization_id, &reason],
-                )
-                .await?;
+                client
+                    .execute(
+                        "UPDATE integrations SET status = 'needs_reauth', last_error = $3,
+                             refresh_token = NULL, access_token = NULL, access_token_expires_at = NULL,
+                             updated_at = now(), refreshing_until = NULL, refresh_holder = NULL
+                         WHERE organization_id = $1 AND refresh_holder = $2",
+                        &[&organization_id, &holder, &reason],
+                    )
+                    .await?
             }
-        }
-        tx.commit().await?;
-        Ok(Some(value))
+        };
+        Ok(changed == 1)
     }
 }

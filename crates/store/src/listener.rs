@@ -26,17 +26,29 @@ pub enum IntegrationChange {
     },
 }
 
+/// How often the listening connection is checked. A connection that only waits
+/// for notifications sends nothing, so nothing else would notice that it stopped
+/// receiving any (a partition that leaves the socket open, where keepalives are
+/// answered by something other than the server).
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// Listens for integration changes until `changes` is closed, reconnecting with
-/// backoff when the connection drops. Every (re)connection first sends
-/// [`IntegrationChange::All`], because changes made while disconnected were missed.
+/// backoff when the connection drops or stops answering. Every (re)connection
+/// first sends [`IntegrationChange::All`], because changes made while
+/// disconnected were missed. One connection, with the store's connection settings.
 pub fn spawn_change_listener(
-    config: tokio_postgres::Config,
+    store: &crate::Store,
     changes: mpsc::UnboundedSender<IntegrationChange>,
 ) -> tokio::task::JoinHandle<()> {
+    let config = store.pg_config().clone();
+    let limits = Limits {
+        connect: store.settings().timeout,
+        statement: store.settings().statement_deadline(),
+    };
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
         while !changes.is_closed() {
-            match listen(&config, &changes).await {
+            match listen(&config, limits, &changes).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "integration change listener disconnected");
@@ -48,11 +60,30 @@ pub fn spawn_change_listener(
     })
 }
 
+#[derive(Clone, Copy)]
+struct Limits {
+    connect: Duration,
+    statement: Duration,
+}
+
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    step: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(done) => done.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("{what}: no answer within {} ms", limit.as_millis())),
+    }
+}
+
 async fn listen(
     config: &tokio_postgres::Config,
+    limits: Limits,
     changes: &mpsc::UnboundedSender<IntegrationChange>,
 ) -> Result<(), String> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let (client, mut connection) =
+        bounded(limits.connect, "connect", config.connect(NoTls)).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -76,25 +107,36 @@ async fn listen(
             }
         }
     });
-    client
-        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {PAUSE_CHANNEL}"))
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = changes.send(IntegrationChange::All);
-    let result = loop {
-        tokio::select! {
-                    message = rx.recv() => match message {
-        Some(Ok(change)) => {
-                            if changes.send(change).is_err() {
-                                break Ok(());
-                            }
+    let listening = async {
+        bounded(
+            limits.statement,
+            "LISTEN",
+            client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {PAUSE_CHANNEL}")),
+        )
+        .await?;
+        let _ = changes.send(IntegrationChange::All);
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = rx.recv() => match message {
+                    Some(Ok(change)) => {
+                        if changes.send(change).is_err() {
+                            return Ok(());
                         }
-                        Some(Err(e)) => break Err(e.to_string()),
-                        None => break Err("connection closed".to_owned()),
-                    },
-                    () = changes.closed() => break Ok(()),
+                    }
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => return Err("connection closed".to_owned()),
+                },
+                _ = heartbeat.tick() => {
+                    bounded(limits.statement, "heartbeat", client.batch_execute("SELECT 1")).await?;
                 }
+                () = changes.closed() => return Ok(()),
+            }
+        }
     };
+    let result = listening.await;
     driver.abort();
     result
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mail_dispatch_domain::{EmailAddress, Mailbox, ProviderKind};
 use mail_dispatch_providers::OAuthApp;
-use mail_dispatch_store::{Fallback, NewConnection};
+use mail_dispatch_store::{Fallback, NewConnection, PoolSettings, Store};
 use mail_dispatch_worker::{
     CacheConfig, Dispatcher, Health, ProviderEndpoints, Services, WorkerConfig,
 };
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::standins::Vendor;
-use crate::{StandIns, TestAmqp, TestDb};
+use crate::{FaultProxy, StandIns, TestAmqp, TestDb};
 
 /// Knobs a test may turn.
 #[derive(Clone, Debug)]
@@ -50,6 +50,14 @@ pub struct TestAppOptions {
     pub admin_connection_limits: mail_dispatch_admin::ConnectionLimits,
     /// The keep-alive of idle grants (off unless a test turns it on).
     pub keepalive: Option<mail_dispatch_worker::keepalive::KeepAliveConfig>,
+    /// The workers and the admin API reach PostgreSQL through a [`FaultProxy`]
+    /// (`TestApp::db_proxy`) that the test can blackhole, slow down or reset;
+    /// the test's own `db.store` stays direct.
+    pub database_through_proxy: bool,
+    /// The pools and timeouts of the workers' and the admin API's store.
+    pub pool: PoolSettings,
+    /// Timeout of provider and token endpoint calls.
+    pub http_timeout: Duration,
 }
 
 impl Default for TestAppOptions {
@@ -80,6 +88,9 @@ impl Default for TestAppOptions {
             admin_upkeep_interval: Duration::from_secs(60),
             admin_connection_limits: mail_dispatch_admin::ConnectionLimits::ADMIN,
             keepalive: None,
+            database_through_proxy: false,
+            pool: PoolSettings::default(),
+            http_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -121,6 +132,10 @@ pub struct TestApp {
     pub worker: Option<RunningWorker>,
     pub amqp: TestAmqp,
     pub db: TestDb,
+    /// Between the services and PostgreSQL when `database_through_proxy` is set.
+    pub db_proxy: Option<FaultProxy>,
+    /// The store the workers and the admin API use (through `db_proxy` if any).
+    pub services_store: Store,
     /// Dropped last: the services stay ours until cleanup is done.
     _services: crate::ServicesGuard,
 }
@@ -138,6 +153,15 @@ impl TestApp {
         let outbox = std::env::temp_dir().join(crate::unique("md-outbox-"));
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin_listener.local_addr().unwrap());
+        let (db_proxy, services_store) = if options.database_through_proxy {
+            let proxy = FaultProxy::start(db.server_addr()).await;
+            let store = db.store_at(proxy.addr(), options.pool);
+            (Some(proxy), store)
+        } else if options.pool == PoolSettings::default() {
+            (None, db.store.clone())
+        } else {
+            (None, db.store_at(db.server_addr(), options.pool))
+        };
         let mut app = TestApp {
             standins,
             admin_url,
@@ -147,6 +171,8 @@ impl TestApp {
             worker: None,
             amqp,
             db,
+            db_proxy,
+            services_store,
             _services: services,
         };
         if app.options.in_process_worker {
@@ -163,7 +189,7 @@ impl TestApp {
     /// A fresh set of the shared services (one per replica).
     pub fn services(&self) -> Arc<Services> {
         Services::build(
-            self.db.store.clone(),
+            self.services_store.clone(),
             &self.endpoints(),
             CacheConfig::default(),
         )
@@ -438,7 +464,7 @@ pub fn provider_endpoints(
             .platform_transport
             .clone()
             .unwrap_or_else(|| format!("file://{}", outbox.display())),
-        http_timeout: Duration::from_secs(10),
+        http_timeout: options.http_timeout,
     }
 }
 

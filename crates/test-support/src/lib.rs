@@ -4,6 +4,7 @@ mod amqp;
 mod app;
 mod db;
 mod harness;
+mod proxy;
 
 pub use amqp::{ResultsTap, TestAmqp};
 pub use app::{
@@ -15,6 +16,7 @@ pub use harness::Harness;
 /// The provider stand-ins (their own crate, shared with the sandbox and the benchmark).
 pub use mail_dispatch_standins as standins;
 pub use mail_dispatch_standins::StandIns;
+pub use proxy::{FaultProxy, Mode as ProxyMode};
 
 /// Where the tests find RabbitMQ and PostgreSQL (overridable for other machines).
 pub fn amqp_url() -> String {

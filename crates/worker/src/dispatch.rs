@@ -390,6 +390,21 @@ impl Dispatcher {
                 let _ = self.store().release_job(&key).await;
                 self.blocked(&e, &job, &key, incoming).await
             }
+            Err(SendFailure::Unreadable { reason, newly }) => {
+                let events = if newly {
+                    vec![NeedsReauthEvent::new(
+                        &job.organization_id,
+                        provider,
+                        &reason,
+                        Utc::now(),
+                    )]
+                } else {
+                    vec![]
+                };
+                let error = JobError::new(ErrorCode::AuthRevoked, reason);
+                self.revoked(&job, &key, &route, result, error, events)
+                    .await
+            }
             Err(SendFailure::Revoked {
                 reason,
                 code,
@@ -592,8 +607,11 @@ impl Dispatcher {
         self.finish(key, result, Some(dead_letter), vec![]).await
     }
 
-    /// PostgreSQL could not be used: nothing was sent; the job waits and comes
-    /// back, within its budget.
+    /// PostgreSQL could not be used, or a stored token's key is not configured:
+    /// nothing was sent. The job waits and comes back while the next try falls
+    /// within its budget; past `not_after` it fails with `expired`, past its
+    /// maximum age with `provider_unavailable` and a dead letter (to be replayed
+    /// once the cause is fixed).
     async fn blocked(
         &self,
         e: &StoreError,
@@ -615,12 +633,19 @@ impl Dispatcher {
         if self.past_max_age(incoming, next) {
             tracing::warn!(error = %e, "database unavailable past the job's maximum age; failed");
             let why = format!(
-                "not sent within its maximum age ({} s): the database could not be used",
+                "not sent within its maximum age ({} s): the database or the token key could not be used: {e}",
                 self.config.retry.max_age.as_secs()
             );
             return self.give_up(job, key, None, incoming, why).await;
         }
-        tracing::warn!(error = %e, "database unavailable; job delayed, not acked until its copy is confirmed");
+        if matches!(
+            e,
+            StoreError::Cipher(mail_dispatch_store::CipherError::UnknownKey(_))
+        ) {
+            tracing::warn!(error = %e, "a stored token's key is not configured; job delayed");
+        } else {
+            tracing::warn!(error = %e, "database unavailable; job delayed, not acked until its copy is confirmed");
+        }
         Decision::Delay {
             wait: BACKOFF_WHEN_BLOCKED,
             attempts: incoming.attempts,

@@ -4,8 +4,9 @@
 //! (AADSTS700082), Google after six months. An organization that sends only a
 //! quarterly reminder would find its integration dead on the day it needs it.
 //! Every `interval`, each worker refreshes the grants nobody refreshed for
-//! `idle_after`. The refresh runs with the integration's row locked and re-reads
-//! when it was last refreshed, so across all replicas a grant is refreshed once.
+//! `idle_after`. The refresh runs under the integration's refresh lease, taken by
+//! a statement that re-reads when it was last refreshed, so across all replicas a
+//! grant is refreshed once.
 //! A grant the provider refuses turns `needs_reauth` now, and its
 //! `integration.needs_reauth` event is published now, not when a job fails.
 

@@ -18,7 +18,7 @@ mod upkeep;
 
 pub use config::{DEFAULT_CONCURRENCY, WorkerConfig};
 pub use dispatch::{DeadLetter, Decision, DelayReason, Dispatcher, Finish, Incoming};
-pub use health::Health;
+pub use health::{DATABASE_CHECK_TIMEOUT, Health};
 pub use published::PublishedMarks;
 pub use resolver::{Resolver, Route};
 pub use sender::{InProcessRetry, SendFailure, Senders};

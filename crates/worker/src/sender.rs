@@ -29,7 +29,12 @@ pub enum SendFailure {
         code: Option<String>,
         newly: bool,
     },
-    /// PostgreSQL could not be used (tokens live there): nothing was sent.
+    /// The stored token cannot be decrypted: the integration is now `needs_reauth`
+    /// (`newly`: by this call). `reason` says so, and what to do.
+    #[error("{reason}")]
+    Unreadable { reason: String, newly: bool },
+    /// PostgreSQL could not be used (tokens live there), or a stored token's key
+    /// is not configured: nothing was sent.
     #[error(transparent)]
     Store(StoreError),
 }
@@ -38,7 +43,9 @@ impl SendFailure {
     pub fn class(&self) -> Option<FailureClass> {
         match self {
             SendFailure::Send(e) => Some(e.class),
-            SendFailure::Revoked { .. } => Some(FailureClass::Permanent(ErrorCode::AuthRevoked)),
+            SendFailure::Revoked { .. } | SendFailure::Unreadable { .. } => {
+                Some(FailureClass::Permanent(ErrorCode::AuthRevoked))
+            }
             SendFailure::Store(_) => None,
         }
     }
@@ -55,6 +62,7 @@ fn from_token_error(e: TokenError) -> SendFailure {
             code,
             newly,
         },
+        TokenError::Unreadable { reason, newly } => SendFailure::Unreadable { reason, newly },
         TokenError::Store(e) => SendFailure::Store(e),
         TokenError::NotConnected => SendFailure::Send(SendError::permanent(
             ErrorCode::NotConfigured,
@@ -67,6 +75,10 @@ fn from_token_error(e: TokenError) -> SendFailure {
                 format!("could not obtain an access token: {e}"),
             ))
         }
+        TokenError::Busy => SendFailure::Send(SendError::new(
+            FailureClass::unavailable(None),
+            "another replica is still refreshing the organization's access token",
+        )),
         // Transient, or the operator's OAuth client: retried within the job's budget.
         TokenError::Refresh(e) => SendFailure::Send(SendError::new(
             FailureClass::unavailable(None),
@@ -145,7 +157,7 @@ impl Senders {
                 FailureClass::Unauthorized => "unauthorized",
                 FailureClass::Permanent(_) => "rejected",
             },
-            Err(SendFailure::Revoked { .. }) => "revoked",
+            Err(SendFailure::Revoked { .. } | SendFailure::Unreadable { .. }) => "revoked",
             Err(SendFailure::Store(_)) => "store_unavailable",
         };
         crate::metrics::send_attempt(provider, outcome, started.elapsed());

@@ -85,11 +85,10 @@ impl Services {
             endpoints.microsoft.as_ref(),
             endpoints.google.as_ref(),
         );
-        let tokens = Arc::new(Tokens::new(
-            store.clone(),
-            service,
-            caches.token_refresh_margin,
-        ));
+        let tokens = Arc::new(
+            Tokens::new(store.clone(), service, caches.token_refresh_margin)
+                .with_refresh_lease(endpoints.http_timeout + crate::tokens::REFRESH_LEASE_MARGIN),
+        );
         let senders = Senders {
             graph: GraphSender::new(api.clone(), &endpoints.graph_url, false),
             gmail: GmailSender::new(api, &endpoints.gmail_url),
@@ -112,7 +111,7 @@ impl Services {
         on_pause: Option<OnPause>,
     ) -> tokio::task::JoinHandle<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let listener = spawn_change_listener(self.store.pg_config().clone(), tx);
+        let listener = spawn_change_listener(&self.store, tx);
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let _listener = AbortOnDropHandle::new(listener);

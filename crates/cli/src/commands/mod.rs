@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use mail_dispatch_broker::Broker;
 use mail_dispatch_domain::ProviderKind;
-use mail_dispatch_store::{PoolSettings, Store};
+use mail_dispatch_store::Store;
 use mail_dispatch_worker::ProviderEndpoints;
 
 use crate::settings::Settings;
@@ -28,10 +28,7 @@ async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Store>
             .await
             .context("cannot reach PostgreSQL (MAIL_DISPATCH_DATABASE_URL)")?;
     }
-    let pool = PoolSettings {
-        max_size: settings.database.db_pool_size.max(1),
-        ..PoolSettings::default()
-    };
+    let pool = settings.database.pool_settings();
     let store = Store::connect(&settings.database.database_url, settings.cipher()?, pool)
         .context("MAIL_DISPATCH_DATABASE_URL")?;
     if migrate {

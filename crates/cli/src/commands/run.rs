@@ -154,17 +154,23 @@ pub async fn run_until(
     Ok(())
 }
 
-/// Refreshes the integrations-by-status gauge and the database gauge.
+/// Refreshes the database gauge and the integrations-by-status gauge. Each round
+/// is bounded (the check by `DATABASE_CHECK_TIMEOUT`, the count by the store's
+/// statement deadline), so a database that stops answering shows as down.
 async fn report_integration_gauges(store: Store, health: Arc<Health>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(15));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
+        if !health.check_database(&store).await {
+            tracing::warn!("database check failed");
+            continue;
+        }
         match store.count_integrations_by_status().await {
             Ok(counts) => {
-                health.set_database(true);
                 for status in ["pending_sender", "active", "needs_reauth"] {
                     let n = counts
                         .iter()
@@ -174,10 +180,7 @@ async fn report_integration_gauges(store: Store, health: Arc<Health>, shutdown: 
                     metrics::gauge!(mail_dispatch_worker::metrics::INTEGRATIONS, "status" => status).set(n as f64);
                 }
             }
-            Err(e) => {
-                health.set_database(false);
-                tracing::warn!(error = %e, "database check failed");
-            }
+            Err(e) => tracing::warn!(error = %e, "could not count integrations by status"),
         }
     }
 }
