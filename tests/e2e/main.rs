@@ -15,4 +15,5 @@ mod pipeline;
 mod process;
 mod standins;
 mod support;
+mod tls;
 mod tokens;

@@ -10,11 +10,11 @@ mod listener;
 mod oauth_states;
 mod pacing;
 mod pending_connections;
+mod tls;
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 pub use cipher::{CipherError, TokenCipher};
 pub use integrations::{
@@ -226,6 +226,8 @@ pub struct Store {
     cipher: std::sync::Arc<TokenCipher>,
     /// The main pool's connection settings (also the `LISTEN` connection's).
     pg_config: tokio_postgres::Config,
+    /// TLS as the URL's `sslmode` asks (`tls.rs`), for every connection.
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     settings: PoolSettings,
 }
 
@@ -265,13 +267,14 @@ impl Store {
         cipher: TokenCipher,
         pool: PoolSettings,
     ) -> Result<Self, StoreError> {
+        let (database_url, tls) = tls::configure(database_url)?;
         let url_config: tokio_postgres::Config = database_url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
         let build = |config: tokio_postgres::Config, max_size: usize| {
             let manager = Manager::from_config(
                 config,
-                NoTls,
+                tls.clone(),
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
@@ -306,6 +309,7 @@ impl Store {
             counts: Default::default(),
             cipher: std::sync::Arc::new(cipher),
             pg_config,
+            tls,
             settings: pool,
         })
     }
@@ -338,9 +342,15 @@ impl Store {
         &self.pg_config
     }
 
+    /// The TLS connector of this store's connections.
+    pub(crate) fn tls(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
+        self.tls.clone()
+    }
+
     /// Creates the database named in the URL if it does not exist and the role
     /// may create it. Connects to the `postgres` maintenance database to do so.
     pub async fn ensure_database(database_url: &str) -> Result<(), StoreError> {
+        let (database_url, tls) = tls::configure(database_url)?;
         let config: tokio_postgres::Config = database_url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
@@ -351,7 +361,7 @@ impl Store {
         admin.dbname("postgres");
         PoolSettings::default().apply_socket_timeouts(&mut admin);
         let (client, conn) = admin
-            .connect(NoTls)
+            .connect(tls)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let conn = tokio::spawn(conn);
@@ -409,7 +419,7 @@ impl Store {
         }
         let (mut client, conn) = self
             .pg_config
-            .connect(NoTls)
+            .connect(self.tls.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let conn = tokio::spawn(conn);

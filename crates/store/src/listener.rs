@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 /// The notification channel the integrations trigger sends on.
 pub const CHANNEL: &str = "mail_dispatch_integration";
@@ -41,6 +41,7 @@ pub fn spawn_change_listener(
     changes: mpsc::UnboundedSender<IntegrationChange>,
 ) -> tokio::task::JoinHandle<()> {
     let config = store.pg_config().clone();
+    let tls = store.tls();
     let limits = Limits {
         connect: store.settings().timeout,
         statement: store.settings().statement_deadline(),
@@ -48,7 +49,7 @@ pub fn spawn_change_listener(
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
         while !changes.is_closed() {
-            match listen(&config, limits, &changes).await {
+            match listen(&config, &tls, limits, &changes).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "integration change listener disconnected");
@@ -79,11 +80,12 @@ async fn bounded<T>(
 
 async fn listen(
     config: &tokio_postgres::Config,
+    tls: &tokio_postgres_rustls::MakeRustlsConnect,
     limits: Limits,
     changes: &mpsc::UnboundedSender<IntegrationChange>,
 ) -> Result<(), String> {
     let (client, mut connection) =
-        bounded(limits.connect, "connect", config.connect(NoTls)).await?;
+        bounded(limits.connect, "connect", config.connect(tls.clone())).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
