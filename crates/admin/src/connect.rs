@@ -423,7 +423,20 @@ async fn identify(
     provider: ProviderKind,
     grant: &TokenGrant,
 ) -> Result<Account, &'static str> {
-    let claims = grant.id_token.as_deref().and_then(id_token_claims);
+    let service = state.services.senders.tokens.service();
+    let claims = grant
+        .id_token
+        .as_deref()
+        .and_then(id_token_claims)
+        .filter(|c| {
+            let ours = service
+                .client_id(provider)
+                .is_some_and(|id| c.issued_for(id));
+            if !ours {
+                tracing::warn!(%provider, "ID token not issued for this client; ignored");
+            }
+            ours
+        });
     match provider {
         ProviderKind::Microsoft => {
             let tid = claims.as_ref().and_then(|c| c.tid.clone());

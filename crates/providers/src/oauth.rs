@@ -136,6 +136,13 @@ impl TokenService {
         }
     }
 
+    /// The client id of `provider`'s OAuth application.
+    pub fn client_id(&self, provider: ProviderKind) -> Option<&str> {
+        self.client(provider)
+            .ok()
+            .map(|(client, _)| client.client_id().as_str())
+    }
+
     /// The scopes requested from `provider`.
     pub fn requested_scopes(&self, provider: ProviderKind) -> &[String] {
         self.client(provider).map_or(&[], |(_, s)| s.as_slice())
@@ -310,6 +317,24 @@ pub struct IdTokenClaims {
     pub preferred_username: Option<String>,
     #[serde(default)]
     pub name: Option<String>,
+    /// Whom the token was issued for: a client id, or a list of them.
+    #[serde(default)]
+    pub aud: Option<serde_json::Value>,
+}
+
+impl IdTokenClaims {
+    /// Whether the token was issued for this client (OpenID Connect Core §3.1.3.7:
+    /// the `aud` claim must contain the client id). Even straight from the token
+    /// endpoint, a token for another client is not ours to trust.
+    pub fn issued_for(&self, client_id: &str) -> bool {
+        match &self.aud {
+            Some(serde_json::Value::String(aud)) => aud == client_id,
+            Some(serde_json::Value::Array(auds)) => {
+                auds.iter().any(|a| a.as_str() == Some(client_id))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The tenant id Microsoft gives personal (consumer) accounts.
@@ -521,5 +546,20 @@ mod tests {
         assert_eq!(c.tid.as_deref(), Some("t"));
         assert_eq!(c.hd.as_deref(), Some("b.c"));
         assert_eq!(id_token_email(&token).as_deref(), Some("a@b.c"));
+    }
+
+    #[test]
+    fn an_id_token_must_be_issued_for_our_client() {
+        let claims = |aud: serde_json::Value| IdTokenClaims {
+            aud: Some(aud),
+            ..Default::default()
+        };
+        assert!(claims(serde_json::json!("ours")).issued_for("ours"));
+        assert!(claims(serde_json::json!(["x", "ours"])).issued_for("ours"));
+        assert!(!claims(serde_json::json!("theirs")).issued_for("ours"));
+        assert!(
+            !IdTokenClaims::default().issued_for("ours"),
+            "no aud, no trust"
+        );
     }
 }
