@@ -334,7 +334,7 @@ async fn a_job_that_comes_back_from_a_delay_queue_after_not_after_fails_as_expir
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn finished_ledger_entries_older_than_the_retention_are_pruned_in_batches() {
+async fn ledger_entries_older_than_the_retention_are_pruned_in_batches() {
     let app = TestApp::spawn().await;
     let client = app.db.client().await;
     client
@@ -344,7 +344,10 @@ async fn finished_ledger_entries_older_than_the_retention_are_pruned_in_batches(
              INSERT INTO job_ledger (job_id, organization_id, state, updated_at)
              SELECT 'recent-' || i, 'org', 'published', now() - interval '1 day' FROM generate_series(1, 10) i;
              INSERT INTO job_ledger (job_id, organization_id, state, updated_at, lease_until)
-             VALUES ('old-but-claimed', 'org', 'claimed', now() - interval '8 days', now() - interval '8 days');",
+             VALUES ('old-claimed', 'org', 'claimed', now() - interval '8 days', now() - interval '8 days'),
+                    ('old-retrying', 'org', 'retrying', now() - interval '8 days', NULL),
+                    ('old-completed', 'org', 'completed', now() - interval '8 days', NULL),
+                    ('recent-claimed', 'org', 'claimed', now() - interval '1 hour', now() + interval '1 minute');",
         )
         .await
         .unwrap();
@@ -354,7 +357,7 @@ async fn finished_ledger_entries_older_than_the_retention_are_pruned_in_batches(
         .prune_ledger(Duration::from_secs(7 * 24 * 3600), 1000)
         .await
         .unwrap();
-    assert_eq!(deleted, 2500);
+    assert_eq!(deleted, 2503, "unfinished entries past the retention too");
     let left: Vec<String> = client
         .query("SELECT job_id FROM job_ledger ORDER BY job_id", &[])
         .await
@@ -362,10 +365,10 @@ async fn finished_ledger_entries_older_than_the_retention_are_pruned_in_batches(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(left.len(), 11);
+    assert_eq!(left.len(), 11, "{left:?}");
     assert!(
-        left.contains(&"old-but-claimed".to_owned()),
-        "unfinished entries are kept whatever their age"
+        left.contains(&"recent-claimed".to_owned()),
+        "a live claim is kept"
     );
 }
 

@@ -312,25 +312,33 @@ impl Store {
     /// deleting are skipped. Returns how many were deleted.
     pub async fn prune_ledger(&self, retention: Duration, batch: i64) -> Result<u64, StoreError> {
         let client = self.ledger_client().await?;
-        let statement = client
-            .prepare_cached(
-                "DELETE FROM job_ledger WHERE (organization_id, job_id) IN (
-                     SELECT organization_id, job_id FROM job_ledger
-                     WHERE state = 'published' AND updated_at < now() - make_interval(secs => $1::float8)
-                     LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            )
-            .await?;
+        // Published entries, then the ones left unfinished (a crashed worker's
+        // claim, a result never confirmed, a retry that never came back): past the
+        // retention, which is far beyond any job's maximum age, nobody will claim
+        // them again, and a stored result that old must not be published for an
+        // id reused later. Each kind has its own partial index.
         let mut total = 0;
-        loop {
-            let n = client
-                .execute(&statement, &[&retention.as_secs_f64(), &batch])
+        for state in ["= 'published'", "<> 'published'"] {
+            let statement = client
+                .prepare_cached(&format!(
+                    "DELETE FROM job_ledger WHERE (organization_id, job_id) IN (
+                         SELECT organization_id, job_id FROM job_ledger
+                         WHERE state {state} AND updated_at < now() - make_interval(secs => $1::float8)
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                ))
                 .await?;
-            total += n;
-            if (n as i64) < batch {
-                return Ok(total);
+            loop {
+                let n = client
+                    .execute(&statement, &[&retention.as_secs_f64(), &batch])
+                    .await?;
+                total += n;
+                if (n as i64) < batch {
+                    break;
+                }
+                tokio::task::yield_now().await;
             }
-            tokio::task::yield_now().await;
         }
+        Ok(total)
     }
 
     /// Makes a finished job id claimable again (dead-letter replay with a fresh

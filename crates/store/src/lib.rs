@@ -256,6 +256,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "refresh_lease",
         include_str!("../migrations/0006_refresh_lease.sql"),
     ),
+    (
+        7,
+        "ledger_unfinished_index",
+        include_str!("../migrations/0007_ledger_unfinished_index.sql"),
+    ),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;

@@ -34,37 +34,42 @@ enum Verify {
 /// The URL tokio-postgres may parse, and the TLS connector for it.
 pub(crate) fn configure(database_url: &str) -> Result<(String, MakeRustlsConnect), StoreError> {
     let bad = |why: String| StoreError::Config(why);
-    let (url, verify, root_cert) = match url::Url::parse(database_url) {
-        Ok(mut url) if url.scheme().starts_with("postgres") => {
+    // The query is edited as written (form encoding would turn `%20` into `+`,
+    // which tokio-postgres does not read as a space).
+    let (url, verify, root_cert) = match database_url.split_once('?') {
+        Some((base, query)) if database_url.starts_with("postgres") => {
             let mut verify = Verify::Nothing;
             let mut root_cert = None;
-            let kept: Vec<(String, String)> = url
-                .query_pairs()
-                .into_owned()
-                .filter_map(|(k, v)| match (k.as_str(), v.as_str()) {
+            let mut kept = Vec::new();
+            for pair in query.split('&') {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let decoded = || {
+                    url::form_urlencoded::parse(format!("v={value}").as_bytes())
+                        .next()
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_default()
+                };
+                match (key, value) {
                     ("sslmode", "verify-ca") => {
                         verify = Verify::Ca;
-                        Some((k, "require".into()))
+                        kept.push("sslmode=require".to_owned());
                     }
                     ("sslmode", "verify-full") => {
                         verify = Verify::Full;
-                        Some((k, "require".into()))
+                        kept.push("sslmode=require".to_owned());
                     }
-                    ("sslrootcert", _) => {
-                        root_cert = Some(v);
-                        None
-                    }
-                    _ => Some((k, v)),
-                })
-                .collect();
-            if kept.is_empty() {
-                url.set_query(None);
-            } else {
-                url.query_pairs_mut().clear().extend_pairs(kept);
+                    ("sslrootcert", _) => root_cert = Some(decoded()),
+                    _ => kept.push(pair.to_owned()),
+                }
             }
-            (url.to_string(), verify, root_cert)
+            let url = if kept.is_empty() {
+                base.to_owned()
+            } else {
+                format!("{base}?{}", kept.join("&"))
+            };
+            (url, verify, root_cert)
         }
-        // The key=value form: passed on as it is (no verify-* there).
+        // No query, or the key=value form: passed on as it is (no verify-* there).
         _ => (database_url.to_owned(), Verify::Nothing, None),
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
