@@ -391,16 +391,7 @@ impl Dispatcher {
                 self.blocked(&e, &job, &key, incoming).await
             }
             Err(SendFailure::Unreadable { reason, newly }) => {
-                let events = if newly {
-                    vec![NeedsReauthEvent::new(
-                        &job.organization_id,
-                        provider,
-                        &reason,
-                        Utc::now(),
-                    )]
-                } else {
-                    vec![]
-                };
+                let events = reauth_event(newly, &job.organization_id, provider, &reason);
                 let error = JobError::new(ErrorCode::AuthRevoked, reason);
                 self.revoked(&job, &key, &route, result, error, events)
                     .await
@@ -410,16 +401,7 @@ impl Dispatcher {
                 code,
                 newly,
             }) => {
-                let events = if newly {
-                    vec![NeedsReauthEvent::new(
-                        &job.organization_id,
-                        provider,
-                        &reason,
-                        Utc::now(),
-                    )]
-                } else {
-                    vec![]
-                };
+                let events = reauth_event(newly, &job.organization_id, provider, &reason);
                 let mut error = JobError::new(
                     ErrorCode::AuthRevoked,
                     format!(
@@ -452,16 +434,7 @@ impl Dispatcher {
                         false
                     }
                 };
-                let events = if newly {
-                    vec![NeedsReauthEvent::new(
-                        &job.organization_id,
-                        provider,
-                        &reason,
-                        Utc::now(),
-                    )]
-                } else {
-                    vec![]
-                };
+                let events = reauth_event(newly, &job.organization_id, provider, &reason);
                 let error = e.to_job_error(ErrorCode::AuthRevoked);
                 self.revoked(&job, &key, &route, result, error, events)
                     .await
@@ -1003,6 +976,26 @@ fn refused_by_route(job: &Job, route: &Route) -> Option<JobError> {
             ),
         )),
         _ => None,
+    }
+}
+
+/// The `integration.needs_reauth` event, when this job is the one that found the
+/// grant refused (`newly`): published once per transition, not once per job.
+fn reauth_event(
+    newly: bool,
+    organization_id: &str,
+    provider: ProviderKind,
+    reason: &str,
+) -> Vec<NeedsReauthEvent> {
+    if newly {
+        vec![NeedsReauthEvent::new(
+            organization_id,
+            provider,
+            reason,
+            Utc::now(),
+        )]
+    } else {
+        vec![]
     }
 }
 
