@@ -567,3 +567,51 @@ async fn a_producers_own_copy_of_the_workers_headers_is_ignored() {
         );
     }
 }
+
+/// A send that takes longer than the claim's lease keeps its claim (it is
+/// extended while the send runs): a copy of the job delivered meanwhile is held
+/// back, not sent a second time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_longer_than_the_claim_lease_is_not_taken_over_by_a_copy() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        claim_lease: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    app.standins.set_send_delay(Duration::from_secs(5));
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_g");
+    app.amqp.publish_job(&job).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.standins.send_attempts(Vendor::Google) == 0 {
+        assert!(std::time::Instant::now() < deadline, "never sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the lease, while the first send still runs: the same job again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    app.amqp.publish_job(&job).await;
+    let id = job["id"].as_str().unwrap();
+    let r = results.result(id, WAIT).await;
+    assert_eq!(r["status"], "sent", "{r:#}");
+    let seen = results.settle(Duration::from_secs(8)).await;
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.routing_key.starts_with("result.") && s.body["job_id"] == id)
+            .count(),
+        1,
+        "one result"
+    );
+    assert_eq!(
+        app.standins.send_attempts(Vendor::Google),
+        1,
+        "the copy did not send again"
+    );
+}

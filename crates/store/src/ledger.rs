@@ -290,6 +290,26 @@ impl Store {
         Ok(())
     }
 
+    /// Extends a live claim by `lease` from now (while its send is still running),
+    /// so that no redelivered copy takes it over and sends again. Returns whether
+    /// the claim was still there to extend.
+    pub async fn extend_claim(&self, key: &JobKey, lease: Duration) -> Result<bool, StoreError> {
+        let client = self.ledger_client().await?;
+        let statement = client
+            .prepare_cached(
+                "UPDATE job_ledger SET lease_until = now() + make_interval(secs => $3::float8)
+                 WHERE organization_id = $1 AND job_id = $2 AND state = 'claimed'",
+            )
+            .await?;
+        let n = client
+            .execute(
+                &statement,
+                &[&key.organization_id, &key.job_id, &lease.as_secs_f64()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
     /// Publishing a completed job's result failed: let its next delivery publish
     /// it at once instead of waiting for the publish lease to expire.
     pub async fn release_publish(&self, key: &JobKey) -> Result<(), StoreError> {

@@ -361,13 +361,14 @@ impl Dispatcher {
         result.sender = Some(message.from.clone());
 
         let (outcome, made, retried) = self
-            .services
-            .senders
-            .send(
-                provider,
-                &job.organization_id,
-                &message,
-                self.in_process_retry(incoming.attempts),
+            .while_claimed(
+                &key,
+                self.services.senders.send(
+                    provider,
+                    &job.organization_id,
+                    &message,
+                    self.in_process_retry(incoming.attempts),
+                ),
             )
             .await;
         let attempts = incoming.attempts.saturating_add(made);
@@ -733,6 +734,31 @@ impl Dispatcher {
                     detail: format!("retries exhausted after {attempts} attempts: {history}"),
                 });
                 self.finish(key, result, dead_letter, vec![]).await
+            }
+        }
+    }
+
+    /// Runs `work` (a send: attempts, waits, a token refresh) while extending the
+    /// job's claim every third of its lease, so that a send that takes longer than
+    /// the lease is not taken over by a redelivered copy that would send again. If
+    /// this worker dies, the extensions stop and the lease runs out as before.
+    async fn while_claimed<T>(
+        &self,
+        key: &JobKey,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let lease = self.config.claim_lease;
+        let every = (lease / 3).max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = tick.tick() => {
+                    if let Err(e) = self.store().extend_claim(key, lease).await {
+                        tracing::warn!(error = %e, "could not extend the job's claim while sending");
+                    }
+                }
             }
         }
     }
