@@ -14,14 +14,15 @@ use crate::support::WAIT;
 
 const RETURN_TO: &str = "https://app.example/settings/smtp";
 
-/// The host application's calls to the admin API.
-struct Api<'a> {
+/// The host application's calls to the admin API, and the admin's browser (also
+/// used by `connect.rs`).
+pub(crate) struct Api<'a> {
     app: &'a TestApp,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 impl<'a> Api<'a> {
-    fn new(app: &'a TestApp) -> Self {
+    pub(crate) fn new(app: &'a TestApp) -> Self {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -29,11 +30,16 @@ impl<'a> Api<'a> {
         Api { app, http }
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         self.call_as(Some(ADMIN_TOKEN), method, path, body).await
     }
 
-    async fn call_as(
+    pub(crate) async fn call_as(
         &self,
         token: Option<&str>,
         method: Method,
@@ -58,7 +64,8 @@ impl<'a> Api<'a> {
         )
     }
 
-    async fn authorize(&self, org: &str, provider: &str) -> String {
+    /// `POST …/authorize`'s whole answer.
+    pub(crate) async fn authorize_response(&self, org: &str, provider: &str) -> Value {
         let (status, body) = self
             .call(
                 Method::POST,
@@ -67,11 +74,43 @@ impl<'a> Api<'a> {
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        body["authorization_url"].as_str().unwrap().to_owned()
+        body
+    }
+
+    pub(crate) async fn authorize(&self, org: &str, provider: &str) -> String {
+        self.authorize_response(org, provider).await["authorization_url"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// The query the browser comes back to the host application with.
+    pub(crate) async fn browse_query(&self, start: &str) -> HashMap<String, String> {
+        self.browse(start)
+            .await
+            .query_pairs()
+            .into_owned()
+            .collect()
+    }
+
+    /// Consent and confirmation: the confirmation's answer.
+    pub(crate) async fn connect_confirmed(&self, org: &str, provider: &str) -> Value {
+        let back = self.consent(org, provider).await;
+        assert_eq!(back["status"], "connected", "{back:?}");
+        let (status, body) = self.confirm(org, &back["connection"]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Save and test, which must answer 200.
+    pub(crate) async fn save_sender_ok(&self, org: &str, body: Value) -> Value {
+        let (status, body) = self.save_sender(org, body).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
     }
 
     /// The admin's browser: follows redirects until it is sent back to the host application.
-    async fn browse(&self, start: &str) -> url::Url {
+    pub(crate) async fn browse(&self, start: &str) -> url::Url {
         let mut url = start.to_owned();
         for _ in 0..5 {
             let resp = self.http.get(&url).send().await.unwrap();
@@ -91,7 +130,7 @@ impl<'a> Api<'a> {
     }
 
     /// The consent, as far as the browser's return to the host application.
-    async fn consent(&self, org: &str, provider: &str) -> HashMap<String, String> {
+    pub(crate) async fn consent(&self, org: &str, provider: &str) -> HashMap<String, String> {
         let url = self.authorize(org, provider).await;
         let back = self.browse(&url).await;
         assert_eq!(back.path(), "/settings/smtp");
@@ -99,7 +138,7 @@ impl<'a> Api<'a> {
     }
 
     /// The host application confirms a consent in the admin's session.
-    async fn confirm(&self, org: &str, connection: &str) -> (StatusCode, Value) {
+    pub(crate) async fn confirm(&self, org: &str, connection: &str) -> (StatusCode, Value) {
         self.call(
             Method::POST,
             &format!("/v1/organizations/{org}/integration/confirm"),
@@ -110,7 +149,7 @@ impl<'a> Api<'a> {
 
     /// The whole connect flow: consent, then the host application's confirmation.
     /// Returns the browser's return parameters, `status` replaced by the confirmation's.
-    async fn connect(&self, org: &str, provider: &str) -> HashMap<String, String> {
+    pub(crate) async fn connect(&self, org: &str, provider: &str) -> HashMap<String, String> {
         let mut params = self.consent(org, provider).await;
         if let Some(connection) = params.get("connection").cloned() {
             let (status, body) = self.confirm(org, &connection).await;
@@ -123,7 +162,7 @@ impl<'a> Api<'a> {
         params
     }
 
-    async fn save_sender(&self, org: &str, body: Value) -> (StatusCode, Value) {
+    pub(crate) async fn save_sender(&self, org: &str, body: Value) -> (StatusCode, Value) {
         self.call(
             Method::PUT,
             &format!("/v1/organizations/{org}/integration/sender"),
@@ -132,7 +171,7 @@ impl<'a> Api<'a> {
         .await
     }
 
-    async fn integration(&self, org: &str) -> Value {
+    pub(crate) async fn integration(&self, org: &str) -> Value {
         let (status, body) = self
             .call(
                 Method::GET,

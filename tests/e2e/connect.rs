@@ -3,142 +3,26 @@
 //! reconnects to another account, keep-alive of idle grants, token errors by
 //! cause, and the fallback of the job that finds a grant dead.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use mail_dispatch_store::{Fallback, IntegrationStatus};
 use mail_dispatch_test_support::standins::{Consent, Vendor};
-use mail_dispatch_test_support::{ADMIN_TOKEN, APP_ORIGIN, TestApp, TestAppOptions};
-use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use mail_dispatch_test_support::{TestApp, TestAppOptions};
+use reqwest::StatusCode;
+use serde_json::json;
 
+use crate::admin::Api;
 use crate::support::WAIT;
-
-const RETURN_TO: &str = "https://app.example/settings/smtp";
-
-/// The host application and the admin's browser.
-struct Host<'a> {
-    app: &'a TestApp,
-    http: reqwest::Client,
-}
-
-impl<'a> Host<'a> {
-    fn new(app: &'a TestApp) -> Self {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
-        Host { app, http }
-    }
-
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.app.admin_url))
-            .bearer_auth(ADMIN_TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn authorize(&self, org: &str, provider: &str) -> Value {
-        let (status, body) = self
-            .call(
-                Method::POST,
-                &format!("/v1/organizations/{org}/integration/authorize"),
-                Some(json!({"provider": provider, "return_to": RETURN_TO})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        body
-    }
-
-    /// A browser following redirects until it is back at the host application.
-    async fn browse(&self, start: &str) -> HashMap<String, String> {
-        let mut url = start.to_owned();
-        for _ in 0..6 {
-            let resp = self.http.get(&url).send().await.unwrap();
-            assert!(
-                resp.status().is_redirection(),
-                "{url} answered {}: {}",
-                resp.status(),
-                resp.text().await.unwrap()
-            );
-            let location = resp.headers()["location"].to_str().unwrap().to_owned();
-            if location.starts_with(APP_ORIGIN) {
-                return url::Url::parse(&location)
-                    .unwrap()
-                    .query_pairs()
-                    .into_owned()
-                    .collect();
-            }
-            url = location;
-        }
-        panic!("too many redirects");
-    }
-
-    async fn consent(&self, org: &str, provider: &str) -> HashMap<String, String> {
-        let auth = self.authorize(org, provider).await;
-        self.browse(auth["authorization_url"].as_str().unwrap())
-            .await
-    }
-
-    async fn confirm(&self, org: &str, connection: &str) -> (StatusCode, Value) {
-        self.call(
-            Method::POST,
-            &format!("/v1/organizations/{org}/integration/confirm"),
-            Some(json!({"connection": connection})),
-        )
-        .await
-    }
-
-    async fn connect(&self, org: &str, provider: &str) -> Value {
-        let back = self.consent(org, provider).await;
-        assert_eq!(back["status"], "connected", "{back:?}");
-        let (status, body) = self.confirm(org, &back["connection"]).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        body
-    }
-
-    async fn save_sender(&self, org: &str, body: Value) -> Value {
-        let (status, body) = self
-            .call(
-                Method::PUT,
-                &format!("/v1/organizations/{org}/integration/sender"),
-                Some(body),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        body
-    }
-
-    async fn integration(&self, org: &str) -> Value {
-        self.call(
-            Method::GET,
-            &format!("/v1/organizations/{org}/integration"),
-            None,
-        )
-        .await
-        .1
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn microsoft_connect_reads_me_with_user_read_and_stores_the_accounts_stable_ids() {
     let app = TestApp::spawn().await;
-    let host = Host::new(&app);
+    let host = Api::new(&app);
     app.standins.set_consent(
         Vendor::Microsoft,
         Consent::Approve("it@customer.com".into()),
     );
-    let confirmed = host.connect("org_ms", "microsoft").await;
+    let confirmed = host.connect_confirmed("org_ms", "microsoft").await;
     assert_eq!(confirmed["status"], "connected");
     let stored = app.db.store.integration("org_ms").await.unwrap().unwrap();
     let info = app.standins.account_info("it@customer.com");
@@ -169,7 +53,7 @@ async fn microsoft_connect_reads_me_with_user_read_and_stores_the_accounts_stabl
 #[tokio::test(flavor = "multi_thread")]
 async fn a_microsoft_user_without_a_mailbox_or_a_personal_account_is_refused_with_its_reason() {
     let app = TestApp::spawn().await;
-    let host = Host::new(&app);
+    let host = Api::new(&app);
     let mut info = app.standins.account_info("nomail@customer.com");
     info.mail = None;
     app.standins.set_account("nomail@customer.com", info);
@@ -201,7 +85,7 @@ async fn a_microsoft_user_without_a_mailbox_or_a_personal_account_is_refused_wit
         Vendor::Microsoft,
         Consent::Approve("someone@outlook.com".into()),
     );
-    let auth = host.authorize("org_ms", "microsoft").await;
+    let auth = host.authorize_response("org_ms", "microsoft").await;
     let resp = host
         .http
         .get(auth["authorization_url"].as_str().unwrap())
@@ -215,7 +99,7 @@ async fn a_microsoft_user_without_a_mailbox_or_a_personal_account_is_refused_wit
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consent_without_the_send_scope_stores_nothing_and_names_the_missing_permission() {
     let app = TestApp::spawn().await;
-    let host = Host::new(&app);
+    let host = Api::new(&app);
     app.standins.set_consent(
         Vendor::Google,
         Consent::Partial {
@@ -248,15 +132,15 @@ async fn a_consent_without_the_send_scope_stores_nothing_and_names_the_missing_p
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenant_that_blocks_user_consent_needs_admin_consent_then_the_admin_connects() {
     let app = TestApp::spawn().await;
-    let host = Host::new(&app);
+    let host = Api::new(&app);
     app.standins.block_user_consent("customer.com");
     app.standins.set_consent(
         Vendor::Microsoft,
         Consent::Approve("it@customer.com".into()),
     );
-    let auth = host.authorize("org_ms", "microsoft").await;
+    let auth = host.authorize_response("org_ms", "microsoft").await;
     let back = host
-        .browse(auth["authorization_url"].as_str().unwrap())
+        .browse_query(auth["authorization_url"].as_str().unwrap())
         .await;
     assert_eq!(
         (back["status"].as_str(), back["error"].as_str()),
@@ -277,7 +161,7 @@ async fn a_tenant_that_blocks_user_consent_needs_admin_consent_then_the_admin_co
         Vendor::Microsoft,
         Consent::Approve("globaladmin@customer.com".into()),
     );
-    let back = host.browse(admin_url).await;
+    let back = host.browse_query(admin_url).await;
     assert_eq!(back["status"], "admin_consent_granted", "{back:?}");
     assert!(!back.contains_key("connection"), "nothing to confirm yet");
     assert!(app.db.store.integration("org_ms").await.unwrap().is_none());
@@ -287,10 +171,10 @@ async fn a_tenant_that_blocks_user_consent_needs_admin_consent_then_the_admin_co
         Vendor::Microsoft,
         Consent::Approve("it@customer.com".into()),
     );
-    let confirmed = host.connect("org_ms", "microsoft").await;
+    let confirmed = host.connect_confirmed("org_ms", "microsoft").await;
     assert_eq!(confirmed["integration"]["account_email"], "it@customer.com");
     let outcome = host
-        .save_sender("org_ms", json!({"email": "it@customer.com", "name": "IT"}))
+        .save_sender_ok("org_ms", json!({"email": "it@customer.com", "name": "IT"}))
         .await;
     assert_eq!(outcome["status"], "sent", "{outcome}");
 }
@@ -303,7 +187,7 @@ async fn a_consent_that_is_never_confirmed_is_never_used_and_expires_revoked() {
         ..Default::default()
     })
     .await;
-    let host = Host::new(&app);
+    let host = Api::new(&app);
     // Consent phishing: the URL for org_victim is opened by someone else, who consents.
     app.standins.set_consent(
         Vendor::Google,
@@ -354,18 +238,18 @@ async fn a_consent_that_is_never_confirmed_is_never_used_and_expires_revoked() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_google_reconnect_to_another_account_checks_the_saved_sender_again() {
     let app = TestApp::spawn().await;
-    let host = Host::new(&app);
+    let host = Api::new(&app);
     app.standins
         .set_consent(Vendor::Google, Consent::Approve("ops@customer.com".into()));
-    host.connect("org_g", "google").await;
+    host.connect_confirmed("org_g", "google").await;
     let outcome = host
-        .save_sender("org_g", json!({"email": "ops@customer.com", "name": "Ops"}))
+        .save_sender_ok("org_g", json!({"email": "ops@customer.com", "name": "Ops"}))
         .await;
     assert_eq!(outcome["status"], "sent");
     let sent_before = app.standins.gmail_messages().len();
 
     // Same account again: the saved sender passes and stays active.
-    let confirmed = host.connect("org_g", "google").await;
+    let confirmed = host.connect_confirmed("org_g", "google").await;
     assert_eq!(confirmed["status"], "active", "{confirmed}");
     assert_eq!(confirmed["account_changed"], false);
 
@@ -374,7 +258,7 @@ async fn a_google_reconnect_to_another_account_checks_the_saved_sender_again() {
         Vendor::Google,
         Consent::Approve("intern@customer.com".into()),
     );
-    let confirmed = host.connect("org_g", "google").await;
+    let confirmed = host.connect_confirmed("org_g", "google").await;
     assert_eq!(confirmed["account_changed"], true, "{confirmed}");
     assert_eq!(confirmed["status"], "test_failed", "{confirmed}");
     assert_eq!(confirmed["test"]["error"]["code"], "sender_not_allowed");
