@@ -649,6 +649,7 @@ async fn forged_expired_and_reused_states_are_rejected_with_nothing_stored() {
             RETURN_TO,
             Duration::ZERO,
             mail_dispatch_store::StatePurpose::Connect,
+            None,
         )
         .await
         .unwrap();

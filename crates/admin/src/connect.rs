@@ -113,7 +113,7 @@ fn parse_provider(raw: &str) -> Result<ProviderKind, ApiError> {
 }
 
 /// 256 random bits, URL-safe.
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -144,6 +144,31 @@ pub async fn authorize(
             "return_to is not on an allowed origin (MAIL_DISPATCH_RETURN_ORIGINS)",
         ));
     }
+    let started = start_authorization(&state, &org, provider, return_to.as_str(), None).await?;
+    Ok(Json(AuthorizeResponse {
+        authorization_url: started.authorization_url.to_string(),
+        admin_consent_url: started.admin_consent_url.map(|u| u.to_string()),
+        expires_at: started.expires_at,
+    }))
+}
+
+/// An authorization started: where to send the browser.
+pub(crate) struct Started {
+    pub(crate) authorization_url: url::Url,
+    pub(crate) admin_consent_url: Option<url::Url>,
+    pub(crate) expires_at: DateTime<Utc>,
+}
+
+/// Issues the states of a new authorization (the user's consent and, for
+/// Microsoft, the tenant administrator's) and returns the consent pages.
+/// `portal_session` binds them to the portal session that started them.
+pub(crate) async fn start_authorization(
+    state: &AdminState,
+    org: &str,
+    provider: ProviderKind,
+    return_to: &str,
+    portal_session: Option<&[u8]>,
+) -> Result<Started, ApiError> {
     let service = state.services.senders.tokens.service();
     let not_configured = |_| {
         ApiError::new(
@@ -161,12 +186,13 @@ pub async fn authorize(
     let expires_at = store
         .create_oauth_state(
             &oauth_state,
-            &org,
+            org,
             provider,
             &verifier,
-            return_to.as_str(),
+            return_to,
             ttl,
             StatePurpose::Connect,
+            portal_session,
         )
         .await?;
     let admin_consent_url = if provider == ProviderKind::Microsoft {
@@ -177,24 +203,25 @@ pub async fn authorize(
         store
             .create_oauth_state(
                 &admin_state,
-                &org,
+                org,
                 provider,
                 &verifier,
-                return_to.as_str(),
+                return_to,
                 ttl,
                 StatePurpose::AdminConsent,
+                portal_session,
             )
             .await?;
-        Some(url.to_string())
+        Some(url)
     } else {
         None
     };
-    tracing::info!(org.id = %org, %provider, "authorization started");
-    Ok(Json(AuthorizeResponse {
-        authorization_url: url.to_string(),
+    tracing::info!(org.id = %org, %provider, portal = portal_session.is_some(), "authorization started");
+    Ok(Started {
+        authorization_url: url,
         admin_consent_url,
         expires_at,
-    }))
+    })
 }
 
 /// `return_to` with the outcome in its query.
@@ -400,6 +427,7 @@ async fn connect_return(
                 granted_scopes: grant.scopes.clone(),
             },
             state.config.connection_ttl,
+            pending.portal_session.as_deref(),
         )
         .await?;
     tracing::info!(org.id = org, %provider, %expires_at, "consent received; waiting for the host application's confirmation");
@@ -525,13 +553,27 @@ pub async fn confirm(
     OrgId(org): OrgId,
     ApiJson(req): ApiJson<ConfirmRequest>,
 ) -> Result<Json<ConfirmResponse>, ApiError> {
+    Ok(Json(
+        confirm_connection(&state, &org, req.connection.trim(), None).await?,
+    ))
+}
+
+/// Confirms a pending consent of `org` and stores its grant (the API's confirm
+/// and the portal's return). `portal_session`: the portal session the connect
+/// was started in, which alone may confirm it; `None` for the admin API.
+pub(crate) async fn confirm_connection(
+    state: &AdminState,
+    org: &str,
+    connection: &str,
+    portal_session: Option<&[u8]>,
+) -> Result<ConfirmResponse, ApiError> {
     let store = &state.services.store;
-    let connection = req.connection.trim();
+    let org = org.to_owned();
     if connection.is_empty() || connection.len() > 200 {
         return Err(ApiError::invalid("connection is missing or malformed"));
     }
     let grant = match store
-        .confirm_pending_connection(&org, &connection_hash(connection))
+        .confirm_pending_connection(&org, &connection_hash(connection), portal_session)
         .await?
     {
         ConfirmLookup::Valid(grant) => grant,
@@ -575,7 +617,7 @@ pub async fn confirm(
         .is_some_and(|i| i.provider == provider && i.sender_email.is_some());
     let (status, test) = match (reconnect, saved.sender_email.as_deref()) {
         (true, Some(sender)) => {
-            let outcome = crate::sender::retest_saved_sender(&state, &org, &saved, sender).await?;
+            let outcome = crate::sender::retest_saved_sender(state, &org, &saved, sender).await?;
             let status = if outcome.status == crate::sender::TestStatus::Sent {
                 ConfirmStatus::Active
             } else {
@@ -586,12 +628,12 @@ pub async fn confirm(
         _ => (ConfirmStatus::Connected, None),
     };
     let integration = store.integration(&org).await?;
-    Ok(Json(ConfirmResponse {
+    Ok(ConfirmResponse {
         status,
         account_changed,
         test,
         integration: view(&org, integration.as_ref()),
-    }))
+    })
 }
 
 fn changed_account(previous: &Integration, grant: &NewConnection) -> bool {

@@ -103,16 +103,25 @@ pub async fn delete_integration(
     State(state): State<AdminState>,
     OrgId(org): OrgId,
 ) -> Result<Json<DisconnectResponse>, ApiError> {
-    let deleted = state.services.store.delete_integration(&org).await?;
-    state.services.senders.tokens.forget(&org);
+    Ok(Json(disconnect(&state, &org).await?))
+}
+
+/// Deletes the organization's integration (the platform sender takes over) and
+/// revokes its grant where the provider allows it (Google).
+pub(crate) async fn disconnect(
+    state: &AdminState,
+    org: &str,
+) -> Result<DisconnectResponse, ApiError> {
+    let deleted = state.services.store.delete_integration(org).await?;
+    state.services.senders.tokens.forget(org);
     let revoked = match &deleted {
-        Some((provider, Some(refresh))) => crate::connect::revoke(&state, *provider, refresh).await,
+        Some((provider, Some(refresh))) => crate::connect::revoke(state, *provider, refresh).await,
         _ => false,
     };
     tracing::info!(org.id = %org, deleted = deleted.is_some(), revoked, "integration disconnected");
-    Ok(Json(DisconnectResponse {
+    Ok(DisconnectResponse {
         status: "not_configured".into(),
         deleted: deleted.is_some(),
         revoked,
-    }))
+    })
 }

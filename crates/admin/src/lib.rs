@@ -6,6 +6,7 @@ mod extract;
 mod integration;
 mod listener;
 mod openapi;
+mod portal;
 mod sender;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub use error::{ApiError, ApiErrorCode, ErrorBody};
 pub use integration::{IntegrationView, view as integration_view};
 pub use listener::{ConnectionLimits, GuardedListener, GuardedStream};
 pub use openapi::ApiDoc;
+pub use portal::{PORTAL_LINK_TTL, PORTAL_SESSION_TTL, TEST_SEND_WINDOW, TEST_SENDS_PER_WINDOW};
 
 /// Largest request body accepted (the API only takes small JSON objects).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -51,8 +53,13 @@ pub struct AdminConfig {
     pub connection_ttl: Duration,
     /// `Mail.Send.Shared` is requested: a sender may be another mailbox.
     pub microsoft_shared_mailboxes: bool,
-    /// Platform name in test messages.
+    /// Platform name in test messages, and in the portal unless the host
+    /// application names itself.
     pub product_name: String,
+    /// `MAIL_DISPATCH_PUBLIC_URL`: the portal's links live under it.
+    pub public_url: Url,
+    /// How long a portal session lasts once its link is opened.
+    pub portal_session_ttl: Duration,
 }
 
 /// Shared by every handler: the services the admin API uses, never the worker's.
@@ -61,14 +68,25 @@ pub struct AdminState {
     pub services: Arc<Services>,
     pub config: Arc<AdminConfig>,
     pub http: reqwest::Client,
+    /// The hosted settings page's templates and response policy.
+    portal: Arc<portal::Portal>,
 }
 
 impl AdminState {
     pub fn new(services: Arc<Services>, config: AdminConfig) -> Self {
+        let service = services.senders.tokens.service();
+        let origins: Vec<url::Origin> = [
+            mail_dispatch_domain::ProviderKind::Microsoft,
+            mail_dispatch_domain::ProviderKind::Google,
+        ]
+        .into_iter()
+        .filter_map(|p| service.authorize_origin(p))
+        .collect();
         AdminState {
             services,
             config: Arc::new(config),
             http: mail_dispatch_providers::oauth_http_client(Duration::from_secs(15)),
+            portal: Arc::new(portal::Portal::new(&origins)),
         }
     }
 }
@@ -83,13 +101,32 @@ pub fn app(state: AdminState) -> Router {
         .route("/{org}/integration/authorize", post(connect::authorize))
         .route("/{org}/integration/confirm", post(connect::confirm))
         .route("/{org}/integration/sender", put(sender::put_sender))
+        .route("/{org}/portal-sessions", post(portal::create_portal_session))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer,
         ));
+    let portal = Router::new()
+        .route("/start", get(portal::start))
+        .route("/", get(portal::show))
+        .route("/connect", post(portal::connect))
+        .route("/return", get(portal::back))
+        .route("/sender", post(portal::save_sender))
+        .route("/disconnect", post(portal::disconnect))
+        .route("/style.css", get(portal::style))
+        .route("/theme.css", get(portal::theme))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            portal::security_headers,
+        ));
     Router::new()
         .nest("/v1/organizations", organizations)
-        .route("/v1/oauth/callback", get(connect::callback))
+        .nest("/portal", portal)
+        // The callback's pages must not be framed either.
+        .route(
+            "/v1/oauth/callback",
+            get(connect::callback).layer(middleware::map_response(deny_framing)),
+        )
         .route(
             "/v1/openapi.json",
             get(|| async { axum::Json(ApiDoc::openapi()) }),
@@ -104,6 +141,20 @@ pub fn app(state: AdminState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(request_span))
         .with_state(state)
+}
+
+/// `X-Frame-Options: DENY` and `frame-ancestors 'none'`.
+async fn deny_framing(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        axum::http::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        axum::http::HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    );
+    response
 }
 
 /// A span per request (method, route, organization), closed with one line that

@@ -49,7 +49,7 @@ pub enum TestStatus {
 }
 
 impl TestStatus {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TestStatus::Sent => "sent",
             TestStatus::Failed => "failed",
@@ -308,30 +308,13 @@ pub async fn put_sender(
             "connect a provider before saving a sender",
         ));
     };
-    let email = EmailAddress::parse(req.email.trim()).map_err(|_| {
+    let sender = parse_sender(&req.email, req.name.as_deref()).map_err(|problem| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             ApiErrorCode::InvalidSender,
-            "email is not a valid address",
+            problem.to_string(),
         )
     })?;
-    let name = req.name.as_deref().map(str::trim).filter(|n| !n.is_empty());
-    if let Some(name) = name {
-        if name.contains('@') {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ApiErrorCode::InvalidSender,
-                "the sender name must not contain `@` (Microsoft refuses it with ErrorSendAsDenied)",
-            ));
-        }
-        if let Some(problem) = display_name_problem(name) {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ApiErrorCode::InvalidSender,
-                format!("the sender name {problem}"),
-            ));
-        }
-    }
     let fallback = match req.fallback.as_deref() {
         None => Fallback::None,
         Some(raw) => Fallback::parse(raw)
@@ -346,20 +329,62 @@ pub async fn put_sender(
             .and_then(|a| EmailAddress::parse(a).ok())
             .ok_or_else(|| ApiError::invalid("give a test_recipient"))?,
     };
-    if integration.provider == ProviderKind::Google {
-        check_google_sender(&state, &org, &integration, &email).await?;
+    let outcome = save_and_test(&state, &org, &integration, sender, recipient, fallback).await?;
+    Ok(Json(outcome))
+}
+
+/// Why a sender is refused before any provider call: the rules of the API and
+/// of the portal's form alike.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum SenderProblem {
+    #[error("email is not a valid address")]
+    InvalidEmail,
+    #[error(
+        "the sender name must not contain `@` (Microsoft refuses it with ErrorSendAsDenied)"
+    )]
+    NameWithAt,
+    #[error("the sender name {0}")]
+    Name(String),
+}
+
+/// The sender as entered: a valid address and an optional display name
+/// (trimmed; empty means none).
+pub(crate) fn parse_sender(email: &str, name: Option<&str>) -> Result<Mailbox, SenderProblem> {
+    let email = EmailAddress::parse(email.trim()).map_err(|_| SenderProblem::InvalidEmail)?;
+    let name = name.map(str::trim).filter(|n| !n.is_empty());
+    if let Some(name) = name {
+        if name.contains('@') {
+            return Err(SenderProblem::NameWithAt);
+        }
+        if let Some(problem) = display_name_problem(name) {
+            return Err(SenderProblem::Name(problem.to_string()));
+        }
     }
-    let sender = Mailbox::new(email, name.map(str::to_owned));
-    let outcome = test_send(
-        &state,
-        &org,
-        &integration,
+    Ok(Mailbox::new(email, name.map(str::to_owned)))
+}
+
+/// Checks the sender with the provider's rules (Gmail's aliases), sends the
+/// test and, if it went out, saves the sender: the integration turns active.
+pub(crate) async fn save_and_test(
+    state: &AdminState,
+    org: &str,
+    integration: &Integration,
+    sender: Mailbox,
+    recipient: EmailAddress,
+    fallback: Fallback,
+) -> Result<TestOutcome, ApiError> {
+    if integration.provider == ProviderKind::Google {
+        check_google_sender(state, org, integration, &sender.email).await?;
+    }
+    test_send(
+        state,
+        org,
+        integration,
         &sender,
         &Mailbox::new(recipient, None),
         fallback,
     )
-    .await?;
-    Ok(Json(outcome))
+    .await
 }
 
 /// Gmail silently rewrites a From that is not the account or a verified alias:

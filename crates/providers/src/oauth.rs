@@ -206,6 +206,14 @@ impl TokenService {
         })
     }
 
+    /// The origin of `provider`'s consent page (for a `form-action` policy that
+    /// lets a form's redirect reach it).
+    pub fn authorize_origin(&self, provider: ProviderKind) -> Option<url::Origin> {
+        self.client(provider)
+            .ok()
+            .map(|(client, _)| client.auth_uri().url().origin())
+    }
+
     /// Whether the provider's OAuth client is configured.
     pub fn is_configured(&self, provider: ProviderKind) -> bool {
         self.client(provider).is_ok()

@@ -10,6 +10,7 @@ mod listener;
 mod oauth_states;
 mod pacing;
 mod pending_connections;
+mod portal;
 mod tls;
 
 use std::time::Duration;
@@ -25,6 +26,7 @@ pub use ledger::{Claim, JobKey};
 pub use listener::{IntegrationChange, spawn_change_listener};
 pub use oauth_states::{OAuthState, StateLookup, StatePurpose};
 pub use pending_connections::{ConfirmLookup, ExpiredConnection};
+pub use portal::{LinkLookup, PortalSession, PortalSettings, SessionLookup};
 
 /// Errors of the store. Callers branch on `Unavailable` (retry later, do not ack).
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +263,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "ledger_unfinished_index",
         include_str!("../migrations/0007_ledger_unfinished_index.sql"),
     ),
+    (8, "portal", include_str!("../migrations/0008_portal.sql")),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;

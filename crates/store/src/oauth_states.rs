@@ -37,6 +37,9 @@ pub struct OAuthState {
     pub purpose: StatePurpose,
     pub pkce_verifier: SecretString,
     pub return_to: String,
+    /// SHA-256 of the portal session that started it, when the hosted settings
+    /// page did: the consent may then be confirmed by that session only.
+    pub portal_session: Option<Vec<u8>>,
 }
 
 /// What a callback's `state` turned out to be.
@@ -67,6 +70,7 @@ impl Store {
         return_to: &str,
         ttl: Duration,
         purpose: StatePurpose,
+        portal_session: Option<&[u8]>,
     ) -> Result<DateTime<Utc>, StoreError> {
         let verifier = self
             .cipher()
@@ -80,10 +84,12 @@ impl Store {
             .await?;
         let row = client
             .query_one(
-                "INSERT INTO oauth_states (state, organization_id, provider, pkce_verifier, return_to, expires_at, purpose)
-                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::float8), $7)
+                "INSERT INTO oauth_states (state, organization_id, provider, pkce_verifier, return_to, expires_at, purpose,
+                     portal_session)
+                 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::float8), $7, $8)
                  RETURNING expires_at",
-                &[&state, &organization_id, &provider.as_str(), &verifier, &return_to, &ttl.as_secs_f64(), &purpose.as_str()],
+                &[&state, &organization_id, &provider.as_str(), &verifier, &return_to, &ttl.as_secs_f64(), &purpose.as_str(),
+                  &portal_session],
             )
             .await?;
         Ok(row.get(0))
@@ -96,7 +102,7 @@ impl Store {
             .query_opt(
                 "UPDATE oauth_states SET consumed_at = now()
                  WHERE state = $1 AND consumed_at IS NULL AND expires_at > now()
-                 RETURNING organization_id, provider, pkce_verifier, return_to, purpose",
+                 RETURNING organization_id, provider, pkce_verifier, return_to, purpose, portal_session",
                 &[&state],
             )
             .await?;
@@ -114,6 +120,7 @@ impl Store {
                     .cipher()
                     .decrypt(&format!("oauth_state/{state}"), &verifier)?,
                 return_to: row.get("return_to"),
+                portal_session: row.get("portal_session"),
             }));
         }
         let row = client

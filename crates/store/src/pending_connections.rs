@@ -41,12 +41,14 @@ fn ctx(hash: &[u8], column: &str) -> String {
 }
 
 impl Store {
-    /// Keeps a grant until its confirmation (or expiry).
+    /// Keeps a grant until its confirmation (or expiry). `portal_session`: the
+    /// portal session that started the connect, the only one that may confirm it.
     pub async fn create_pending_connection(
         &self,
         connection_hash: &[u8],
         c: &NewConnection,
         ttl: Duration,
+        portal_session: Option<&[u8]>,
     ) -> Result<DateTime<Utc>, StoreError> {
         let cipher = self.cipher();
         let refresh = cipher.encrypt(&ctx(connection_hash, "refresh_token"), &c.refresh_token);
@@ -62,8 +64,8 @@ impl Store {
             .query_one(
                 "INSERT INTO pending_connections (connection_hash, organization_id, provider, account_email,
                      account_id, account_tenant, granted_scopes, refresh_token, access_token,
-                     access_token_expires_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11::float8))
+                     access_token_expires_at, expires_at, portal_session)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11::float8), $12)
                  RETURNING expires_at",
                 &[
                     &connection_hash,
@@ -77,6 +79,7 @@ impl Store {
                     &access,
                     &expires,
                     &ttl.as_secs_f64(),
+                    &portal_session,
                 ],
             )
             .await?;
@@ -84,11 +87,14 @@ impl Store {
     }
 
     /// Consumes a pending grant of `organization_id`: valid at most once, before it
-    /// expires. Its tokens leave this table with it.
+    /// expires. Its tokens leave this table with it. `portal_session` must be the
+    /// session the connect was started in (`None`: started through the admin API);
+    /// a grant of another session is `Unknown` to this one.
     pub async fn confirm_pending_connection(
         &self,
         organization_id: &str,
         connection_hash: &[u8],
+        portal_session: Option<&[u8]>,
     ) -> Result<ConfirmLookup, StoreError> {
         let client = self.client().await?;
         let row = client
@@ -96,6 +102,7 @@ impl Store {
                 "WITH taken AS (
                      SELECT * FROM pending_connections
                      WHERE connection_hash = $1 AND organization_id = $2
+                       AND portal_session IS NOT DISTINCT FROM $3
                        AND confirmed_at IS NULL AND expires_at > now()
                      FOR UPDATE
                  )
@@ -105,7 +112,7 @@ impl Store {
                  RETURNING taken.provider, taken.account_email, taken.account_id, taken.account_tenant,
                      taken.granted_scopes, taken.refresh_token, taken.access_token,
                      taken.access_token_expires_at",
-                &[&connection_hash, &organization_id],
+                &[&connection_hash, &organization_id, &portal_session],
             )
             .await?;
         if let Some(row) = row {
@@ -134,8 +141,9 @@ impl Store {
         let row = client
             .query_opt(
                 "SELECT confirmed_at IS NOT NULL AS used FROM pending_connections
-                 WHERE connection_hash = $1 AND organization_id = $2",
-                &[&connection_hash, &organization_id],
+                 WHERE connection_hash = $1 AND organization_id = $2
+                   AND portal_session IS NOT DISTINCT FROM $3",
+                &[&connection_hash, &organization_id, &portal_session],
             )
             .await?;
         Ok(match row {

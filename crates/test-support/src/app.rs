@@ -255,6 +255,8 @@ impl TestApp {
             connection_ttl: self.options.connection_ttl,
             microsoft_shared_mailboxes: self.options.microsoft_shared_mailboxes,
             product_name: "Test Platform".into(),
+            public_url: Url::parse(&self.admin_url).unwrap(),
+            portal_session_ttl: mail_dispatch_admin::PORTAL_SESSION_TTL,
         };
         let state = mail_dispatch_admin::AdminState::new(services, config);
         let upkeep = tokio::spawn(mail_dispatch_admin::run_upkeep(

@@ -1,6 +1,7 @@
 //! The admin API: its token and address, the public URL the providers redirect
 //! to, where the host application may be sent back to, and how long a consent
-//! waits for its confirmation.
+//! waits for its confirmation, and how long a session of the hosted settings
+//! page lasts.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -41,6 +42,9 @@ pub struct AdminSettings {
         default_value = "mail-dispatch"
     )]
     pub product_name: String,
+    /// How long a session of the hosted settings page lasts once its link is opened.
+    #[arg(long, env = "MAIL_DISPATCH_PORTAL_SESSION_SECS", default_value_t = 3600)]
+    pub portal_session_secs: u64,
 }
 
 impl AdminSettings {
@@ -86,6 +90,8 @@ impl AdminSettings {
             connection_ttl: Duration::from_secs(self.connection_ttl_secs.max(1)),
             microsoft_shared_mailboxes: providers.microsoft_shared_mailboxes,
             product_name: self.product_name.clone(),
+            public_url: self.public_url.clone(),
+            portal_session_ttl: Duration::from_secs(self.portal_session_secs.clamp(60, 86_400)),
         }))
     }
 }
