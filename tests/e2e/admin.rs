@@ -195,7 +195,7 @@ async fn provider_of_job(
 }
 
 /// Polls until the organization's jobs use `provider` (configuration reaches workers by NOTIFY).
-async fn eventually_provider(
+pub(crate) async fn eventually_provider(
     app: &TestApp,
     tap: &mut mail_dispatch_test_support::ResultsTap,
     org: &str,

@@ -12,6 +12,7 @@ mod operability;
 mod pacing;
 mod permissions;
 mod pipeline;
+mod portal;
 mod process;
 mod standins;
 mod support;

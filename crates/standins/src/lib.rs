@@ -210,6 +210,8 @@ struct State {
     token_delay: Duration,
     /// Per-mailbox send limits (account → bucket), as a provider enforces them.
     mailbox_limits: HashMap<String, MailboxLimit>,
+    /// Vendors whose consent page waits for a click (`show_consent_page`).
+    consent_pages: HashSet<Vendor>,
 }
 
 impl State {
@@ -432,6 +434,11 @@ impl Respond for Authorize {
         let Ok(back) = url::Url::parse(get("redirect_uri")) else {
             return bad("redirect_uri");
         };
+        // A consent page the user clicks through: the request's checks above
+        // come first, as at the provider; "Accept" comes back to this same URL.
+        if s.consent_pages.contains(&self.1) && get(CONSENT_CLICKED).is_empty() {
+            return consent_page(&request.url, self.1, s.consent.get(&self.1));
+        }
         let consent = s.consent.get(&self.1).cloned();
         match self.1 {
             Vendor::Microsoft => {
@@ -446,6 +453,34 @@ impl Respond for Authorize {
             Vendor::Google => google::authorize(&mut s, &q, back, consent),
         }
     }
+}
+
+/// The query parameter the stand-in's consent page adds when "Accept" is clicked.
+const CONSENT_CLICKED: &str = "sandbox_consent";
+
+/// A consent page with an "Accept" link (the browser's click is the consent).
+fn consent_page(url: &url::Url, vendor: Vendor, consent: Option<&Consent>) -> ResponseTemplate {
+    // Relative: the mock server's request URL does not carry its real address.
+    let mut accept = url.clone();
+    accept.query_pairs_mut().append_pair(CONSENT_CLICKED, "1");
+    let accept = format!("{}?{}", accept.path(), accept.query().unwrap_or_default());
+    let account = match consent {
+        Some(Consent::Approve(a)) | Some(Consent::Partial { account: a, .. }) => a.as_str(),
+        _ => "",
+    };
+    let provider = match vendor {
+        Vendor::Microsoft => "Microsoft",
+        Vendor::Google => "Google",
+    };
+    let html = format!(
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{provider} — permissions requested</title></head>\
+         <body><h1>{provider} sandbox: permissions requested</h1><p>Signed in as <b id=\"account\">{}</b>. \
+         The application asks to send mail as you.</p>\
+         <p><a id=\"accept\" href=\"{}\">Accept</a></p></body></html>",
+        html_escape(account),
+        html_escape(&accept),
+    );
+    ResponseTemplate::new(200).set_body_raw(html, "text/html; charset=utf-8")
 }
 
 /// The answer to a refused consent: `error=access_denied` back to the client.
@@ -662,6 +697,18 @@ impl StandIns {
             None => {
                 s.refresh_failures.remove(account);
             }
+        }
+    }
+
+    /// Whether the consent page of `vendor` waits for the browser to click
+    /// "Accept" (a page with a link) rather than answering at once. The answer
+    /// after the click is the one `set_consent` chose.
+    pub fn show_consent_page(&self, vendor: Vendor, show: bool) {
+        let mut s = self.state.lock().unwrap();
+        if show {
+            s.consent_pages.insert(vendor);
+        } else {
+            s.consent_pages.remove(&vendor);
         }
     }
 

@@ -715,11 +715,8 @@ fn last_test_line(look: &Look, i: &Integration) -> Option<minijinja::Value> {
     let text = if sent {
         look.say("last_test_sent", &[("at", &at), ("from", &from)])
     } else {
-        let (reason, detail) = test_reason(look, &test["error"]);
-        let reason = match detail {
-            Some(d) => format!("{reason} ({d})"),
-            None => reason,
-        };
+        // The provider's own words are in the notice after the test, not here.
+        let (reason, _) = test_reason(look, &test["error"]);
         look.say(
             "last_test_failed",
             &[("at", &at), ("from", &from), ("reason", &reason)],
