@@ -1,5 +1,6 @@
 # Sourced by scripts/test and .ci/run: RabbitMQ and PostgreSQL on their default
-# local ports, installed from Debian's packages and started when they are not.
+# local ports, installed from Debian's packages and started when they are not;
+# and headless Chromium with its WebDriver (the portal's browser tests).
 
 log() { printf '==> %s\n' "$*"; }
 
@@ -30,4 +31,11 @@ ensure_services() {
   port_open 5432 || { echo "PostgreSQL did not start"; return 1; }
   port_open 5672 || { echo "RabbitMQ did not start"; return 1; }
   rabbitmqctl await_startup >/dev/null 2>&1 || true
+}
+
+# The portal's browser tests (tests/e2e/portal.rs) drive Debian's Chromium
+# through chromedriver (package chromium-driver, which depends on chromium).
+ensure_browser() {
+  ensure_package chromium chromium
+  ensure_package chromedriver chromium-driver
 }

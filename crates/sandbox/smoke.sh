@@ -13,6 +13,7 @@ out="$(mktemp)"
 grep -q "acme     save and test .* test sent, integration active" "$out"
 grep -q "globex   save and test .* test sent, integration active" "$out"
 test "$(grep -cE '^(acme|globex|initech) +[a-z_]+ +(microsoft|google|default) +sent' "$out")" -eq 8
+grep -qE '^  http://127\.0\.0\.1:18080/portal/start\?token=' "$out"
 echo "sandbox smoke: demo ok"
 
 "$bin" serve --listen 127.0.0.1:18091 >/dev/null &
