@@ -124,7 +124,9 @@ impl Browser {
 
     /// The status the page shows (`data-status` of the status card).
     async fn status(&self) -> String {
-        self.attr("#status", "data-status").await.unwrap_or_default()
+        self.attr("#status", "data-status")
+            .await
+            .unwrap_or_default()
     }
 
     async fn fill(&self, css: &str, value: &str) {
@@ -168,7 +170,10 @@ impl Browser {
     /// at the current width.
     async fn screenshot(&self, name: &str) {
         let (width, height) = self.client.get_window_size().await.unwrap();
-        self.client.set_window_size(width as u32, 1500).await.unwrap();
+        self.client
+            .set_window_size(width as u32, 1500)
+            .await
+            .unwrap();
         let png = self.client.screenshot().await;
         self.client
             .set_window_size(width as u32, height as u32)
@@ -242,7 +247,12 @@ async fn an_admin_connects_microsoft_is_told_what_is_wrong_saves_a_tested_sender
         browser.goto(&link(&app, "org_ms", "en").await).await;
         assert_eq!(browser.path().await, "/portal");
         assert_eq!(browser.status().await, "not_configured");
-        assert!(browser.text("#status").await.contains("Platform sender in use"));
+        assert!(
+            browser
+                .text("#status")
+                .await
+                .contains("Platform sender in use")
+        );
         assert_eq!(
             browser.attr(".back", "href").await.as_deref(),
             Some(RETURN_URL)
@@ -250,7 +260,15 @@ async fn an_admin_connects_microsoft_is_told_what_is_wrong_saves_a_tested_sender
         browser.screenshot("platform-sender").await;
 
         // Connect: the provider's consent page, then back, confirmed.
-        browser.click_to("#connect-microsoft", &format!("/{}/oauth2/v2.0/authorize", mail_dispatch_test_support::MICROSOFT_TENANT)).await;
+        browser
+            .click_to(
+                "#connect-microsoft",
+                &format!(
+                    "/{}/oauth2/v2.0/authorize",
+                    mail_dispatch_test_support::MICROSOFT_TENANT
+                ),
+            )
+            .await;
         browser.click_to("#accept", "/portal").await;
         assert_eq!(browser.status().await, "pending_sender");
         assert!(
@@ -268,7 +286,10 @@ async fn an_admin_connects_microsoft_is_told_what_is_wrong_saves_a_tested_sender
             browser.attr("#name", "aria-invalid").await.as_deref(),
             Some("true")
         );
-        assert_eq!(browser.attr("#name", "value").await.as_deref(), Some("admin@customer"));
+        assert_eq!(
+            browser.attr("#name", "value").await.as_deref(),
+            Some("admin@customer")
+        );
         browser.screenshot("inline-error").await;
         let stored = app.db.store.integration("org_ms").await.unwrap().unwrap();
         assert_eq!(stored.sender_email, None);
@@ -281,7 +302,10 @@ async fn an_admin_connects_microsoft_is_told_what_is_wrong_saves_a_tested_sender
         browser.click_to("#save", "/portal").await;
         let notice = browser.text("#notice").await;
         assert!(notice.contains("The test failed"), "{notice}");
-        assert!(notice.contains("does not let the connected account send"), "{notice}");
+        assert!(
+            notice.contains("does not let the connected account send"),
+            "{notice}"
+        );
         assert_eq!(browser.status().await, "pending_sender");
         assert_eq!(
             browser.attr("#last-test", "data-status").await.as_deref(),
@@ -300,11 +324,19 @@ async fn an_admin_connects_microsoft_is_told_what_is_wrong_saves_a_tested_sender
             "{notice}"
         );
         assert_eq!(browser.status().await, "active");
-        assert!(browser.text("#status").await.contains("through Microsoft 365"));
+        assert!(
+            browser
+                .text("#status")
+                .await
+                .contains("through Microsoft 365")
+        );
         browser.screenshot("active").await;
         let stored = app.db.store.integration("org_ms").await.unwrap().unwrap();
         assert_eq!(stored.status, IntegrationStatus::Active);
-        assert_eq!(stored.sender_name.as_deref(), Some("Customer Notifications"));
+        assert_eq!(
+            stored.sender_name.as_deref(),
+            Some("Customer Notifications")
+        );
         eventually_provider(&app, &mut tap, "org_ms", "microsoft").await;
 
         // On a phone-sized screen the page still reads as one column.
@@ -349,7 +381,12 @@ async fn an_admin_connects_google_in_french_and_the_tested_sender_is_active() {
 
         browser.goto(&link(&app, "org_g", "fr").await).await;
         assert_eq!(browser.attr("html", "lang").await.as_deref(), Some("fr"));
-        assert!(browser.text("#status").await.contains("Expéditeur de la plateforme"));
+        assert!(
+            browser
+                .text("#status")
+                .await
+                .contains("Expéditeur de la plateforme")
+        );
 
         // The stand-in answers the consent at once: straight back to the page.
         browser.click_to("#connect-google", "/portal").await;
@@ -436,16 +473,33 @@ async fn a_consent_finished_in_another_browser_session_is_not_attached() {
         // The admin starts connecting, and the consent page is opened in
         // another browser (sent to someone, or copied), where it is accepted.
         admin.goto(&link(&app, "org_p", "en").await).await;
-        admin.click_to("#connect-microsoft", &format!("/{}/oauth2/v2.0/authorize", mail_dispatch_test_support::MICROSOFT_TENANT)).await;
+        admin
+            .click_to(
+                "#connect-microsoft",
+                &format!(
+                    "/{}/oauth2/v2.0/authorize",
+                    mail_dispatch_test_support::MICROSOFT_TENANT
+                ),
+            )
+            .await;
         let consent = admin.client.current_url().await.unwrap();
         other.goto(consent.as_str()).await;
         other.click_to("#accept", "/portal/return").await;
         assert_eq!(other.text("#heading").await, "Nothing was connected");
-        assert!(other.text("#message").await.contains("another browser session"));
+        assert!(
+            other
+                .text("#message")
+                .await
+                .contains("another browser session")
+        );
         other.screenshot("other-browser").await;
         assert!(app.db.store.integration("org_p").await.unwrap().is_none());
         assert_eq!(
-            app.db.store.pending_connection_count("org_p").await.unwrap(),
+            app.db
+                .store
+                .pending_connection_count("org_p")
+                .await
+                .unwrap(),
             1,
             "the grant waits, unconfirmed, until it expires and is dropped"
         );
@@ -456,6 +510,33 @@ async fn a_consent_finished_in_another_browser_session_is_not_attached() {
         admin.click_to("#accept", "/portal").await;
         assert_eq!(admin.status().await, "not_configured");
         assert!(admin.text("#notice").await.contains("already used"));
+        assert!(app.db.store.integration("org_p").await.unwrap().is_none());
+
+        // Even a browser with a session of the same organization (another
+        // admin's) cannot attach a consent that this session started.
+        other.goto(&link(&app, "org_p", "en").await).await;
+        assert_eq!(other.status().await, "not_configured");
+        admin
+            .click_to(
+                "#connect-microsoft",
+                &format!(
+                    "/{}/oauth2/v2.0/authorize",
+                    mail_dispatch_test_support::MICROSOFT_TENANT
+                ),
+            )
+            .await;
+        let consent = admin.client.current_url().await.unwrap();
+        other.goto(consent.as_str()).await;
+        other.click_to("#accept", "/portal").await;
+        assert_eq!(other.status().await, "not_configured");
+        assert!(
+            other
+                .text("#notice")
+                .await
+                .contains("another browser session"),
+            "{}",
+            other.text("#notice").await
+        );
         assert!(app.db.store.integration("org_p").await.unwrap().is_none());
         tokio::join!(admin.close(), other.close());
     })
@@ -478,11 +559,26 @@ async fn portal_sessions_need_the_admin_token_an_allowed_return_url_and_a_strict
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     for (body, code) in [
-        (json!({"return_url": "https://evil.example/x"}), "return_to_not_allowed"),
-        (json!({"return_url": RETURN_URL, "accent_color": "#fff;}body{x"}), "invalid_request"),
-        (json!({"return_url": RETURN_URL, "accent_color": "red"}), "invalid_request"),
-        (json!({"return_url": RETURN_URL, "locale": "de"}), "invalid_request"),
-        (json!({"return_url": RETURN_URL, "product_name": ""}), "invalid_request"),
+        (
+            json!({"return_url": "https://evil.example/x"}),
+            "return_to_not_allowed",
+        ),
+        (
+            json!({"return_url": RETURN_URL, "accent_color": "#fff;}body{x"}),
+            "invalid_request",
+        ),
+        (
+            json!({"return_url": RETURN_URL, "accent_color": "red"}),
+            "invalid_request",
+        ),
+        (
+            json!({"return_url": RETURN_URL, "locale": "de"}),
+            "invalid_request",
+        ),
+        (
+            json!({"return_url": RETURN_URL, "product_name": ""}),
+            "invalid_request",
+        ),
     ] {
         let resp = http
             .post(&url)
@@ -497,11 +593,17 @@ async fn portal_sessions_need_the_admin_token_an_allowed_return_url_and_a_strict
     }
     let answer = portal_link(&app, "org_a", json!({"return_url": RETURN_URL})).await;
     let link = answer["url"].as_str().unwrap();
-    assert!(link.starts_with(&format!("{}/portal/start?token=", app.admin_url)), "{link}");
-    let expires = chrono::DateTime::parse_from_rfc3339(answer["expires_at"].as_str().unwrap())
-        .unwrap();
+    assert!(
+        link.starts_with(&format!("{}/portal/start?token=", app.admin_url)),
+        "{link}"
+    );
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(answer["expires_at"].as_str().unwrap()).unwrap();
     let ttl = expires.signed_duration_since(chrono::Utc::now());
-    assert!(ttl > chrono::Duration::minutes(4) && ttl <= chrono::Duration::minutes(5), "{ttl}");
+    assert!(
+        ttl > chrono::Duration::minutes(4) && ttl <= chrono::Duration::minutes(5),
+        "{ttl}"
+    );
 }
 
 /// A browser-like client without a cookie jar: the test carries the cookie.
@@ -517,8 +619,12 @@ impl Visitor {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap();
-        let link = portal_link(app, org, json!({"return_url": RETURN_URL, "accent_color": "#FFD500"}))
-            .await["url"]
+        let link = portal_link(
+            app,
+            org,
+            json!({"return_url": RETURN_URL, "accent_color": "#FFD500"}),
+        )
+        .await["url"]
             .as_str()
             .unwrap()
             .to_owned();
@@ -562,7 +668,8 @@ impl Visitor {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_portal_sets_a_scoped_http_only_cookie_a_strict_policy_and_refuses_forms_without_its_token() {
+async fn the_portal_sets_a_scoped_http_only_cookie_a_strict_policy_and_refuses_forms_without_its_token()
+ {
     let app = TestApp::spawn().await;
     app.standins.set_consent(
         Vendor::Microsoft,
@@ -575,7 +682,10 @@ async fn the_portal_sets_a_scoped_http_only_cookie_a_strict_policy_and_refuses_f
     for attribute in ["HttpOnly", "SameSite=Lax", "Path=/portal", "Max-Age=3600"] {
         assert!(cookie.contains(attribute), "{cookie}");
     }
-    assert!(!cookie.contains("Secure"), "served over http here: {cookie}");
+    assert!(
+        !cookie.contains("Secure"),
+        "served over http here: {cookie}"
+    );
 
     let page = visitor.get("/portal").await;
     assert_eq!(page.status(), StatusCode::OK);
@@ -584,26 +694,41 @@ async fn the_portal_sets_a_scoped_http_only_cookie_a_strict_policy_and_refuses_f
     assert!(csp.contains("default-src 'none'"), "{csp}");
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     assert!(csp.contains("style-src 'self'"), "{csp}");
-    assert!(!csp.contains("unsafe-inline") && !csp.contains("script-src"), "{csp}");
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("script-src"),
+        "{csp}"
+    );
     // The connect form's redirect goes to the providers' consent pages.
     let microsoft = app.standins.microsoft_login.uri();
-    assert!(csp.contains(&format!("form-action 'self' {microsoft}")), "{csp}");
+    assert!(
+        csp.contains(&format!("form-action 'self' {microsoft}")),
+        "{csp}"
+    );
     assert_eq!(headers["x-frame-options"], "DENY");
     assert_eq!(headers["referrer-policy"], "no-referrer");
     assert_eq!(headers["cache-control"], "no-store");
     let html = page.text().await.unwrap();
     assert!(!html.contains("<script"), "no script");
     assert!(!html.contains("token="), "no token in the page");
-    assert!(!html.contains(&visitor.cookie["mail_dispatch_portal=".len()..]), "no cookie value in the page");
+    assert!(
+        !html.contains(&visitor.cookie["mail_dispatch_portal=".len()..]),
+        "no cookie value in the page"
+    );
 
     // The accent colour reaches the page through its own stylesheet, with a
     // readable text colour on it.
     let theme = visitor.get("/portal/theme.css").await.text().await.unwrap();
-    assert!(theme.contains("--accent: #ffd500; --on-accent: #111111;"), "{theme}");
+    assert!(
+        theme.contains("--accent: #ffd500; --on-accent: #111111;"),
+        "{theme}"
+    );
 
     // Forms without the session's token do nothing.
     let resp = visitor
-        .post("/portal/connect", &[("csrf", "wrong"), ("provider", "microsoft")])
+        .post(
+            "/portal/connect",
+            &[("csrf", "wrong"), ("provider", "microsoft")],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(app.db.store.oauth_state_count().await.unwrap(), 0);
@@ -615,15 +740,24 @@ async fn the_portal_sets_a_scoped_http_only_cookie_a_strict_policy_and_refuses_f
     // With it: straight to the consent page, with a state of this session.
     let csrf = visitor.csrf().await;
     let resp = visitor
-        .post("/portal/connect", &[("csrf", &csrf), ("provider", "microsoft")])
+        .post(
+            "/portal/connect",
+            &[("csrf", &csrf), ("provider", "microsoft")],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     let location = resp.headers()["location"].to_str().unwrap();
     assert!(location.starts_with(&microsoft), "{location}");
-    assert_eq!(app.db.store.oauth_state_count().await.unwrap(), 2, "connect and admin consent");
+    assert_eq!(
+        app.db.store.oauth_state_count().await.unwrap(),
+        2,
+        "connect and admin consent"
+    );
 
     // Without a cookie, no page.
-    let resp = reqwest::get(format!("{}/portal", app.admin_url)).await.unwrap();
+    let resp = reqwest::get(format!("{}/portal", app.admin_url))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // The callback cannot be framed either.
     let resp = reqwest::get(format!("{}/v1/oauth/callback", app.admin_url))

@@ -101,7 +101,10 @@ pub fn app(state: AdminState) -> Router {
         .route("/{org}/integration/authorize", post(connect::authorize))
         .route("/{org}/integration/confirm", post(connect::confirm))
         .route("/{org}/integration/sender", put(sender::put_sender))
-        .route("/{org}/portal-sessions", post(portal::create_portal_session))
+        .route(
+            "/{org}/portal-sessions",
+            post(portal::create_portal_session),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer,

@@ -339,9 +339,7 @@ pub async fn put_sender(
 pub(crate) enum SenderProblem {
     #[error("email is not a valid address")]
     InvalidEmail,
-    #[error(
-        "the sender name must not contain `@` (Microsoft refuses it with ErrorSendAsDenied)"
-    )]
+    #[error("the sender name must not contain `@` (Microsoft refuses it with ErrorSendAsDenied)")]
     NameWithAt,
     #[error("the sender name {0}")]
     Name(String),

@@ -439,8 +439,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // The hosted settings page of the organization left on the platform sender:
     // a newcomer can connect it in the browser. The sandbox's consent pages then
     // wait for a click, as the providers' do.
-    sandbox.set_consent(Vendor::Microsoft, Consent::Approve("it@initech.example".into()));
-    sandbox.set_consent(Vendor::Google, Consent::Approve("admin@initech.example".into()));
+    sandbox.set_consent(
+        Vendor::Microsoft,
+        Consent::Approve("it@initech.example".into()),
+    );
+    sandbox.set_consent(
+        Vendor::Google,
+        Consent::Approve("admin@initech.example".into()),
+    );
     sandbox.show_consent_page(Vendor::Microsoft, true);
     sandbox.show_consent_page(Vendor::Google, true);
     let portal: Value = http
@@ -454,8 +460,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let portal_url = portal["url"]
         .as_str()
         .with_context(|| format!("no portal link: {portal}"))?;
-    println!("\ninitech's email settings page (opens once, within 5 minutes{}):\n  {portal_url}",
-        if args.keep_running { "" } else { "; add --keep-running to keep the service up for it" });
+    println!(
+        "\ninitech's email settings page (opens once, within 5 minutes{}):\n  {portal_url}",
+        if args.keep_running {
+            ""
+        } else {
+            "; add --keep-running to keep the service up for it"
+        }
+    );
 
     if args.keep_running {
         println!(

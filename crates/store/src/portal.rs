@@ -48,7 +48,9 @@ pub enum LinkLookup {
 pub enum SessionLookup {
     Valid(PortalSession),
     /// Known, past its lifetime: the host application must issue a new link.
-    Expired { return_url: String },
+    Expired {
+        return_url: String,
+    },
     /// No such session.
     Unknown,
 }

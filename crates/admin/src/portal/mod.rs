@@ -33,10 +33,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::{EmailAddress, ProviderKind};
-use minijinja::value::Serde;
 use mail_dispatch_store::{
     Fallback, Integration, IntegrationStatus, LinkLookup, PortalSettings, SessionLookup,
 };
+use minijinja::value::Serde;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 use utoipa::ToSchema;
@@ -225,8 +225,7 @@ pub async fn create_portal_session(
     let accent_color = match req.accent_color.as_deref() {
         None => None,
         Some(raw) => Some(
-            parse_accent(raw)
-                .ok_or_else(|| ApiError::invalid("accent_color must be #RRGGBB"))?,
+            parse_accent(raw).ok_or_else(|| ApiError::invalid("accent_color must be #RRGGBB"))?,
         ),
     };
     let token = random_token();
@@ -260,10 +259,7 @@ pub(crate) async fn security_headers(
 ) -> Response {
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        state.portal.csp.clone(),
-    );
+    headers.insert(header::CONTENT_SECURITY_POLICY, state.portal.csp.clone());
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(
         header::REFERRER_POLICY,
@@ -335,7 +331,12 @@ fn html(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-fn render(state: &AdminState, template: &str, status: StatusCode, ctx: minijinja::Value) -> Response {
+fn render(
+    state: &AdminState,
+    template: &str,
+    status: StatusCode,
+    ctx: minijinja::Value,
+) -> Response {
     match state
         .portal
         .env
@@ -351,7 +352,13 @@ fn render(state: &AdminState, template: &str, status: StatusCode, ctx: minijinja
 }
 
 /// A page with a heading, a sentence and, when known, the way back.
-fn message(state: &AdminState, look: &Look, status: StatusCode, heading: &str, text: &str) -> Response {
+fn message(
+    state: &AdminState,
+    look: &Look,
+    status: StatusCode,
+    heading: &str,
+    text: &str,
+) -> Response {
     let ctx = minijinja::context! {
         lang => look.locale.as_str(),
         root => portal_path(state),
@@ -384,22 +391,46 @@ pub(crate) async fn start(
 ) -> Response {
     let anonymous = |return_url| Look::anonymous(&state, &headers, return_url);
     let Some(token) = q.token.filter(|t| !t.is_empty() && t.len() <= 200) else {
-        return message(&state, &anonymous(None), StatusCode::NOT_FOUND, "link_unknown_heading", "link_unknown_text");
+        return message(
+            &state,
+            &anonymous(None),
+            StatusCode::NOT_FOUND,
+            "link_unknown_heading",
+            "link_unknown_text",
+        );
     };
     let store = &state.services.store;
     let settings = match store.use_portal_link(&sha256(&token)).await {
         Ok(LinkLookup::Valid(settings)) => settings,
         Ok(LinkLookup::Expired { return_url }) => {
             tracing::info!("portal link opened after its expiry");
-            return message(&state, &anonymous(Some(return_url)), StatusCode::GONE, "link_expired_heading", "link_expired_text");
+            return message(
+                &state,
+                &anonymous(Some(return_url)),
+                StatusCode::GONE,
+                "link_expired_heading",
+                "link_expired_text",
+            );
         }
         Ok(LinkLookup::Used { return_url }) => {
             tracing::info!("portal link opened a second time");
-            return message(&state, &anonymous(Some(return_url)), StatusCode::CONFLICT, "link_used_heading", "link_used_text");
+            return message(
+                &state,
+                &anonymous(Some(return_url)),
+                StatusCode::CONFLICT,
+                "link_used_heading",
+                "link_used_text",
+            );
         }
         Ok(LinkLookup::Unknown) => {
             tracing::warn!("portal link unknown (forged or mistyped)");
-            return message(&state, &anonymous(None), StatusCode::NOT_FOUND, "link_unknown_heading", "link_unknown_text");
+            return message(
+                &state,
+                &anonymous(None),
+                StatusCode::NOT_FOUND,
+                "link_unknown_heading",
+                "link_unknown_text",
+            );
         }
         Err(e) => return failure(&state, &anonymous(None), &e),
     };
@@ -482,7 +513,13 @@ fn cookie_value(headers: &HeaderMap) -> Option<&str> {
 async fn session(state: &AdminState, headers: &HeaderMap) -> Result<Session, Response> {
     let anonymous = |return_url| Look::anonymous(state, headers, return_url);
     let Some(cookie) = cookie_value(headers) else {
-        return Err(message(state, &anonymous(None), StatusCode::UNAUTHORIZED, "session_expired_heading", "session_expired_text"));
+        return Err(message(
+            state,
+            &anonymous(None),
+            StatusCode::UNAUTHORIZED,
+            "session_expired_heading",
+            "session_expired_text",
+        ));
     };
     let hash = sha256(cookie);
     match state.services.store.portal_session(&hash).await {
@@ -499,7 +536,13 @@ async fn session(state: &AdminState, headers: &HeaderMap) -> Result<Session, Res
             "session_expired_heading",
             "session_expired_text",
         )),
-        Ok(SessionLookup::Unknown) => Err(message(state, &anonymous(None), StatusCode::UNAUTHORIZED, "session_expired_heading", "session_expired_text")),
+        Ok(SessionLookup::Unknown) => Err(message(
+            state,
+            &anonymous(None),
+            StatusCode::UNAUTHORIZED,
+            "session_expired_heading",
+            "session_expired_text",
+        )),
         Err(e) => Err(failure(state, &anonymous(None), &e)),
     }
 }
@@ -564,7 +607,10 @@ fn test_reason(look: &Look, error: &serde_json::Value) -> (String, Option<String
         Some("auth_revoked") => "test_auth_revoked",
         _ => "test_other",
     };
-    (look.say(key, &[]), error["message"].as_str().map(str::to_owned))
+    (
+        look.say(key, &[]),
+        error["message"].as_str().map(str::to_owned),
+    )
 }
 
 fn format_at(at: DateTime<Utc>) -> String {
@@ -848,8 +894,14 @@ pub(crate) async fn connect(
         _ => return (StatusCode::BAD_REQUEST, "unknown provider").into_response(),
     };
     let return_to = format!("{}/return", portal_root(&state));
-    match start_authorization(&state, session.org(), provider, &return_to, Some(&session.hash))
-        .await
+    match start_authorization(
+        &state,
+        session.org(),
+        provider,
+        &return_to,
+        Some(&session.hash),
+    )
+    .await
     {
         Ok(started) => {
             tracing::info!(org.id = %session.org(), %provider, "portal: connect started");
@@ -867,7 +919,14 @@ pub(crate) async fn connect(
 async fn forged(state: &AdminState, session: &Session) -> Response {
     tracing::warn!(org.id = %session.org(), "portal: form without the session's CSRF token refused");
     let text = session.look.say("notice_form_expired", &[]);
-    page(state, session, StatusCode::FORBIDDEN, Some(Notice::error(text)), None).await
+    page(
+        state,
+        session,
+        StatusCode::FORBIDDEN,
+        Some(Notice::error(text)),
+        None,
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -887,9 +946,17 @@ pub(crate) async fn back(
     let session = match cookie_value(&headers) {
         // No session here: whatever came back was started elsewhere.
         None => {
-            tracing::warn!("portal: a consent came back to a browser without a portal session; not attached");
+            tracing::warn!(
+                "portal: a consent came back to a browser without a portal session; not attached"
+            );
             let look = Look::anonymous(&state, &headers, None);
-            return message(&state, &look, StatusCode::FORBIDDEN, "other_browser_heading", "err_other_browser");
+            return message(
+                &state,
+                &look,
+                StatusCode::FORBIDDEN,
+                "other_browser_heading",
+                "err_other_browser",
+            );
         }
         Some(_) => match session(&state, &headers).await {
             Ok(s) => s,
@@ -899,8 +966,12 @@ pub(crate) async fn back(
     let root = portal_path(&state);
     let org = session.org().to_owned();
     match (q.status.as_deref(), q.connection.as_deref()) {
-        (Some("connected"), Some(connection)) if !connection.is_empty() && connection.len() <= 200 => {
-            match crate::connect::confirm_connection(&state, &org, connection, Some(&session.hash)).await {
+        (Some("connected"), Some(connection))
+            if !connection.is_empty() && connection.len() <= 200 =>
+        {
+            match crate::connect::confirm_connection(&state, &org, connection, Some(&session.hash))
+                .await
+            {
                 Ok(confirmed) => {
                     let notice = match confirmed.status {
                         ConfirmStatus::Connected => "connected",
@@ -921,7 +992,14 @@ pub(crate) async fn back(
                         _ => {
                             tracing::error!(org.id = %org, error = %e.message, "portal: confirmation failed");
                             let text = session.look.say("notice_failed", &[]);
-                            return page(&state, &session, StatusCode::SERVICE_UNAVAILABLE, Some(Notice::error(text)), None).await;
+                            return page(
+                                &state,
+                                &session,
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                Some(Notice::error(text)),
+                                None,
+                            )
+                            .await;
                         }
                     };
                     see_other(&format!("{root}?error={error}"))
@@ -970,7 +1048,14 @@ pub(crate) async fn save_sender(
         Ok(Some(i)) => i,
         Ok(None) => {
             let text = look.say("notice_not_connected", &[]);
-            return page(&state, &session, StatusCode::CONFLICT, Some(Notice::error(text)), None).await;
+            return page(
+                &state,
+                &session,
+                StatusCode::CONFLICT,
+                Some(Notice::error(text)),
+                None,
+            )
+            .await;
         }
         Err(e) => return failure(&state, look, &e),
     };
@@ -996,7 +1081,14 @@ pub(crate) async fn save_sender(
             }
             tracing::info!(org.id = %org, problem = %problem, "portal: sender refused before any test");
             let text = look.say("notice_invalid_sender", &[]);
-            return page(&state, &session, StatusCode::UNPROCESSABLE_ENTITY, Some(Notice::error(text)), Some(form)).await;
+            return page(
+                &state,
+                &session,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some(Notice::error(text)),
+                Some(form),
+            )
+            .await;
         }
     };
     let Some(recipient) = integration
@@ -1014,7 +1106,14 @@ pub(crate) async fn save_sender(
         Ok(false) => {
             tracing::warn!(org.id = %org, "portal: test send refused by the rate limit");
             let text = look.say("notice_rate_limited", &[]);
-            return page(&state, &session, StatusCode::TOO_MANY_REQUESTS, Some(Notice::error(text)), Some(form)).await;
+            return page(
+                &state,
+                &session,
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(Notice::error(text)),
+                Some(form),
+            )
+            .await;
         }
         Err(e) => return failure(&state, look, &e),
     }
@@ -1035,14 +1134,29 @@ pub(crate) async fn save_sender(
         }
         Err(e) if e.code == ApiErrorCode::SenderNotAllowed => {
             tracing::info!(org.id = %org, "portal: sender not allowed by the provider's rules");
-            form.email_error = Some(look.say("field_sender_not_allowed", &[("reason", &e.message)]));
+            form.email_error =
+                Some(look.say("field_sender_not_allowed", &[("reason", &e.message)]));
             let text = look.say("notice_invalid_sender", &[]);
-            page(&state, &session, StatusCode::UNPROCESSABLE_ENTITY, Some(Notice::error(text)), Some(form)).await
+            page(
+                &state,
+                &session,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some(Notice::error(text)),
+                Some(form),
+            )
+            .await
         }
         Err(e) => {
             tracing::error!(org.id = %org, code = e.code.as_str(), error = %e.message, "portal: save and test failed");
             let text = look.say("notice_failed", &[]);
-            page(&state, &session, e.status, Some(Notice::error(text)), Some(form)).await
+            page(
+                &state,
+                &session,
+                e.status,
+                Some(Notice::error(text)),
+                Some(form),
+            )
+            .await
         }
     }
 }
@@ -1069,7 +1183,14 @@ pub(crate) async fn disconnect(
     }
     if form.confirm.as_deref() != Some("yes") {
         let text = session.look.say("disconnect_confirm", &[]);
-        return page(&state, &session, StatusCode::UNPROCESSABLE_ENTITY, Some(Notice::error(text)), None).await;
+        return page(
+            &state,
+            &session,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some(Notice::error(text)),
+            None,
+        )
+        .await;
     }
     match crate::integration::disconnect(&state, session.org()).await {
         Ok(_) => see_other(&format!("{}?notice=disconnected", portal_path(&state))),
@@ -1103,7 +1224,10 @@ pub(crate) async fn theme(State(state): State<AdminState>, headers: HeaderMap) -
         None => None,
     };
     let body = match accent.as_deref().and_then(parse_accent) {
-        Some(accent) => format!(":root {{ --accent: {accent}; --on-accent: {}; }}\n", on_accent(&accent)),
+        Some(accent) => format!(
+            ":root {{ --accent: {accent}; --on-accent: {}; }}\n",
+            on_accent(&accent)
+        ),
         None => String::new(),
     };
     (
@@ -1123,7 +1247,9 @@ mod tests {
     #[test]
     fn accent_colours_are_six_hex_digits_only() {
         assert_eq!(parse_accent("#1A2b3C").as_deref(), Some("#1a2b3c"));
-        for bad in ["1a2b3c", "#1a2b3", "#1a2b3c4", "#12345g", "red", "#fff;}", ""] {
+        for bad in [
+            "1a2b3c", "#1a2b3", "#1a2b3c4", "#12345g", "red", "#fff;}", "",
+        ] {
             assert_eq!(parse_accent(bad), None, "{bad}");
         }
     }
@@ -1139,10 +1265,16 @@ mod tests {
     #[test]
     fn the_session_cookie_is_read_among_others() {
         let mut headers = HeaderMap::new();
-        headers.append(header::COOKIE, HeaderValue::from_static("a=1; mail_dispatch_portal=abc"));
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; mail_dispatch_portal=abc"),
+        );
         assert_eq!(cookie_value(&headers), Some("abc"));
         let mut headers = HeaderMap::new();
-        headers.append(header::COOKIE, HeaderValue::from_static("xmail_dispatch_portal=abc"));
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("xmail_dispatch_portal=abc"),
+        );
         assert_eq!(cookie_value(&headers), None);
     }
 
@@ -1153,7 +1285,11 @@ mod tests {
             assert!(portal.env.get_template(name).is_ok(), "{name}");
         }
         assert!(
-            portal.csp.to_str().unwrap().contains("frame-ancestors 'none'"),
+            portal
+                .csp
+                .to_str()
+                .unwrap()
+                .contains("frame-ancestors 'none'"),
             "{:?}",
             portal.csp
         );

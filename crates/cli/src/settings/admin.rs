@@ -43,7 +43,11 @@ pub struct AdminSettings {
     )]
     pub product_name: String,
     /// How long a session of the hosted settings page lasts once its link is opened.
-    #[arg(long, env = "MAIL_DISPATCH_PORTAL_SESSION_SECS", default_value_t = 3600)]
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_PORTAL_SESSION_SECS",
+        default_value_t = 3600
+    )]
     pub portal_session_secs: u64,
 }
 
