@@ -892,6 +892,7 @@ async fn the_openapi_document_lists_every_route() {
         ("/v1/organizations/{org}/integration/sender", "put"),
         ("/v1/organizations/{org}/integration", "get"),
         ("/v1/organizations/{org}/integration", "delete"),
+        ("/v1/organizations/{org}/portal-sessions", "post"),
     ] {
         let op = &paths.get(path).unwrap_or_else(|| panic!("{path} missing"))[method];
         assert!(op.is_object(), "{method} {path} missing");
@@ -916,14 +917,17 @@ async fn the_openapi_document_lists_every_route() {
         "TestOutcome",
         "IntegrationView",
         "ErrorBody",
+        "PortalSessionRequest",
+        "PortalSessionResponse",
     ] {
         assert!(
             doc["components"]["schemas"][schema].is_object(),
             "{schema} missing"
         );
     }
-    // Every route the router serves is documented, and nothing else.
-    assert_eq!(paths.len(), 5);
+    // Every API route the router serves is documented, and nothing else (the
+    // hosted settings page's `/portal/…` pages are HTML for browsers, not API).
+    assert_eq!(paths.len(), 6);
     let _ = IntegrationStatus::Active;
 }
 

@@ -827,3 +827,40 @@ async fn fail_refresh_answers_entras_documented_error_for_each_code() {
     );
     assert_eq!(s.refreshes(Vendor::Google).len(), 2);
 }
+
+#[tokio::test]
+async fn the_consent_page_waits_for_the_click_and_still_refuses_a_bad_request_first() {
+    let s = StandIns::start().await;
+    s.set_consent(Vendor::Google, Consent::Approve("admin@example.com".into()));
+    s.show_consent_page(Vendor::Google, true);
+    // The request's checks come before any page, as at the provider.
+    let bad = http()
+        .get(format!(
+            "{}/o/oauth2/v2/auth?response_type=code&client_id={CLIENT_ID}&redirect_uri={REDIRECT}&state=s",
+            s.google_oauth.uri()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    // A page that names the account, with an "Accept" link back to the same request.
+    let page = authorize(&s, Vendor::Google, "", GMAIL_SEND).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("admin@example.com"), "{html}");
+    let href = html
+        .split("id=\"accept\" href=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .replace("&amp;", "&");
+    let clicked = http()
+        .get(format!("{}{href}", s.google_oauth.uri()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(clicked.status(), StatusCode::FOUND);
+    let back = params(&location(&clicked).unwrap());
+    assert_eq!(back["state"], "the-state");
+    assert!(back.contains_key("code"), "{back:?}");
+}
