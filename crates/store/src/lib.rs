@@ -263,7 +263,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "ledger_unfinished_index",
         include_str!("../migrations/0007_ledger_unfinished_index.sql"),
     ),
-    (8, "portal", include_str!("../migrations/0008_portal.sql")),
+    (10, "portal", include_str!("../migrations/0010_portal.sql")),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;
