@@ -63,6 +63,11 @@ impl Program {
         p
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A GET on the metrics listener: (status, body).
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         let port = self.metrics_port;

@@ -55,6 +55,21 @@ impl GmailSender {
         token: &SecretString,
         msg: &OutgoingMessage,
     ) -> Result<Accepted, SendError> {
+        // The attachments alone, base64-encoded, are a floor of the message's size:
+        // above the limit, refuse before rendering tens of MB for nothing.
+        let floor: usize = msg
+            .attachments
+            .iter()
+            .map(|a| a.content.len().div_ceil(3) * 4)
+            .sum();
+        if floor > MAX_MESSAGE_BYTES {
+            return Err(SendError::permanent(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "message is over {floor} bytes (attachments in base64); Gmail accepts at most {MAX_MESSAGE_BYTES}"
+                ),
+            ));
+        }
         let raw = render(msg, BccHeader::Keep)?;
         if raw.len() > MAX_MESSAGE_BYTES {
             return Err(SendError::permanent(

@@ -16,7 +16,7 @@ mod services;
 mod tokens;
 mod upkeep;
 
-pub use config::{DEFAULT_CONCURRENCY, WorkerConfig};
+pub use config::{DEFAULT_CONCURRENCY, DEFAULT_MEMORY_BUDGET_BYTES, WorkerConfig};
 pub use dispatch::{DeadLetter, Decision, DelayReason, Dispatcher, Finish, Incoming};
 pub use health::{DATABASE_CHECK_TIMEOUT, Health};
 pub use published::PublishedMarks;

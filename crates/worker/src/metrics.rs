@@ -14,6 +14,8 @@ pub const RETRIES_SCHEDULED: &str = "mail_dispatch_retries_scheduled_total";
 pub const DEAD_LETTERS: &str = "mail_dispatch_dead_letters_total";
 pub const JOB_LATENCY: &str = "mail_dispatch_job_latency_seconds";
 pub const JOBS_IN_FLIGHT: &str = "mail_dispatch_jobs_in_flight";
+pub const MEMORY_HELD_BYTES: &str = "mail_dispatch_job_memory_held_bytes";
+pub const MEMORY_BUDGET_BYTES: &str = "mail_dispatch_job_memory_budget_bytes";
 pub const DUPLICATES_SKIPPED: &str = "mail_dispatch_duplicates_skipped_total";
 pub const TOKEN_REFRESHES: &str = "mail_dispatch_token_refreshes_total";
 pub const PROVIDER_THROTTLED: &str = "mail_dispatch_provider_throttled_total";
@@ -37,6 +39,14 @@ pub const JOB_LATENCY_BUCKETS: &[f64] = &[
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(JOBS_RECEIVED, "Job deliveries taken from the jobs queue.");
+    describe_gauge!(
+        MEMORY_HELD_BYTES,
+        "Memory charged to the jobs in hand (4x their bodies); deliveries wait at the broker beyond the budget."
+    );
+    describe_gauge!(
+        MEMORY_BUDGET_BYTES,
+        "The worker's job memory budget (MAIL_DISPATCH_MEMORY_BUDGET_MIB)."
+    );
     describe_counter!(
         JOBS_COMPLETED,
         "Final outcomes published, by provider, status and error code."
