@@ -110,6 +110,9 @@ WHERE l.organization_id = i.organization_id AND l.job_id = i.job_id
   AND l.claim_id = i.claim_id AND l.state <> 'published'
 RETURNING l.organization_id, l.job_id";
 
+/// A job's outcome to record, with the owner of the claim it is recorded for.
+pub(crate) type Completion = (JobKey, (serde_json::Value, ClaimOwner));
+
 /// The job ids and organization ids of `keys`, as two statement parameters.
 fn columns<'a>(keys: impl Iterator<Item = &'a JobKey>) -> (Vec<&'a str>, Vec<&'a str>) {
     keys.map(|k| (k.job_id.as_str(), k.organization_id.as_str()))
@@ -221,15 +224,14 @@ impl Store {
     /// twice keeps its last result (and both are answered as that one).
     pub(crate) async fn complete_jobs(
         &self,
-        items: &[(JobKey, (serde_json::Value, ClaimOwner))],
+        items: &[Completion],
         lease: Duration,
     ) -> Result<Vec<bool>, StoreError> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
         // Distinct keys (the last occurrence wins), sorted.
-        let mut order: Vec<(usize, &(JobKey, (serde_json::Value, ClaimOwner)))> =
-            items.iter().enumerate().collect();
+        let mut order: Vec<(usize, &Completion)> = items.iter().enumerate().collect();
         order.sort_by(|a, b| a.1.0.cmp(&b.1.0).then(b.0.cmp(&a.0)));
         order.dedup_by(|a, b| a.1.0 == b.1.0);
         let (job_ids, orgs) = columns(order.iter().map(|(_, (key, _))| key));
