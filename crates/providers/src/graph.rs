@@ -240,7 +240,12 @@ pub fn classify(
         (408, _) => FailureClass::unavailable(retry_after),
         _ => FailureClass::Permanent(ErrorCode::ProviderUnavailable),
     };
-    SendError::new(class, message).with_provider(status.as_u16(), code)
+    SendError {
+        // Graph's gateway gave up waiting for the mailbox: the message may
+        // have gone (facts.md, Graph 504).
+        maybe_sent: status.as_u16() == 504,
+        ..SendError::new(class, message).with_provider(status.as_u16(), code)
+    }
 }
 
 #[cfg(test)]

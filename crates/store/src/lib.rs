@@ -21,7 +21,7 @@ pub use integrations::{
     Fallback, Integration, IntegrationStatus, NewConnection, RefreshDecision, RefreshLease,
     StoredTokens,
 };
-pub use ledger::{Claim, JobKey};
+pub use ledger::{Claim, ClaimOwner, JobKey};
 pub use listener::{IntegrationChange, spawn_change_listener};
 pub use oauth_states::{OAuthState, StateLookup, StatePurpose};
 pub use pending_connections::{ConfirmLookup, ExpiredConnection};
@@ -260,6 +260,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         7,
         "ledger_unfinished_index",
         include_str!("../migrations/0007_ledger_unfinished_index.sql"),
+    ),
+    (
+        8,
+        "claim_owner",
+        include_str!("../migrations/0008_claim_owner.sql"),
     ),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.

@@ -5,6 +5,7 @@
 mod config;
 mod dispatch;
 mod health;
+pub mod in_flight;
 pub mod keepalive;
 pub mod metrics;
 pub mod pacing;

@@ -24,6 +24,8 @@ pub const DATABASE_UP: &str = "mail_dispatch_database_up";
 pub const INTEGRATIONS: &str = "mail_dispatch_integrations";
 pub const CONFIG_CACHE_EVICTIONS: &str = "mail_dispatch_config_cache_evictions_total";
 pub const DB_STATEMENTS: &str = "mail_dispatch_db_statements_total";
+pub const AMBIGUOUS_SENDS: &str = "mail_dispatch_ambiguous_sends_total";
+pub const CLAIMS_LOST: &str = "mail_dispatch_claims_lost_total";
 pub const GRANT_KEEPALIVE: &str = "mail_dispatch_grant_keepalive_total";
 pub const GRANT_KEEPALIVE_LAST_SWEEP: &str =
     "mail_dispatch_grant_keepalive_last_sweep_timestamp_seconds";
@@ -81,6 +83,14 @@ pub fn describe() {
         "Throttling answers (429) seen from providers."
     );
     describe_counter!(
+        AMBIGUOUS_SENDS,
+        "Send attempts whose outcome the provider did not tell (the message may have been accepted), by provider and cause (no_answer, gateway_timeout, shutdown)."
+    );
+    describe_counter!(
+        CLAIMS_LOST,
+        "Deliveries whose job claim was taken over by another delivery while they held it; their outcome was not recorded or published."
+    );
+    describe_counter!(
         GRANT_KEEPALIVE,
         "Idle grants refreshed by the keep-alive, by provider and outcome (refreshed, revoked, error)."
     );
@@ -121,6 +131,7 @@ fn register_zeroes() {
     metrics::counter!(JOBS_RECEIVED).absolute(0);
     metrics::counter!(DUPLICATES_SKIPPED).absolute(0);
     metrics::counter!(CONFIG_CACHE_EVICTIONS).absolute(0);
+    metrics::counter!(CLAIMS_LOST).absolute(0);
     metrics::gauge!(JOBS_IN_FLIGHT).set(0.0);
     for reason in [
         ErrorCode::InvalidJob,
@@ -147,6 +158,12 @@ pub(crate) fn send_attempt(provider: ProviderKind, outcome: &'static str, took: 
     metrics::counter!(SEND_ATTEMPTS, "provider" => provider.as_str(), "outcome" => outcome)
         .increment(1);
     metrics::histogram!(SEND_DURATION, "provider" => provider.as_str()).record(took.as_secs_f64());
+}
+
+/// A send attempt whose outcome is unknown: the provider may have accepted it.
+pub(crate) fn ambiguous_send(provider: ProviderKind, cause: &'static str) {
+    metrics::counter!(AMBIGUOUS_SENDS, "provider" => provider.as_str(), "cause" => cause)
+        .increment(1);
 }
 
 pub(crate) fn completed(result: &JobResult, latency: Duration) {

@@ -219,6 +219,7 @@ fn read_incoming(
         } else {
             0
         },
+        in_flight: Default::default(),
     }
 }
 
@@ -321,6 +322,7 @@ async fn settle(
                 .await;
         }
         None => {
+            settle_dropped(&dispatcher, &incoming).await;
             tracing::warn!("shutdown grace period over; handing the job back");
             let _ = delivery
                 .nack(BasicNackOptions {
@@ -328,6 +330,42 @@ async fn settle(
                     ..BasicNackOptions::default()
                 })
                 .await;
+        }
+    }
+}
+
+/// The shutdown grace ran out and this delivery's work was dropped where it
+/// stood. A send that was at the provider may have been accepted: its claim is
+/// marked ambiguous, so that no later delivery sends it again without saying so
+/// (it fails with a result that says the message may have gone). A claim with
+/// nothing at the provider is released, so the job's next delivery need not
+/// wait for the lease. (Both only while the claim is this delivery's and still
+/// `claimed`: an outcome already recorded stays.) If PostgreSQL cannot be
+/// reached now, the claim keeps its lease, and a later delivery sends again once
+/// it expires: one of the paths in the README that can send twice.
+async fn settle_dropped(dispatcher: &Dispatcher, incoming: &Incoming) {
+    use crate::in_flight::Dropped;
+    let store = &dispatcher.services.store;
+    match incoming.in_flight.take() {
+        Dropped::Nothing => {}
+        Dropped::Claimed(key, owner) => {
+            if let Err(e) = store.release_job(&key, owner).await {
+                tracing::warn!(error = %e, "could not release the claim of a job dropped at shutdown; it waits for its lease");
+            }
+        }
+        Dropped::AtProvider(key, owner, provider) => {
+            crate::metrics::ambiguous_send(provider, "shutdown");
+            match store.mark_ambiguous(&key, owner).await {
+                Ok(_) => tracing::warn!(
+                    %provider,
+                    "shutdown grace over while a send was at the provider; recorded as ambiguous, not to be sent again"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    %provider,
+                    "shutdown grace over while a send was at the provider, and it could not be recorded as ambiguous: the job may be sent again after its claim's lease"
+                ),
+            }
         }
     }
 }
@@ -342,7 +380,7 @@ pub async fn apply(
 ) -> Result<(), BrokerError> {
     let topology = &dispatcher.config.topology;
     match decision {
-        Decision::Duplicate => Ok(()),
+        Decision::Duplicate | Decision::ClaimLost => Ok(()),
         Decision::Delay {
             wait,
             attempts,
