@@ -203,13 +203,14 @@ impl TestApp {
     /// Starts a worker (another replica when one already runs).
     pub async fn start_worker(&self) -> RunningWorker {
         let services = self.services();
-        let dispatcher = Arc::new(Dispatcher::new(services, self.worker_config()));
-        let follower = dispatcher.run_upkeep();
+        let dispatcher = Arc::new(Dispatcher::new(&services, self.worker_config()));
+        let follower = dispatcher.run_upkeep(&services);
         let health = Arc::new(Health::default());
         let shutdown = CancellationToken::new();
         if let Some(keepalive) = self.options.keepalive {
             tokio::spawn(mail_dispatch_worker::keepalive::run(
-                dispatcher.clone(),
+                services,
+                dispatcher.config.clone(),
                 keepalive,
                 shutdown.clone(),
             ));

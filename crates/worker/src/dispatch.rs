@@ -1,10 +1,11 @@
 //! One delivery in, one decision out.
 //!
-//! `Dispatcher::handle` does the reading and writing that deciding needs
-//! (PostgreSQL ledger, provider send) and returns a [`Decision`]; the runner applies
-//! it on the broker. `tests/e2e/dispatch.rs` drives `handle` directly (no broker,
-//! through `mail_dispatch_test_support::Harness`); the other e2e modules run the
-//! whole loop.
+//! `Dispatcher::handle` does the reading and writing that deciding needs (ledger,
+//! route, provider send, through the [`Ports`]) and returns a [`Decision`]; the
+//! runner applies it on the broker. The unit tests (`dispatch/tests.rs`) drive
+//! `handle` over in-memory fakes of the ports; `tests/e2e/dispatch.rs` drives it
+//! over a test database and the provider stand-ins (no broker, through
+//! `mail_dispatch_test_support::Harness`); the other e2e modules run the whole loop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +17,18 @@ use mail_dispatch_domain::{
     ProviderKind, ResultStatus,
 };
 use mail_dispatch_providers::Accepted;
-use mail_dispatch_store::{Claim, ClaimOwner, JobKey, Store, StoreError};
+use mail_dispatch_store::{Claim, ClaimOwner, JobKey, StoreError};
 
 use crate::config::WorkerConfig;
 use crate::in_flight::InFlight;
 use crate::pacing::{Admission, DeferReason, Pacer, Permit};
+use crate::ports::{JobLedger, Ports, Routes, SendMail};
 use crate::resolver::Route;
 use crate::sender::{InProcessRetry, SendFailure};
 use crate::services::Services;
+
+#[cfg(test)]
+mod tests;
 
 /// A delivery as the dispatcher sees it.
 #[derive(Clone, Debug)]
@@ -199,26 +204,33 @@ const DELIVERY_LIMIT_MARGIN: u32 = 5;
 /// redelivery publishing the same result.
 const PUBLISH_LEASE: Duration = Duration::from_secs(60);
 
-/// The dispatch use case: the shared services, and what only dispatching needs.
+/// The dispatch use case: the ledger, the routes and the senders it works
+/// through, and what only dispatching needs (pacer, published marks, config).
 pub struct Dispatcher {
-    pub services: Arc<Services>,
+    pub(crate) ledger: Arc<dyn JobLedger>,
+    routes: Arc<dyn Routes>,
+    senders: Arc<dyn SendMail>,
     pub pacer: Arc<Pacer>,
     pub published: crate::published::PublishedMarks,
     pub config: WorkerConfig,
 }
 
 impl Dispatcher {
-    pub fn new(services: Arc<Services>, config: WorkerConfig) -> Self {
+    /// Over the shared services: the production dispatcher.
+    pub fn new(services: &Arc<Services>, config: WorkerConfig) -> Self {
+        Dispatcher::with_ports(Ports::of(services), config)
+    }
+
+    /// Over any implementation of the ports (the unit tests' fakes).
+    pub fn with_ports(ports: Ports, config: WorkerConfig) -> Self {
         Dispatcher {
-            services,
+            ledger: ports.ledger,
+            routes: ports.routes,
+            senders: ports.senders,
             pacer: Pacer::new(config.pacing),
             published: Default::default(),
             config,
         }
-    }
-
-    fn store(&self) -> &Store {
-        &self.services.store
     }
 
     /// In-process attempts, never more than the job's remaining budget.
@@ -274,7 +286,7 @@ impl Dispatcher {
     }
 
     async fn handle_valid(&self, job: Job, key: JobKey, incoming: &Incoming) -> Decision {
-        let route = match self.services.resolver.resolve(&job.organization_id).await {
+        let route = match self.routes.resolve(&job.organization_id).await {
             Ok(route) => route,
             Err(e) => return self.blocked(&e, &job, &key, None, incoming).await,
         };
@@ -375,7 +387,7 @@ impl Dispatcher {
             .while_claimed(
                 &key,
                 owner,
-                self.services.senders.send_watched(
+                self.senders.send(
                     provider,
                     &job.organization_id,
                     &message,
@@ -405,7 +417,7 @@ impl Dispatcher {
             }
             Err(SendFailure::Store(e)) => {
                 // Nothing was sent (tokens could not be read): try again later.
-                let _ = self.store().release_job(&key, owner).await;
+                let _ = self.ledger.release_job(&key, owner).await;
                 self.blocked(&e, &job, &key, held, incoming).await
             }
             Err(SendFailure::Unreadable { reason, newly }) => {
@@ -442,7 +454,7 @@ impl Dispatcher {
                     .clone()
                     .unwrap_or_else(|| "access refused".into());
                 let newly = match self
-                    .store()
+                    .routes
                     .mark_needs_reauth(&job.organization_id, &reason)
                     .await
                 {
@@ -477,7 +489,7 @@ impl Dispatcher {
         incoming: &Incoming,
     ) -> Result<ClaimOwner, Decision> {
         let provider = Some(route_provider(route));
-        let claimed = self.store().claim_job(key, self.config.claim_lease).await;
+        let claimed = self.ledger.claim_job(key, self.config.claim_lease).await;
         if let Ok(Claim::Acquired { owner, .. } | Claim::Ambiguous { owner }) = &claimed {
             incoming.in_flight.claimed(key, *owner);
         }
@@ -589,7 +601,7 @@ impl Dispatcher {
             deliveries,
             "job redelivered again and again without an outcome; failed"
         );
-        match self.store().claim_job(key, self.config.claim_lease).await {
+        match self.ledger.claim_job(key, self.config.claim_lease).await {
             Ok(Claim::Published) => Decision::Duplicate,
             Ok(Claim::Completed(stored)) => republish(stored, key),
             // The holder is alive and the copy it leaves goes through a delay
@@ -766,7 +778,7 @@ impl Dispatcher {
                     provider_code = e.provider_code.as_deref(),
                     "transient failure; job delayed"
                 );
-                match self.store().release_job(key, owner).await {
+                match self.ledger.release_job(key, owner).await {
                     Ok(true) => {}
                     // Taken over: the new holder's outcome is the job's.
                     Ok(false) => return claim_lost(),
@@ -832,7 +844,7 @@ impl Dispatcher {
             tokio::select! {
                 done = &mut work => return (done, ours),
                 _ = tick.tick(), if ours => {
-                    match self.store().extend_claim(key, owner, lease).await {
+                    match self.ledger.extend_claim(key, owner, lease).await {
                         Ok(true) => {}
                         Ok(false) => {
                             tracing::warn!("the job's claim was taken over while its send ran; its outcome will not be recorded here");
@@ -891,9 +903,8 @@ impl Dispatcher {
         tracing::Span::current().record("provider", ProviderKind::Default.as_str());
         tracing::info!("grant refused; the platform sender stands in (fallback)");
         let (outcome, made, _) = self
-            .services
             .senders
-            .send_watched(
+            .send(
                 ProviderKind::Default,
                 &job.organization_id,
                 &message,
@@ -966,7 +977,7 @@ impl Dispatcher {
         let until = after(now, wait);
         self.pacer.apply_pause(org, until);
         self.pacer.throttled(org, provider, now);
-        if let Err(e) = self.store().pause_mailbox(org, until, "throttled").await {
+        if let Err(e) = self.routes.pause_mailbox(org, until, "throttled").await {
             tracing::warn!(error = %e, "could not share the mailbox pause with other replicas");
         }
     }
@@ -997,7 +1008,7 @@ impl Dispatcher {
         for _ in 0..if held.is_some() { 6 } else { 0 } {
             let owner = held.expect("a claim to record against");
             match self
-                .store()
+                .ledger
                 .complete_job(key, owner, &value, PUBLISH_LEASE)
                 .await
             {
@@ -1039,7 +1050,7 @@ impl Dispatcher {
                 })
                 .expect("outcomes serialize");
                 match self
-                    .store()
+                    .ledger
                     .complete_unclaimed_job(&key, &value, PUBLISH_LEASE)
                     .await
                 {

@@ -125,7 +125,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
         broker.close().await;
     }
     health.set_amqp(false);
-    dispatcher.published.flush(&dispatcher.services.store).await;
+    dispatcher.published.flush(&*dispatcher.ledger).await;
     tracing::info!("worker stopped");
 }
 
@@ -297,7 +297,7 @@ async fn settle(
             && let Some(key) = publishing
         {
             // The redelivery of this job publishes the recorded result right away.
-            let _ = dispatcher.services.store.release_publish(&key).await;
+            let _ = dispatcher.ledger.release_publish(&key).await;
         }
         applied
     };
@@ -345,17 +345,17 @@ async fn settle(
 /// it expires: one of the paths in the README that can send twice.
 async fn settle_dropped(dispatcher: &Dispatcher, incoming: &Incoming) {
     use crate::in_flight::Dropped;
-    let store = &dispatcher.services.store;
+    let ledger = &dispatcher.ledger;
     match incoming.in_flight.take() {
         Dropped::Nothing => {}
         Dropped::Claimed(key, owner) => {
-            if let Err(e) = store.release_job(&key, owner).await {
+            if let Err(e) = ledger.release_job(&key, owner).await {
                 tracing::warn!(error = %e, "could not release the claim of a job dropped at shutdown; it waits for its lease");
             }
         }
         Dropped::AtProvider(key, owner, provider) => {
             crate::metrics::ambiguous_send(provider, "shutdown");
-            match store.mark_ambiguous(&key, owner).await {
+            match ledger.mark_ambiguous(&key, owner).await {
                 Ok(_) => tracing::warn!(
                     %provider,
                     "shutdown grace over while a send was at the provider; recorded as ambiguous, not to be sent again"
