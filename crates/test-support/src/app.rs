@@ -56,6 +56,9 @@ pub struct TestAppOptions {
     pub database_through_proxy: bool,
     /// The pools and timeouts of the workers' and the admin API's store.
     pub pool: PoolSettings,
+    /// The PostgreSQL server of the test's database (a URL of its maintenance
+    /// database, e.g. [`crate::PgTlsServer::socket_url`]); default: the test server.
+    pub database_server: Option<String>,
     /// Timeout of provider and token endpoint calls.
     pub http_timeout: Duration,
 }
@@ -90,6 +93,7 @@ impl Default for TestAppOptions {
             keepalive: None,
             database_through_proxy: false,
             pool: PoolSettings::default(),
+            database_server: None,
             http_timeout: Duration::from_secs(10),
         }
     }
@@ -149,7 +153,12 @@ impl TestApp {
 
     pub async fn spawn_with(options: TestAppOptions) -> TestApp {
         let services = crate::services(options.exclusive).await;
-        let (db, amqp, standins) = tokio::join!(TestDb::new(), TestAmqp::new(), StandIns::start());
+        let server = options
+            .database_server
+            .clone()
+            .unwrap_or_else(crate::postgres_url);
+        let (db, amqp, standins) =
+            tokio::join!(TestDb::on(&server), TestAmqp::new(), StandIns::start());
         let outbox = std::env::temp_dir().join(crate::unique("md-outbox-"));
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin_listener.local_addr().unwrap());
