@@ -827,3 +827,167 @@ async fn fail_refresh_answers_entras_documented_error_for_each_code() {
     );
     assert_eq!(s.refreshes(Vendor::Google).len(), 2);
 }
+
+fn upload_url(s: &StandIns, upload_type: &str) -> String {
+    format!(
+        "{}/upload/gmail/v1/users/me/messages/send?uploadType={upload_type}",
+        s.gmail.uri()
+    )
+}
+
+/// A message of `len` bytes (headers, then filler).
+fn message_of(len: usize) -> Vec<u8> {
+    let mut m = b"From: ops@customer.com\r\nTo: a@example.org\r\nSubject: Big\r\n\r\n".to_vec();
+    m.resize(len, b'x');
+    m
+}
+
+#[tokio::test]
+async fn gmail_refuses_a_simple_upload_over_5_mb_a_resumable_one_over_35_mb_and_an_upload_without_its_type()
+ {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    let media = |body: Vec<u8>| {
+        http()
+            .post(upload_url(&s, "media"))
+            .bearer_auth(&token)
+            .header("Content-Type", "message/rfc822")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        media(message_of(1024)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        media(message_of(6 * 1024 * 1024)).await.unwrap().status(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "uploadType=media is for 5 MB or less"
+    );
+    let opened = http()
+        .post(upload_url(&s, "resumable"))
+        .bearer_auth(&token)
+        .header("X-Upload-Content-Type", "message/rfc822")
+        .header("X-Upload-Content-Length", 35 * 1024 * 1024 + 1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        opened.status(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "35 MB at most"
+    );
+    let untyped = http()
+        .post(format!(
+            "{}/upload/gmail/v1/users/me/messages/send",
+            s.gmail.uri()
+        ))
+        .bearer_auth(&token)
+        .body(message_of(1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(untyped.status(), StatusCode::BAD_REQUEST);
+    let body: Value = untyped.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("uploadType"),
+        "{body}"
+    );
+    assert_eq!(
+        s.gmail_messages().len(),
+        1,
+        "only the small simple upload was sent"
+    );
+}
+
+#[tokio::test]
+async fn a_gmail_resumable_upload_takes_256_kib_multiples_reports_its_progress_and_sends_at_the_last_chunk()
+ {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    let raw = message_of(600 * 1024);
+    let opened = http()
+        .post(upload_url(&s, "resumable"))
+        .bearer_auth(&token)
+        .header("X-Upload-Content-Type", "message/rfc822")
+        .header("X-Upload-Content-Length", raw.len())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opened.status(), StatusCode::OK);
+    let session = location(&opened).expect("the session URI in Location");
+    assert!(params(&session).contains_key("upload_id"));
+    let put = |range: String, body: Vec<u8>| {
+        http()
+            .put(session.clone())
+            .header("Content-Range", range)
+            .body(body)
+            .send()
+    };
+    let total = raw.len();
+    let odd = put(format!("bytes 0-99999/{total}"), raw[..100_000].to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        odd.status(),
+        StatusCode::BAD_REQUEST,
+        "not a multiple of 256 KiB"
+    );
+    let status = put(format!("bytes */{total}"), vec![]).await.unwrap();
+    assert_eq!(status.status().as_u16(), 308);
+    assert!(
+        status.headers().get("range").is_none(),
+        "nothing received yet"
+    );
+    let first = put(format!("bytes 0-262143/{total}"), raw[..262_144].to_vec())
+        .await
+        .unwrap();
+    assert_eq!(first.status().as_u16(), 308);
+    assert_eq!(first.headers()["range"], "bytes=0-262143");
+    assert!(
+        s.gmail_messages().is_empty(),
+        "nothing is sent before the last chunk"
+    );
+    let last = put(
+        format!("bytes 262144-{}/{total}", total - 1),
+        raw[262_144..].to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(last.status(), StatusCode::OK);
+    let sent: Value = last.json().await.unwrap();
+    assert_eq!(sent["labelIds"], json!(["SENT"]));
+    let again = put(format!("bytes */{total}"), vec![]).await.unwrap();
+    assert_eq!(
+        again.status(),
+        StatusCode::OK,
+        "a status query after the end says it was sent"
+    );
+    assert_eq!(s.gmail_messages(), vec![raw]);
+}
+
+#[tokio::test]
+async fn graph_refuses_a_send_mail_request_over_4_mb_with_413() {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Microsoft, "ops@customer.com");
+    let attachment = base64::engine::general_purpose::STANDARD.encode(vec![1u8; 3_200_000]);
+    let resp = http()
+        .post(format!("{}/v1.0/me/sendMail", s.graph.uri()))
+        .bearer_auth(&token)
+        .json(&json!({"message": {
+            "subject": "Big",
+            "toRecipients": [{"emailAddress": {"address": "a@example.org"}}],
+            "attachments": [{"@odata.type": "#microsoft.graph.fileAttachment",
+                "name": "big.bin", "contentBytes": attachment}],
+        }}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(graph_code(&body), "RequestEntityTooLarge");
+    assert!(s.graph_messages().is_empty());
+}

@@ -203,6 +203,8 @@ struct State {
     revocations: Vec<String>,
     graph_sends: Vec<Value>,
     gmail_sends: Vec<Vec<u8>>,
+    /// Gmail resumable upload sessions by `upload_id`.
+    gmail_uploads: HashMap<String, google::UploadSession>,
     send_attempts: HashMap<Vendor, u32>,
     attempt_times: Vec<(Vendor, std::time::Instant)>,
     scripted: HashMap<Vendor, VecDeque<ResponseTemplate>>,
@@ -563,6 +565,16 @@ impl StandIns {
         Mock::given(method("POST"))
             .and(path("/gmail/v1/users/me/messages/send"))
             .respond_with(google::GmailSend(state.clone()))
+            .mount(gmail)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/upload/gmail/v1/users/me/messages/send"))
+            .respond_with(google::GmailUploadStart(state.clone()))
+            .mount(gmail)
+            .await;
+        Mock::given(method("PUT"))
+            .and(path("/upload/gmail/v1/users/me/messages/send"))
+            .respond_with(google::GmailUploadChunk(state.clone()))
             .mount(gmail)
             .await;
     }

@@ -637,6 +637,9 @@ fn own_address(info: &AccountInfo, account: &str, address: &str) -> bool {
 }
 
 /// Graph `POST /v1.0/me/sendMail`.
+/// Graph's request size limit, 4 MB.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 pub(super) struct GraphSend(pub(super) Arc<Mutex<State>>);
 impl Respond for GraphSend {
     fn respond(&self, request: &Request) -> ResponseTemplate {
@@ -645,6 +648,16 @@ impl Respond for GraphSend {
         s.attempt_times
             .push((Vendor::Microsoft, std::time::Instant::now()));
         let delay = s.send_delay;
+        // Graph takes requests of 4 MB at most (graph/throttling-limits,
+        // "Outlook service limits"); past that, the documented way is a draft and
+        // upload sessions.
+        if request.body.len() > MAX_REQUEST_BYTES {
+            return graph_error(
+                413,
+                "RequestEntityTooLarge",
+                "The maximum request length supported is 4MB.",
+            );
+        }
         let Some(grant) = s.bearer_grant(request, Vendor::Microsoft) else {
             return graph_error(
                 401,
