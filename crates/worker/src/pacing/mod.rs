@@ -137,8 +137,9 @@ pub struct Permit {
     pacer: Arc<Pacer>,
     organization_id: String,
     _mailbox_slot: Option<OwnedSemaphorePermit>,
-    /// The mailbox's fleet-wide Graph slot, while the send runs.
-    fleet_slot: Option<FleetSlot>,
+    /// The mailbox's fleet-wide Graph slot, while the send runs (boxed: it
+    /// carries a store handle, and most permits have none).
+    fleet_slot: Option<Box<FleetSlot>>,
     provider: ProviderKind,
     /// Units of today's limit reserved at admission; given back unless sent.
     daily_units: u32,
@@ -154,7 +155,7 @@ impl Permit {
 
     /// Holds `slot` (the mailbox's fleet-wide slot) with the rest of the room.
     pub fn hold_fleet_slot(&mut self, slot: FleetSlot) {
-        self.fleet_slot = Some(slot);
+        self.fleet_slot = Some(Box::new(slot));
     }
 
     /// The send is over: its fleet-wide slot goes back at once, for the other
