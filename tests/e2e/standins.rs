@@ -991,3 +991,80 @@ async fn graph_refuses_a_send_mail_request_over_4_mb_with_413() {
     assert_eq!(graph_code(&body), "RequestEntityTooLarge");
     assert!(s.graph_messages().is_empty());
 }
+
+/// `sendMail` from `account`'s own mailbox: (status, Retry-After, body).
+async fn send_mail_full(s: &StandIns, token: &str) -> (StatusCode, Option<String>, Value) {
+    let body = json!({"message": {
+        "subject": "Hello", "body": {"contentType": "Text", "content": "Hi"},
+        "toRecipients": [{"emailAddress": {"address": "someone@example.org"}}],
+    }, "saveToSentItems": false});
+    let resp = http()
+        .post(format!("{}/v1.0/me/sendMail", s.graph.uri()))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        retry_after,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn a_fifth_concurrent_graph_request_to_one_mailbox_is_429_application_throttled() {
+    let s = StandIns::start().await;
+    s.set_send_delay(std::time::Duration::from_millis(600));
+    let (token, _) = s.issue(Vendor::Microsoft, "ops@customer.com");
+    let (other, _) = s.issue(Vendor::Microsoft, "sales@customer.com");
+    // Four in flight at once: Graph's limit per app and mailbox.
+    let four: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, token) = (s.clone(), token.clone());
+            tokio::spawn(async move { send_mail_full(&s, &token).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.send_attempts(Vendor::Microsoft) < 4 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // The fifth is refused at once, as documented, with a Retry-After.
+    let (status, retry_after, body) = send_mail_full(&s, &token).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(graph_code(&body), "ApplicationThrottled");
+    assert_eq!(
+        body["error"]["message"],
+        "Application is over its MailboxConcurrency limit."
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // Another mailbox has its own four.
+    let (status, _, _) = send_mail_full(&s, &other).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    for t in four {
+        assert_eq!(t.await.unwrap().0, StatusCode::ACCEPTED);
+    }
+    assert_eq!(s.concurrency_throttled("ops@customer.com"), 1);
+    assert_eq!(s.concurrency_throttled("sales@customer.com"), 0);
+    assert_eq!(s.peak_concurrency("ops@customer.com"), 4);
+    // A limit on requests in flight, not a rate: once they answered, the
+    // mailbox takes four more at once.
+    let again: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, token) = (s.clone(), token.clone());
+            tokio::spawn(async move { send_mail_full(&s, &token).await.0 })
+        })
+        .collect();
+    for t in again {
+        assert_eq!(t.await.unwrap(), StatusCode::ACCEPTED);
+    }
+    assert_eq!(s.concurrency_throttled("ops@customer.com"), 1);
+    assert_eq!(s.graph_messages().len(), 9);
+}

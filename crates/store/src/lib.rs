@@ -7,6 +7,7 @@ mod integrations;
 mod ledger;
 mod ledger_batch;
 mod listener;
+mod mailbox_slots;
 mod oauth_states;
 mod pacing;
 mod pending_connections;
@@ -23,6 +24,7 @@ pub use integrations::{
 };
 pub use ledger::{Claim, ClaimOwner, JobKey};
 pub use listener::{IntegrationChange, spawn_change_listener};
+pub use mailbox_slots::SlotLease;
 pub use oauth_states::{OAuthState, StateLookup, StatePurpose};
 pub use pending_connections::{ConfirmLookup, ExpiredConnection};
 
@@ -265,6 +267,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         8,
         "claim_owner",
         include_str!("../migrations/0008_claim_owner.sql"),
+    ),
+    (
+        9,
+        "mailbox_slots",
+        include_str!("../migrations/0009_mailbox_slots.sql"),
     ),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.

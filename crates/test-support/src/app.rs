@@ -80,7 +80,8 @@ impl Default for TestAppOptions {
             google_check_aliases: false,
             pacing: mail_dispatch_worker::pacing::PacingConfig {
                 org_max_in_flight: 1000,
-                graph_mailbox_concurrency: 1000,
+                // Graph's own limit, which the stand-in enforces.
+                graph_mailbox_concurrency: 4,
                 gmail_mailbox_per_minute: 1_000_000,
                 microsoft_daily_recipients: 1_000_000,
                 google_daily_messages: 1_000_000,

@@ -21,8 +21,8 @@ use mail_dispatch_store::{Claim, ClaimOwner, JobKey, StoreError};
 
 use crate::config::WorkerConfig;
 use crate::in_flight::InFlight;
-use crate::pacing::{Admission, DeferReason, Pacer, Permit};
-use crate::ports::{JobLedger, Ports, Routes, SendMail};
+use crate::pacing::{Admission, DeferReason, FleetSlot, Pacer, Permit};
+use crate::ports::{JobLedger, MailboxSlots, Ports, Routes, SendMail};
 use crate::resolver::Route;
 use crate::sender::{InProcessRetry, SendFailure};
 use crate::services::Services;
@@ -210,6 +210,7 @@ pub struct Dispatcher {
     pub(crate) ledger: Arc<dyn JobLedger>,
     routes: Arc<dyn Routes>,
     senders: Arc<dyn SendMail>,
+    slots: Arc<dyn MailboxSlots>,
     pub pacer: Arc<Pacer>,
     pub published: crate::published::PublishedMarks,
     pub config: WorkerConfig,
@@ -227,6 +228,7 @@ impl Dispatcher {
             ledger: ports.ledger,
             routes: ports.routes,
             senders: ports.senders,
+            slots: ports.slots,
             pacer: Pacer::new(config.pacing),
             published: Default::default(),
             config,
@@ -297,7 +299,7 @@ impl Dispatcher {
         let paced = if refused.is_some() {
             Paced::Go(None)
         } else {
-            self.pace(&job, incoming, &route)
+            self.pace(&job, &key, incoming, &route).await
         };
         let (mut permit, deferred_out_of_budget) = match paced {
             Paced::Go(permit) => (permit, None),
@@ -396,6 +398,11 @@ impl Dispatcher {
                 ),
             )
             .await;
+        // The provider answered: the mailbox's slot is free for the other
+        // replicas before the outcome is recorded and published.
+        if let Some(permit) = permit.as_mut() {
+            permit.release_fleet_slot().await;
+        }
         if !still_ours {
             return claim_lost();
         }
@@ -932,22 +939,41 @@ impl Dispatcher {
         self.finish(key, Some(owner), result, None, events).await
     }
 
-    /// Asks the pacer for room.
-    fn pace(&self, job: &Job, incoming: &Incoming, route: &Route) -> Paced {
+    /// Asks the pacer for room; for Graph, then for one of the mailbox's
+    /// fleet-wide slots.
+    async fn pace(&self, job: &Job, key: &JobKey, incoming: &Incoming, route: &Route) -> Paced {
         let provider = match route {
             Route::Revoked { .. } => return Paced::Go(None),
             Route::Provider { provider, .. } => *provider,
             Route::Platform { .. } => ProviderKind::Default,
         };
         let now = Utc::now();
-        let (until, reason) =
-            match self
-                .pacer
-                .admit(&job.organization_id, provider, job.recipient_count(), now)
-            {
-                Admission::Go(permit) => return Paced::Go(Some(permit)),
-                Admission::Defer { until, reason } => (until, reason),
-            };
+        let org = &job.organization_id;
+        let (until, reason) = match self.pacer.admit(org, provider, job.recipient_count(), now) {
+            Admission::Go(mut permit) if provider == ProviderKind::Microsoft => {
+                match FleetSlot::acquire(&self.slots, org, self.pacer.graph_mailbox_slots()).await {
+                    Ok(Some(slot)) => {
+                        permit.hold_fleet_slot(slot);
+                        return Paced::Go(Some(permit));
+                    }
+                    Ok(None) => {
+                        drop(permit);
+                        let now = Utc::now();
+                        (
+                            self.pacer.fleet_busy(org, provider, now),
+                            DeferReason::MailboxBusy,
+                        )
+                    }
+                    Err(e) => {
+                        drop(permit);
+                        return Paced::Deferred(self.blocked(&e, job, key, None, incoming).await);
+                    }
+                }
+            }
+            Admission::Go(permit) => return Paced::Go(Some(permit)),
+            Admission::Defer { until, reason } => (until, reason),
+        };
+        let now = Utc::now();
         let budget_end = self.budget_end(job, incoming);
         // Wait for room, but not past the job's budget; once the budget is spent,
         // a refusal the provider would give is reported as such (daily limit,

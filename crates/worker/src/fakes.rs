@@ -15,10 +15,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::{OutgoingMessage, ProviderKind};
 use mail_dispatch_providers::Accepted;
-use mail_dispatch_store::{Claim, ClaimOwner, JobKey, StoreError};
+use mail_dispatch_store::{Claim, ClaimOwner, JobKey, SlotLease, StoreError};
 
 use crate::in_flight::InFlight;
-use crate::ports::{JobLedger, Routes, SendMail, SendReport};
+use crate::ports::{JobLedger, MailboxSlots, Routes, SendMail, SendReport};
 use crate::resolver::Route;
 use crate::sender::{InProcessRetry, SendFailure};
 
@@ -363,5 +363,51 @@ impl SendMail for FakeSenders {
             Err(_) => watch.refused(),
         }
         (outcome, 1, vec![])
+    }
+}
+
+/// The mailboxes' fleet-wide slots, in memory: `limit` per mailbox (4, Graph's).
+pub struct FakeSlots {
+    pub limit: usize,
+    held: Mutex<HashMap<String, Vec<i32>>>,
+}
+
+impl Default for FakeSlots {
+    fn default() -> Self {
+        FakeSlots {
+            limit: 4,
+            held: Mutex::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl MailboxSlots for FakeSlots {
+    async fn acquire_mailbox_slot(
+        &self,
+        organization_id: &str,
+        slots: usize,
+        _lease: Duration,
+    ) -> Result<Option<SlotLease>, StoreError> {
+        let mut held = self.held.lock().unwrap();
+        let taken = held.entry(organization_id.to_owned()).or_default();
+        let free = (0..slots.min(self.limit) as i32).find(|s| !taken.contains(s));
+        Ok(free.map(|s| {
+            taken.push(s);
+            SlotLease::new(organization_id, s, i64::from(s))
+        }))
+    }
+    async fn extend_mailbox_slot(
+        &self,
+        _slot: &SlotLease,
+        _lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    async fn release_mailbox_slot(&self, slot: &SlotLease) -> Result<(), StoreError> {
+        if let Some(taken) = self.held.lock().unwrap().get_mut(&slot.organization_id) {
+            taken.retain(|s| *s != slot.slot);
+        }
+        Ok(())
     }
 }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::{OutgoingMessage, ProviderKind};
 use mail_dispatch_providers::{Accepted, SendError};
-use mail_dispatch_store::{Claim, ClaimOwner, JobKey, Store, StoreError};
+use mail_dispatch_store::{Claim, ClaimOwner, JobKey, SlotLease, Store, StoreError};
 
 use crate::in_flight::InFlight;
 use crate::resolver::Route;
@@ -106,12 +106,34 @@ pub trait SendMail: Send + Sync {
     ) -> SendReport;
 }
 
-/// The three services a [`crate::Dispatcher`] is built on.
+/// A mailbox's fleet-wide Graph slots (leases shared by the replicas); see
+/// [`Store`]'s methods of the same names.
+#[async_trait]
+pub trait MailboxSlots: Send + Sync {
+    /// One of the mailbox's first `slots` slots for `lease`, or `None` when all are held.
+    async fn acquire_mailbox_slot(
+        &self,
+        organization_id: &str,
+        slots: usize,
+        lease: Duration,
+    ) -> Result<Option<SlotLease>, StoreError>;
+    /// Extends a held lease; `false` when it is not held any more.
+    async fn extend_mailbox_slot(
+        &self,
+        slot: &SlotLease,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Frees a held slot.
+    async fn release_mailbox_slot(&self, slot: &SlotLease) -> Result<(), StoreError>;
+}
+
+/// The services a [`crate::Dispatcher`] is built on.
 #[derive(Clone)]
 pub struct Ports {
     pub ledger: Arc<dyn JobLedger>,
     pub routes: Arc<dyn Routes>,
     pub senders: Arc<dyn SendMail>,
+    pub slots: Arc<dyn MailboxSlots>,
 }
 
 impl Ports {
@@ -122,7 +144,30 @@ impl Ports {
             ledger: Arc::new(services.store.clone()),
             routes: services.clone(),
             senders: services.clone(),
+            slots: Arc::new(services.store.clone()),
         }
+    }
+}
+
+#[async_trait]
+impl MailboxSlots for Store {
+    async fn acquire_mailbox_slot(
+        &self,
+        organization_id: &str,
+        slots: usize,
+        lease: Duration,
+    ) -> Result<Option<SlotLease>, StoreError> {
+        Store::acquire_mailbox_slot(self, organization_id, slots, lease).await
+    }
+    async fn extend_mailbox_slot(
+        &self,
+        slot: &SlotLease,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Store::extend_mailbox_slot(self, slot, lease).await
+    }
+    async fn release_mailbox_slot(&self, slot: &SlotLease) -> Result<(), StoreError> {
+        Store::release_mailbox_slot(self, slot).await
     }
 }
 

@@ -254,7 +254,8 @@ impl Senders {
     }
 
     /// Attempts with short in-process retries of transient failures whose wait
-    /// fits `retry.max_wait`. Returns the outcome, the number of attempts made, and
+    /// fits `retry.max_wait`. Returns the outcome, the number of attempts made
+    /// (throttled requests, which the provider declined, not counted), and
     /// the failures of the attempts that were retried (for the attempt history).
     pub async fn send(
         &self,
@@ -285,8 +286,21 @@ impl Senders {
         }
         .take(retry.attempts.saturating_sub(1) as usize);
         let result = (|| async {
-            attempts.fetch_add(1, Ordering::Relaxed);
-            self.attempt(provider, org, msg, watch).await
+            let result = self.attempt(provider, org, msg, watch).await;
+            // A throttle (429) is the provider declining to take the request
+            // now, not an attempt at the message: it does not use up the
+            // job's attempts.
+            let throttled = matches!(
+                result.as_ref().err().and_then(SendFailure::class),
+                Some(FailureClass::Transient {
+                    code: ErrorCode::Throttled,
+                    ..
+                })
+            );
+            if !throttled {
+                attempts.fetch_add(1, Ordering::Relaxed);
+            }
+            result
         })
         .retry(backoff)
         .sleep(tokio::time::sleep)

@@ -4,7 +4,8 @@
 //! - mailbox pauses of other replicas, loaded at start and then followed;
 //! - the pacer's daily counts flushed to PostgreSQL every 2 s, and its state pruned;
 //! - published marks written in batches (`published.rs`);
-//! - finished ledger entries pruned every 10 minutes.
+//! - finished ledger entries, and the Graph slots of mailboxes idle for a day,
+//!   pruned every 10 minutes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,11 +54,16 @@ impl Dispatcher {
                         this.pacer.flush_daily(store).await;
                         this.pacer.prune(chrono::Utc::now(), PACER_DAILY_ENTRIES);
                     }
-                    _ = prune.tick() => match store.prune_ledger(this.config.ledger_retention, 1000).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(deleted = n, "pruned finished ledger entries"),
-                        Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
-                    },
+                    _ = prune.tick() => {
+                        match store.prune_ledger(this.config.ledger_retention, 1000).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(deleted = n, "pruned finished ledger entries"),
+                            Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
+                        }
+                        if let Err(e) = store.prune_mailbox_slots().await {
+                            tracing::warn!(error = %e, "pruning idle mailbox slots failed");
+                        }
+                    }
                 }
             }
         })

@@ -35,7 +35,8 @@ pub struct WorkerSettings {
     /// Jobs of one organization in flight at once in a worker (fairness).
     #[arg(long, env = "MAIL_DISPATCH_ORG_MAX_IN_FLIGHT", default_value_t = 16)]
     pub org_max_in_flight: usize,
-    /// Concurrent Graph sends per mailbox in a worker (Graph allows 4 per app and mailbox).
+    /// Concurrent Graph sends per mailbox over all replicas (slot leases in
+    /// PostgreSQL; Graph allows 4 per app and mailbox).
     #[arg(
         long,
         env = "MAIL_DISPATCH_GRAPH_MAILBOX_CONCURRENCY",

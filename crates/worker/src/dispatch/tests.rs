@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use super::{BACKOFF_WHEN_BLOCKED, Decision, DelayReason, Dispatcher, Finish, Incoming};
 use crate::WorkerConfig;
-use crate::fakes::{Entry, FakeLedger, FakeRoutes, FakeSenders};
+use crate::fakes::{Entry, FakeLedger, FakeRoutes, FakeSenders, FakeSlots};
 use crate::pacing::{Admission, DeferReason};
 use crate::ports::{JobLedger, Ports};
 use crate::resolver::Route;
@@ -55,6 +55,7 @@ fn fixture_with(config: WorkerConfig) -> Fixture {
         ledger: ledger.clone(),
         routes: routes.clone(),
         senders: senders.clone(),
+        slots: Arc::new(FakeSlots::default()),
     };
     Fixture {
         dispatcher: Dispatcher::with_ports(ports, config),
