@@ -67,3 +67,103 @@ impl InFlight {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> JobKey {
+        JobKey::new("org_a", "job-1")
+    }
+
+    const OWNER: ClaimOwner = ClaimOwner(7);
+
+    #[test]
+    fn work_dropped_before_its_claim_leaves_nothing_to_settle() {
+        let in_flight = InFlight::default();
+        assert_eq!(in_flight.take(), Dropped::Nothing);
+        // A request without a claim (none is made, but the flag alone must not
+        // make the runner touch a ledger row it does not hold).
+        in_flight.handed_to(ProviderKind::Google);
+        assert_eq!(in_flight.take(), Dropped::Nothing);
+    }
+
+    #[test]
+    fn a_claim_with_no_request_out_is_released_not_marked_ambiguous() {
+        let in_flight = InFlight::default();
+        in_flight.claimed(&key(), OWNER);
+        assert_eq!(in_flight.take(), Dropped::Claimed(key(), OWNER));
+    }
+
+    #[test]
+    fn a_request_handed_to_the_provider_may_have_been_accepted() {
+        let in_flight = InFlight::default();
+        in_flight.claimed(&key(), OWNER);
+        in_flight.handed_to(ProviderKind::Microsoft);
+        assert_eq!(
+            in_flight.take(),
+            Dropped::AtProvider(key(), OWNER, ProviderKind::Microsoft)
+        );
+    }
+
+    #[test]
+    fn a_refusal_clears_the_flag_and_the_next_attempt_sets_it_again() {
+        let in_flight = InFlight::default();
+        in_flight.claimed(&key(), OWNER);
+        in_flight.handed_to(ProviderKind::Google);
+        // The provider answered that it did not take the message (a 429, a 400).
+        in_flight.refused();
+        assert_eq!(in_flight.take(), Dropped::Claimed(key(), OWNER));
+
+        in_flight.claimed(&key(), OWNER);
+        in_flight.handed_to(ProviderKind::Google);
+        in_flight.refused();
+        // The retry goes out (to the platform sender, as a fallback would).
+        in_flight.handed_to(ProviderKind::Default);
+        assert_eq!(
+            in_flight.take(),
+            Dropped::AtProvider(key(), OWNER, ProviderKind::Default)
+        );
+    }
+
+    #[test]
+    fn a_new_claim_replaces_the_previous_owner() {
+        let in_flight = InFlight::default();
+        in_flight.claimed(&key(), OWNER);
+        in_flight.claimed(&key(), ClaimOwner(8));
+        assert_eq!(in_flight.take(), Dropped::Claimed(key(), ClaimOwner(8)));
+    }
+
+    #[test]
+    fn the_runner_sees_what_the_work_recorded_on_its_clone_and_takes_it_once() {
+        let runner = InFlight::default();
+        let work = runner.clone();
+        work.claimed(&key(), OWNER);
+        work.handed_to(ProviderKind::Google);
+        assert_eq!(
+            runner.take(),
+            Dropped::AtProvider(key(), OWNER, ProviderKind::Google)
+        );
+        // Taken: a second look (by either side) finds nothing left to settle.
+        assert_eq!(runner.take(), Dropped::Nothing);
+        assert_eq!(work.take(), Dropped::Nothing);
+    }
+
+    #[test]
+    fn a_panic_while_holding_the_lock_does_not_make_the_state_unreadable() {
+        let in_flight = InFlight::default();
+        in_flight.claimed(&key(), OWNER);
+        let poisoner = in_flight.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = poisoner.0.lock().unwrap();
+            panic!("a panic elsewhere, lock held");
+        })
+        .join();
+        assert!(in_flight.0.is_poisoned());
+        in_flight.handed_to(ProviderKind::Google);
+        assert_eq!(
+            in_flight.take(),
+            Dropped::AtProvider(key(), OWNER, ProviderKind::Google)
+        );
+    }
+}
