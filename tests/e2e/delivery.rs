@@ -36,7 +36,10 @@ async fn a_graph_429_with_retry_after_seconds_is_waited_out_then_sent() {
     let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
     assert_valid_result(&r);
     assert_eq!(r["status"], "sent", "{r:#}");
-    assert_eq!(r["attempts"], 2);
+    assert_eq!(
+        r["attempts"], 1,
+        "a 429 is not an attempt: the provider declined the request"
+    );
     let times = app.standins.attempt_times(Vendor::Microsoft);
     assert!(
         gap(&times) >= Duration::from_secs(1),
@@ -63,7 +66,10 @@ async fn a_long_graph_retry_after_goes_through_a_delay_queue() {
     app.amqp.publish_job(&job).await;
     let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
     assert_eq!(r["status"], "sent", "{r:#}");
-    assert_eq!(r["attempts"], 2);
+    assert_eq!(
+        r["attempts"], 1,
+        "a 429 is not an attempt: the provider declined the request"
+    );
     let times = app.standins.attempt_times(Vendor::Microsoft);
     assert!(
         gap(&times) >= Duration::from_secs(3),
@@ -92,7 +98,10 @@ async fn a_gmail_429_is_retried_after_the_time_in_its_message() {
     app.amqp.publish_job(&job).await;
     let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
     assert_eq!(r["status"], "sent", "{r:#}");
-    assert_eq!(r["attempts"], 2);
+    assert_eq!(
+        r["attempts"], 1,
+        "a 429 is not an attempt: the provider declined the request"
+    );
     let times = app.standins.attempt_times(Vendor::Google);
     assert!(
         gap(&times) >= Duration::from_millis(2900),
@@ -614,4 +623,64 @@ async fn a_send_longer_than_the_claim_lease_is_not_taken_over_by_a_copy() {
         1,
         "the copy did not send again"
     );
+}
+
+/// The shutdown grace runs out while a send is at the provider: the provider
+/// may have accepted the message. The claim is recorded as ambiguous before the
+/// worker exits, and the redelivered copy does not send it again: it fails the
+/// job with a result that says the message may have gone, and dead-letters it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_dropped_at_the_end_of_the_shutdown_grace_is_recorded_ambiguous_and_not_sent_again()
+{
+    let mut app = TestApp::spawn_with(TestAppOptions {
+        shutdown_grace: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    app.standins.set_send_delay(Duration::from_secs(30));
+    let mut results = app.amqp.tap_results().await;
+    let job = app.job("org_g");
+    let id = job["id"].as_str().unwrap().to_owned();
+    app.amqp.publish_job(&job).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.standins.send_attempts(Vendor::Google) == 0 {
+        assert!(std::time::Instant::now() < deadline, "never sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGTERM while the provider holds the request; the grace (1 s) runs out.
+    app.stop_worker().await;
+    let state: String = app
+        .db
+        .client()
+        .await
+        .query_one("SELECT state FROM job_ledger WHERE job_id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "ambiguous", "recorded before the worker exited");
+
+    // The next worker gets the job back at once (no lease to wait for).
+    app.standins.set_send_delay(Duration::ZERO);
+    app.worker = Some(app.start_worker().await);
+    let r = results.result(&id, WAIT).await;
+    assert_valid_result(&r);
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["code"], "provider_unavailable", "{r:#}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("may have accepted"), "{message}");
+    assert_eq!(
+        app.standins.send_attempts(Vendor::Google),
+        1,
+        "not sent a second time"
+    );
+    let dead = app.amqp.drain(&app.amqp.topology.dead_queue).await;
+    assert_eq!(dead.len(), 1, "dead-lettered, for a deliberate replay");
 }

@@ -1,6 +1,8 @@
 //! `Dispatcher::handle` driven directly, without a broker: one delivery in, one
-//! decision out, against a test database and the provider stand-ins. The broker
-//! side of each decision (publish, delay, ack) is covered by the other modules.
+//! decision out, against a test database and the provider stand-ins. The worker
+//! crate's unit tests (`crates/worker/src/dispatch/tests.rs`) drive the same
+//! decisions over in-memory fakes; the broker side of each decision (publish,
+//! delay, ack) is covered by the other modules.
 
 use std::time::Duration;
 
@@ -149,7 +151,7 @@ async fn a_dead_grant_with_the_fallback_goes_out_through_the_platform_sender_wit
     // The access token expired and the grant was revoked.
     h.standins.invalidate_all_access(Vendor::Microsoft);
     h.standins.revoke_account("a@customer.com");
-    h.dispatcher.services.senders.tokens.forget("org_ms");
+    h.services.senders.tokens.forget("org_ms");
     let f = finished(h.handle(&job("org_ms")).await);
     assert_eq!(f.result.status, ResultStatus::Sent, "{:?}", f.result);
     assert!(f.result.fallback);

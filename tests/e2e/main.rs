@@ -8,6 +8,7 @@ mod delivery;
 mod dispatch;
 mod faults;
 mod invalid_jobs;
+mod memory;
 mod operability;
 mod pacing;
 mod permissions;

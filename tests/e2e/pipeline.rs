@@ -447,3 +447,45 @@ async fn a_google_job_over_100_recipients_fails_as_recipient_rejected_without_ca
     assert_eq!(r["status"], "sent", "{r:#}");
     assert_eq!(app.standins.gmail_messages().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_20_mb_attachment_reaches_gmail_byte_for_byte_through_a_resumable_upload() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "ops@customer.com",
+        "ops@customer.com",
+        "Ops",
+    )
+    .await;
+    let mut results = app.amqp.tap_results().await;
+    // Not compressible, not repetitive: any shift or loss of a chunk shows.
+    let content: Vec<u8> = (0..20 * 1000 * 1000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut job = app.job("org_g");
+    job["attachments"] = json!([{
+        "filename": "export.bin",
+        "content_type": "application/octet-stream",
+        "content_base64": base64::engine::general_purpose::STANDARD.encode(&content),
+    }]);
+    app.amqp.publish_job(&job).await;
+
+    let result = results.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(result["status"], "sent", "{result:#}");
+    let raw = app
+        .standins
+        .gmail_messages()
+        .pop()
+        .expect("Gmail received it");
+    assert!(
+        raw.len() > 20 * 1000 * 1000,
+        "the whole message, in several chunks"
+    );
+    let msg = MessageParser::default().parse(&raw).unwrap();
+    assert!(
+        msg.attachment(0).unwrap().contents() == content.as_slice(),
+        "the attachment arrived byte for byte"
+    );
+}

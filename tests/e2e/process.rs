@@ -63,6 +63,11 @@ impl Program {
         p
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A GET on the metrics listener: (status, body).
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         let port = self.metrics_port;
@@ -870,5 +875,64 @@ async fn a_reconnect_never_raises_sends_in_flight_above_the_concurrency() {
     assert!(
         most_at_once <= 4,
         "{most_at_once} sends at once with MAIL_DISPATCH_CONCURRENCY=4"
+    );
+}
+
+/// Issue #13 point 3, as an SRE would try it: three replicas with default
+/// settings on one queue, one Microsoft mailbox that takes 200 ms per send.
+/// Graph allows 4 concurrent requests per app and mailbox whatever the number
+/// of processes: the replicas share that through PostgreSQL, so the mailbox
+/// sees (almost) no 429 while being driven near its limit of 4 / 200 ms.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_share_a_graph_mailboxs_four_concurrent_requests() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        // The program's defaults.
+        concurrency: 64,
+        max_attempts: 8,
+        max_age: Duration::from_secs(6 * 3600),
+        claim_lease: Duration::from_secs(120),
+        pacing: mail_dispatch_worker::pacing::PacingConfig::default(),
+        ..Default::default()
+    })
+    .await;
+    let account = "ops@customer.com";
+    app.connect("org_m", Vendor::Microsoft, account, account, "Ops")
+        .await;
+    let latency = Duration::from_millis(200);
+    app.standins.set_send_delay(latency);
+    let mut tap = app.amqp.tap_results().await;
+    let _replicas = [
+        Program::start(&app, "worker").await,
+        Program::start(&app, "worker").await,
+        Program::start(&app, "worker").await,
+    ];
+    let n = 200;
+    let started = Instant::now();
+    let jobs = publish_jobs(&app, "org_m", n).await;
+    let results = all_results(&mut tap, n, Duration::from_secs(120)).await;
+    let elapsed = started.elapsed();
+    assert_one_result_each(&results, &jobs);
+    assert!(
+        results.iter().all(|r| r["status"] == "sent"),
+        "every job sent"
+    );
+    let throttled = app.standins.concurrency_throttled(account);
+    let rate = n as f64 / elapsed.as_secs_f64();
+    let limit = 4.0 / latency.as_secs_f64();
+    println!(
+        "3 replicas, one Graph mailbox at {} ms per send: {n} jobs in {:.1} s = {rate:.1} sends/s \
+         (limit {limit:.0}/s), {throttled} concurrency 429s, peak {} in flight",
+        latency.as_millis(),
+        elapsed.as_secs_f64(),
+        app.standins.peak_concurrency(account)
+    );
+    assert!(
+        throttled <= 5,
+        "{throttled} 429 ApplicationThrottled: the replicas went over the mailbox's 4 concurrent requests"
+    );
+    assert!(
+        rate >= 0.4 * limit,
+        "{rate:.1} sends/s, far below the mailbox's {limit:.0}/s"
     );
 }

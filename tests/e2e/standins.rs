@@ -864,3 +864,244 @@ async fn the_consent_page_waits_for_the_click_and_still_refuses_a_bad_request_fi
     assert_eq!(back["state"], "the-state");
     assert!(back.contains_key("code"), "{back:?}");
 }
+
+fn upload_url(s: &StandIns, upload_type: &str) -> String {
+    format!(
+        "{}/upload/gmail/v1/users/me/messages/send?uploadType={upload_type}",
+        s.gmail.uri()
+    )
+}
+
+/// A message of `len` bytes (headers, then filler).
+fn message_of(len: usize) -> Vec<u8> {
+    let mut m = b"From: ops@customer.com\r\nTo: a@example.org\r\nSubject: Big\r\n\r\n".to_vec();
+    m.resize(len, b'x');
+    m
+}
+
+#[tokio::test]
+async fn gmail_refuses_a_simple_upload_over_5_mb_a_resumable_one_over_35_mb_and_an_upload_without_its_type()
+ {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    let media = |body: Vec<u8>| {
+        http()
+            .post(upload_url(&s, "media"))
+            .bearer_auth(&token)
+            .header("Content-Type", "message/rfc822")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        media(message_of(1024)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        media(message_of(6 * 1024 * 1024)).await.unwrap().status(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "uploadType=media is for 5 MB or less"
+    );
+    let opened = http()
+        .post(upload_url(&s, "resumable"))
+        .bearer_auth(&token)
+        .header("X-Upload-Content-Type", "message/rfc822")
+        .header("X-Upload-Content-Length", 35 * 1024 * 1024 + 1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        opened.status(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "35 MB at most"
+    );
+    let untyped = http()
+        .post(format!(
+            "{}/upload/gmail/v1/users/me/messages/send",
+            s.gmail.uri()
+        ))
+        .bearer_auth(&token)
+        .body(message_of(1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(untyped.status(), StatusCode::BAD_REQUEST);
+    let body: Value = untyped.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("uploadType"),
+        "{body}"
+    );
+    assert_eq!(
+        s.gmail_messages().len(),
+        1,
+        "only the small simple upload was sent"
+    );
+}
+
+#[tokio::test]
+async fn a_gmail_resumable_upload_takes_256_kib_multiples_reports_its_progress_and_sends_at_the_last_chunk()
+ {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    let raw = message_of(600 * 1024);
+    let opened = http()
+        .post(upload_url(&s, "resumable"))
+        .bearer_auth(&token)
+        .header("X-Upload-Content-Type", "message/rfc822")
+        .header("X-Upload-Content-Length", raw.len())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opened.status(), StatusCode::OK);
+    let session = location(&opened).expect("the session URI in Location");
+    assert!(params(&session).contains_key("upload_id"));
+    let put = |range: String, body: Vec<u8>| {
+        http()
+            .put(session.clone())
+            .header("Content-Range", range)
+            .body(body)
+            .send()
+    };
+    let total = raw.len();
+    let odd = put(format!("bytes 0-99999/{total}"), raw[..100_000].to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        odd.status(),
+        StatusCode::BAD_REQUEST,
+        "not a multiple of 256 KiB"
+    );
+    let status = put(format!("bytes */{total}"), vec![]).await.unwrap();
+    assert_eq!(status.status().as_u16(), 308);
+    assert!(
+        status.headers().get("range").is_none(),
+        "nothing received yet"
+    );
+    let first = put(format!("bytes 0-262143/{total}"), raw[..262_144].to_vec())
+        .await
+        .unwrap();
+    assert_eq!(first.status().as_u16(), 308);
+    assert_eq!(first.headers()["range"], "bytes=0-262143");
+    assert!(
+        s.gmail_messages().is_empty(),
+        "nothing is sent before the last chunk"
+    );
+    let last = put(
+        format!("bytes 262144-{}/{total}", total - 1),
+        raw[262_144..].to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(last.status(), StatusCode::OK);
+    let sent: Value = last.json().await.unwrap();
+    assert_eq!(sent["labelIds"], json!(["SENT"]));
+    let again = put(format!("bytes */{total}"), vec![]).await.unwrap();
+    assert_eq!(
+        again.status(),
+        StatusCode::OK,
+        "a status query after the end says it was sent"
+    );
+    assert_eq!(s.gmail_messages(), vec![raw]);
+}
+
+#[tokio::test]
+async fn graph_refuses_a_send_mail_request_over_4_mb_with_413() {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Microsoft, "ops@customer.com");
+    let attachment = base64::engine::general_purpose::STANDARD.encode(vec![1u8; 3_200_000]);
+    let resp = http()
+        .post(format!("{}/v1.0/me/sendMail", s.graph.uri()))
+        .bearer_auth(&token)
+        .json(&json!({"message": {
+            "subject": "Big",
+            "toRecipients": [{"emailAddress": {"address": "a@example.org"}}],
+            "attachments": [{"@odata.type": "#microsoft.graph.fileAttachment",
+                "name": "big.bin", "contentBytes": attachment}],
+        }}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(graph_code(&body), "RequestEntityTooLarge");
+    assert!(s.graph_messages().is_empty());
+}
+
+/// `sendMail` from `account`'s own mailbox: (status, Retry-After, body).
+async fn send_mail_full(s: &StandIns, token: &str) -> (StatusCode, Option<String>, Value) {
+    let body = json!({"message": {
+        "subject": "Hello", "body": {"contentType": "Text", "content": "Hi"},
+        "toRecipients": [{"emailAddress": {"address": "someone@example.org"}}],
+    }, "saveToSentItems": false});
+    let resp = http()
+        .post(format!("{}/v1.0/me/sendMail", s.graph.uri()))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        retry_after,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn a_fifth_concurrent_graph_request_to_one_mailbox_is_429_application_throttled() {
+    let s = StandIns::start().await;
+    s.set_send_delay(std::time::Duration::from_millis(600));
+    let (token, _) = s.issue(Vendor::Microsoft, "ops@customer.com");
+    let (other, _) = s.issue(Vendor::Microsoft, "sales@customer.com");
+    // Four in flight at once: Graph's limit per app and mailbox.
+    let four: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, token) = (s.clone(), token.clone());
+            tokio::spawn(async move { send_mail_full(&s, &token).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.send_attempts(Vendor::Microsoft) < 4 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // The fifth is refused at once, as documented, with a Retry-After.
+    let (status, retry_after, body) = send_mail_full(&s, &token).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(graph_code(&body), "ApplicationThrottled");
+    assert_eq!(
+        body["error"]["message"],
+        "Application is over its MailboxConcurrency limit."
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // Another mailbox has its own four.
+    let (status, _, _) = send_mail_full(&s, &other).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    for t in four {
+        assert_eq!(t.await.unwrap().0, StatusCode::ACCEPTED);
+    }
+    assert_eq!(s.concurrency_throttled("ops@customer.com"), 1);
+    assert_eq!(s.concurrency_throttled("sales@customer.com"), 0);
+    assert_eq!(s.peak_concurrency("ops@customer.com"), 4);
+    // A limit on requests in flight, not a rate: once they answered, the
+    // mailbox takes four more at once.
+    let again: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, token) = (s.clone(), token.clone());
+            tokio::spawn(async move { send_mail_full(&s, &token).await.0 })
+        })
+        .collect();
+    for t in again {
+        assert_eq!(t.await.unwrap(), StatusCode::ACCEPTED);
+    }
+    assert_eq!(s.concurrency_throttled("ops@customer.com"), 1);
+    assert_eq!(s.graph_messages().len(), 9);
+}

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod intake;
 mod topology;
 
 use std::time::Duration;
@@ -10,6 +11,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 
+pub use intake::{BodyCharge, BoundedConsumer, MemoryBudget, WORKING_COPIES};
 pub use lapin;
 pub use topology::Topology;
 
@@ -27,6 +29,9 @@ pub enum BrokerError {
     Returned(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The consumer's in-process relay could not be set up.
+    #[error("AMQP relay: {0}")]
+    Relay(String),
 }
 
 /// An open connection with a confirm-mode channel for publishing.

@@ -62,7 +62,8 @@ pub struct InvalidJob {
 pub struct Attachment {
     pub filename: String,
     pub content_type: String,
-    pub content: Vec<u8>,
+    /// Shared, not copied, by the message built from the job: it can be 35 MB.
+    pub content: std::sync::Arc<[u8]>,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -381,7 +382,7 @@ impl Reader<'_> {
             out.push(Attachment {
                 filename: filename.to_owned(),
                 content_type: content_type.to_ascii_lowercase(),
-                content,
+                content: content.into(),
             });
         }
         Ok(out)
@@ -516,7 +517,7 @@ mod tests {
         let job = decode(&valid()).unwrap();
         assert_eq!(job.id, "8d5e0f0a-2b0e-4c35-9d0c-3f5c4b6f6a11");
         assert_eq!(job.category, "task_assigned");
-        assert_eq!(job.attachments[0].content, b"%PDF-1");
+        assert_eq!(&job.attachments[0].content[..], b"%PDF-1");
         assert_eq!(job.headers["X-Entity-Ref-ID"], "task-991");
         assert_eq!(job.reply_to.unwrap().name.as_deref(), Some("DPO"));
     }

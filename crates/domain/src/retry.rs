@@ -88,6 +88,9 @@ impl Default for RetryPolicy {
     }
 }
 
+/// A throttled job waits its `Retry-After` and up to this share of it more.
+pub const THROTTLE_SPREAD: f64 = 0.1;
+
 /// What to do after a failed attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetryDecision {
@@ -117,9 +120,16 @@ impl RetryPolicy {
                 if attempts_made >= self.max_attempts && code != ErrorCode::Throttled {
                     return RetryDecision::GiveUp(code);
                 }
-                // The provider's own instruction wins over our backoff, but never
-                // shortens it to nothing: a 429 always waits at least the backoff draw.
                 let wait = match retry_after {
+                    // A throttle says when the provider takes requests again
+                    // (Graph's concurrency 429 says 1 s): that, not a backoff
+                    // that grows with every throttle of a busy mailbox. Up to a
+                    // tenth more, so that jobs throttled together do not all
+                    // come back at the same instant.
+                    Some(after) if code == ErrorCode::Throttled => {
+                        after.saturating_add(after.mul_f64(THROTTLE_SPREAD * unit.clamp(0.0, 1.0)))
+                    }
+                    // Another failure's Retry-After never shortens our backoff.
                     Some(after) => after.max(self.backoff.delay(attempts_made, unit)),
                     None => self.backoff.delay(attempts_made, unit),
                 };
@@ -203,13 +213,19 @@ mod tests {
                 FailureClass::throttled(Some(S(30))),
                 1,
                 0,
-                RetryDecision::RetryAfter(S(30)),
+                RetryDecision::RetryAfter(Duration::from_millis(31_500)),
             ),
             (
                 FailureClass::throttled(Some(S(30))),
                 50,
                 0,
-                RetryDecision::RetryAfter(S(30)),
+                RetryDecision::RetryAfter(Duration::from_millis(31_500)),
+            ),
+            (
+                FailureClass::unavailable(Some(S(1))),
+                4,
+                0,
+                RetryDecision::RetryAfter(S(8)),
             ),
             (
                 FailureClass::throttled(Some(S(30))),
@@ -225,5 +241,28 @@ mod tests {
                 "{class:?} after {attempts}"
             );
         }
+    }
+
+    #[test]
+    fn a_throttle_waits_its_retry_after_however_often_the_job_was_throttled() {
+        let p = policy();
+        for attempts in [1, 3, 6, 40] {
+            for unit in [0.0, 0.5, 0.999] {
+                let RetryDecision::RetryAfter(wait) =
+                    p.decide(FailureClass::throttled(Some(S(1))), attempts, S(0), unit)
+                else {
+                    panic!("a throttle is retried");
+                };
+                assert!(
+                    wait >= S(1) && wait <= Duration::from_millis(1100),
+                    "after {attempts} throttles: {wait:?}"
+                );
+            }
+        }
+        // Without a Retry-After, the backoff still applies.
+        assert_eq!(
+            p.decide(FailureClass::throttled(None), 3, S(0), 1.0),
+            RetryDecision::RetryAfter(S(8))
+        );
     }
 }

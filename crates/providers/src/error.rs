@@ -14,6 +14,11 @@ pub struct SendError {
     pub message: String,
     pub provider_status: Option<u16>,
     pub provider_code: Option<String>,
+    /// The request reached the provider but no answer says what became of it
+    /// (a timeout or a dropped connection after the request was sent, a
+    /// gateway timeout): the message may have been accepted. Still transient:
+    /// a retry may send it twice (README, "paths that can send twice").
+    pub maybe_sent: bool,
 }
 
 impl SendError {
@@ -23,6 +28,7 @@ impl SendError {
             message: message.into(),
             provider_status: None,
             provider_code: None,
+            maybe_sent: false,
         }
     }
 
@@ -37,7 +43,10 @@ impl SendError {
     }
 
     /// An error of the HTTP client itself: the request may not have reached the
-    /// provider, or its answer was lost. Always transient.
+    /// provider, or its answer was lost. Always transient; `maybe_sent` unless
+    /// the connection was never made (or the request never built), since a
+    /// timeout or a reset after the request went out leaves the provider's
+    /// answer unknown.
     pub(crate) fn transport(e: &reqwest::Error) -> Self {
         let what = if e.is_timeout() {
             "request timed out"
@@ -46,10 +55,13 @@ impl SendError {
         } else {
             "request failed"
         };
-        Self::new(
-            FailureClass::unavailable(None),
-            format!("{what}: {}", without_url(e)),
-        )
+        SendError {
+            maybe_sent: !(e.is_connect() || e.is_builder()),
+            ..Self::new(
+                FailureClass::unavailable(None),
+                format!("{what}: {}", without_url(e)),
+            )
+        }
     }
 
     /// The error object of a failed result, with `code` the final code chosen by the caller.

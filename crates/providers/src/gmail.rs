@@ -3,9 +3,16 @@
 //! `POST /gmail/v1/users/me/messages/send` with `{"raw": base64url(RFC 5322)}`;
 //! the answer is a Message resource `{"id", "threadId", "labelIds": ["SENT"]}`
 //! (developers.google.com/gmail/api/reference/rest/v1/users.messages/send).
-//! Larger messages (up to 35 MB) go through the media upload endpoint,
-//! `POST /upload/gmail/v1/users/me/messages/send?uploadType=media`, whose body is
-//! the message itself (`Content-Type: message/rfc822`).
+//! Larger messages (up to 35 MB) go through the resumable upload protocol
+//! (developers.google.com/gmail/api/guides/uploads): `POST
+//! /upload/gmail/v1/users/me/messages/send?uploadType=resumable` with
+//! `X-Upload-Content-Type: message/rfc822` and `X-Upload-Content-Length` opens a
+//! session (its URI in `Location`); the message then goes in `PUT` chunks with
+//! `Content-Range` (multiples of 256 KiB but the last), each answered `308` with
+//! the bytes received so far in `Range`, the last one `200` with the Message. A
+//! chunk whose answer is lost is followed by a status query (`Content-Range:
+//! bytes */N`), which also tells whether a lost last answer was a send. Simple
+//! `uploadType=media` uploads are for 5 MB or less, so they are not used.
 
 use base64::Engine as _;
 use chrono::Utc;
@@ -24,8 +31,16 @@ use crate::{Accepted, SendError};
 pub const MAX_MESSAGE_BYTES: usize = 35 * 1024 * 1024;
 /// Recipients per message through the API (support.google.com/a/answer/166852).
 pub const MAX_RECIPIENTS: usize = 100;
-/// Above this raw size the media upload endpoint is used instead of a JSON body.
+/// Above this raw size the resumable upload is used instead of a JSON body (whose
+/// base64url makes 4 MB about 5.3 MB on the wire).
 pub const UPLOAD_THRESHOLD_BYTES: usize = 4 * 1024 * 1024;
+/// Size of a resumable upload's chunks (a multiple of 256 KiB, as required).
+pub const UPLOAD_CHUNK_BYTES: usize = 32 * 256 * 1024;
+/// The slowest upload rate a request is given time for, on top of the client's
+/// timeout: a 8 MiB chunk gets 32 s more, so a slow link is not cut off.
+const MIN_UPLOAD_BYTES_PER_SEC: f64 = 256.0 * 1024.0;
+/// Status queries after a chunk whose answer was lost, before giving up.
+const UPLOAD_RESUMES: u32 = 3;
 
 /// Sends through the Gmail API.
 #[derive(Clone, Debug)]
@@ -33,6 +48,8 @@ pub struct GmailSender {
     http: reqwest::Client,
     send_url: Url,
     upload_url: Url,
+    /// The client's timeout for a request without a large body.
+    timeout: std::time::Duration,
 }
 
 impl GmailSender {
@@ -44,10 +61,22 @@ impl GmailSender {
             send_url: Url::parse(&format!("{root}/gmail/v1/users/me/messages/send"))
                 .expect("valid URL"),
             upload_url: Url::parse(&format!(
-                "{root}/upload/gmail/v1/users/me/messages/send?uploadType=media"
+                "{root}/upload/gmail/v1/users/me/messages/send?uploadType=resumable"
             ))
             .expect("valid URL"),
+            timeout: std::time::Duration::from_secs(30),
         }
+    }
+
+    /// The timeout the HTTP client was built with: uploads get it plus the time
+    /// their bytes take at a slow rate.
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn timeout_for(&self, bytes: usize) -> std::time::Duration {
+        self.timeout + std::time::Duration::from_secs_f64(bytes as f64 / MIN_UPLOAD_BYTES_PER_SEC)
     }
 
     pub async fn send(
@@ -55,6 +84,21 @@ impl GmailSender {
         token: &SecretString,
         msg: &OutgoingMessage,
     ) -> Result<Accepted, SendError> {
+        // The attachments alone, base64-encoded, are a floor of the message's size:
+        // above the limit, refuse before rendering tens of MB for nothing.
+        let floor: usize = msg
+            .attachments
+            .iter()
+            .map(|a| a.content.len().div_ceil(3) * 4)
+            .sum();
+        if floor > MAX_MESSAGE_BYTES {
+            return Err(SendError::permanent(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "message is over {floor} bytes (attachments in base64); Gmail accepts at most {MAX_MESSAGE_BYTES}"
+                ),
+            ));
+        }
         let raw = render(msg, BccHeader::Keep)?;
         if raw.len() > MAX_MESSAGE_BYTES {
             return Err(SendError::permanent(
@@ -65,35 +109,175 @@ impl GmailSender {
                 ),
             ));
         }
-        let request = if raw.len() > UPLOAD_THRESHOLD_BYTES {
-            self.http
-                .post(self.upload_url.clone())
-                .header(reqwest::header::CONTENT_TYPE, "message/rfc822")
-                .body(raw)
-        } else {
-            let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
-            self.http
-                .post(self.send_url.clone())
-                .json(&json!({ "raw": encoded }))
-        };
-        let response = request
+        if raw.len() > UPLOAD_THRESHOLD_BYTES {
+            return self.upload(token, raw).await;
+        }
+        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
+        let response = self
+            .http
+            .post(self.send_url.clone())
+            .timeout(self.timeout_for(encoded.len()))
+            .json(&json!({ "raw": encoded }))
             .bearer_auth(token.expose_secret())
             .send()
             .await
             .map_err(|e| SendError::transport(&e))?;
-        let status = response.status();
-        let retry_after = retry_after_header(response.headers());
-        let text = response.text().await.unwrap_or_default();
-        if status.is_success() {
-            let id = serde_json::from_str::<SentMessage>(&text)
-                .ok()
-                .map(|m| m.id);
-            return Ok(Accepted {
-                provider_message_id: id,
-            });
-        }
-        Err(classify(status, &text, retry_after))
+        answer(response).await
     }
+
+    /// The resumable upload of a rendered message.
+    async fn upload(&self, token: &SecretString, raw: Vec<u8>) -> Result<Accepted, SendError> {
+        let total = raw.len();
+        let raw = bytes::Bytes::from(raw);
+        let opened = self
+            .http
+            .post(self.upload_url.clone())
+            .bearer_auth(token.expose_secret())
+            .header("X-Upload-Content-Type", "message/rfc822")
+            .header("X-Upload-Content-Length", total)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/json; charset=UTF-8",
+            )
+            .body("{}")
+            .send()
+            .await
+            // Nothing is sent before the session's last chunk.
+            .map_err(|e| SendError {
+                maybe_sent: false,
+                ..SendError::transport(&e)
+            })?;
+        if !opened.status().is_success() {
+            let status = opened.status();
+            let retry_after = retry_after_header(opened.headers());
+            let text = opened.text().await.unwrap_or_default();
+            return Err(classify(status, &text, retry_after));
+        }
+        let session = opened
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| self.upload_url.join(v).ok())
+            .ok_or_else(|| {
+                SendError::new(
+                    FailureClass::unavailable(None),
+                    "Gmail opened an upload session without a Location",
+                )
+            })?;
+        let mut offset = 0usize;
+        let mut resumes = 0;
+        loop {
+            let end = (offset + UPLOAD_CHUNK_BYTES).min(total);
+            // The session URI is the credential of the upload: no bearer token.
+            let sent = self
+                .http
+                .put(session.clone())
+                .timeout(self.timeout_for(end - offset))
+                .header(
+                    reqwest::header::CONTENT_RANGE,
+                    format!("bytes {offset}-{}/{total}", end - 1),
+                )
+                .body(raw.slice(offset..end))
+                .send()
+                .await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(e) if resumes < UPLOAD_RESUMES => {
+                    resumes += 1;
+                    tracing::debug!(error = %SendError::transport(&e).message, offset, "Gmail upload chunk without an answer; asking the session where it stands");
+                    match self.upload_status(&session, total).await {
+                        Ok(Progress::Done(accepted)) => return Ok(accepted),
+                        Ok(Progress::Received(n)) => {
+                            offset = n;
+                            continue;
+                        }
+                        Err(_) => return Err(last_chunk_error(&e, end == total)),
+                    }
+                }
+                Err(e) => return Err(last_chunk_error(&e, end == total)),
+            };
+            match progress(response).await? {
+                Progress::Done(accepted) => return Ok(accepted),
+                Progress::Received(n) if n > offset => offset = n,
+                Progress::Received(n) => {
+                    return Err(SendError::new(
+                        FailureClass::unavailable(None),
+                        format!(
+                            "Gmail's upload session kept {n} of {total} bytes and took no more"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Asks an upload session how much it has (`Content-Range: bytes */N`).
+    async fn upload_status(&self, session: &Url, total: usize) -> Result<Progress, SendError> {
+        let response = self
+            .http
+            .put(session.clone())
+            .header(reqwest::header::CONTENT_RANGE, format!("bytes */{total}"))
+            .body(bytes::Bytes::new())
+            .send()
+            .await
+            .map_err(|e| SendError::transport(&e))?;
+        progress(response).await
+    }
+}
+
+/// Where a resumable upload stands after a chunk or a status query.
+enum Progress {
+    /// The message is complete and was sent.
+    Done(Accepted),
+    /// The session holds this many bytes (`308 Resume Incomplete`).
+    Received(usize),
+}
+
+async fn progress(response: reqwest::Response) -> Result<Progress, SendError> {
+    if response.status().as_u16() == 308 {
+        // `Range: bytes=0-N`, or none when nothing arrived yet.
+        let received = response
+            .headers()
+            .get(reqwest::header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes=0-"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .map_or(0, |last| last + 1);
+        return Ok(Progress::Received(received));
+    }
+    if matches!(response.status().as_u16(), 404 | 410) {
+        // The session expired (they live about a week) or is unknown: the next
+        // attempt opens a new one. Nothing was sent.
+        return Err(SendError::new(
+            FailureClass::unavailable(None),
+            format!("Gmail's upload session is gone ({})", response.status()),
+        ));
+    }
+    answer(response).await.map(Progress::Done)
+}
+
+/// A chunk without an answer: only the last one can have sent the message.
+fn last_chunk_error(e: &reqwest::Error, last: bool) -> SendError {
+    SendError {
+        maybe_sent: last && SendError::transport(e).maybe_sent,
+        ..SendError::transport(e)
+    }
+}
+
+/// The Message resource of a send, or the error it answered.
+async fn answer(response: reqwest::Response) -> Result<Accepted, SendError> {
+    let status = response.status();
+    let retry_after = retry_after_header(response.headers());
+    let text = response.text().await.unwrap_or_default();
+    if status.is_success() {
+        let id = serde_json::from_str::<SentMessage>(&text)
+            .ok()
+            .map(|m| m.id);
+        return Ok(Accepted {
+            provider_message_id: id,
+        });
+    }
+    Err(classify(status, &text, retry_after))
 }
 
 impl GmailSender {

@@ -20,7 +20,9 @@ use crate::error::{get_with_token, retry_after_header};
 use crate::{Accepted, SendError};
 
 /// Graph refuses requests over 4 MB (graph/throttling-limits#outlook-service-limits).
-pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Whether that is 4,000,000 or 4,194,304 bytes is not documented, and headers
+/// count too: the body stays below the smaller, with a margin.
+pub const MAX_REQUEST_BYTES: usize = 3_900_000;
 
 /// Sends through Microsoft Graph.
 #[derive(Clone, Debug)]
@@ -230,6 +232,14 @@ pub fn classify(
         (_, Some("ErrorMessageSizeExceeded")) | (413, _) => {
             FailureClass::Permanent(ErrorCode::MessageTooLarge)
         }
+        // "The maximum request length supported is 4MB." also comes as a 400.
+        (400, _)
+            if message
+                .to_ascii_lowercase()
+                .contains("maximum request length") =>
+        {
+            FailureClass::Permanent(ErrorCode::MessageTooLarge)
+        }
         (_, Some("ErrorQuotaExceeded" | "ErrorSubmissionQuotaExceeded")) => {
             FailureClass::Permanent(ErrorCode::QuotaExceeded)
         }
@@ -240,7 +250,12 @@ pub fn classify(
         (408, _) => FailureClass::unavailable(retry_after),
         _ => FailureClass::Permanent(ErrorCode::ProviderUnavailable),
     };
-    SendError::new(class, message).with_provider(status.as_u16(), code)
+    SendError {
+        // Graph's gateway gave up waiting for the mailbox: the message may
+        // have gone (facts.md, Graph 504).
+        maybe_sent: status.as_u16() == 504,
+        ..SendError::new(class, message).with_provider(status.as_u16(), code)
+    }
 }
 
 #[cfg(test)]
@@ -326,6 +341,14 @@ mod tests {
             assert_eq!(e.class, *expected, "{status} {code}");
             assert_eq!(e.provider_status, Some(*status));
         }
+        // Graph's size refusal as a 400: too large, not an invalid job.
+        let too_long = json!({"error": {"code": "BadRequest",
+            "message": "The maximum request length supported is 4MB."}})
+        .to_string();
+        assert_eq!(
+            classify(s(400), &too_long, None).class,
+            FailureClass::Permanent(ErrorCode::MessageTooLarge)
+        );
         let e = classify(s(403), &body("ErrorSendAsDenied"), None);
         assert_eq!(e.provider_code.as_deref(), Some("ErrorSendAsDenied"));
         assert_eq!(e.message, "ErrorSendAsDenied message");

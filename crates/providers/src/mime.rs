@@ -89,7 +89,7 @@ pub fn build(msg: &OutgoingMessage, bcc: BccHeader) -> Result<Message, SendError
                 )
             })?;
             mixed = mixed.singlepart(
-                Attachment::new(a.filename.clone()).body(a.content.clone(), content_type),
+                Attachment::new(a.filename.clone()).body(a.content.to_vec(), content_type),
             );
         }
         builder.multipart(mixed)
@@ -134,7 +134,7 @@ mod tests {
             attachments: vec![DomainAttachment {
                 filename: "rapport été.pdf".into(),
                 content_type: "application/pdf".into(),
-                content: vec![0, 159, 146, 150, 255],
+                content: vec![0, 159, 146, 150, 255].into(),
             }],
             headers: [("X-Entity-Ref-ID".to_owned(), "task-991".to_owned())].into(),
             message_id: Some("job-1.org@customer.com".into()),

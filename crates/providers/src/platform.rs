@@ -94,5 +94,6 @@ fn classify_smtp(e: &SmtpError) -> SendError {
         message: format!("SMTP relay: {e}"),
         provider_status: code,
         provider_code: status,
+        maybe_sent: false,
     }
 }

@@ -372,3 +372,49 @@ impl MailboxLimit {
         }
     }
 }
+
+/// Graph's concurrent requests per app and mailbox: a request counts from its
+/// arrival until its answer leaves (the stand-in's send delay), and one that
+/// arrives while `limit` others are in flight is refused with 429
+/// `ApplicationThrottled` "over its MailboxConcurrency limit"
+/// (https://learn.microsoft.com/graph/throttling-limits#outlook-service-limits:
+/// "4 concurrent requests" per app ID and mailbox).
+pub(super) struct MailboxConcurrency {
+    /// When each request in flight answers.
+    pub(super) answers_at: Vec<std::time::Instant>,
+    /// Requests refused for being over the limit.
+    pub(super) throttled: u64,
+    /// The most requests seen in flight at once (accepted ones only).
+    pub(super) peak: usize,
+}
+
+/// Graph's documented limit of concurrent requests per app and mailbox.
+pub(super) const GRAPH_MAILBOX_CONCURRENCY: usize = 4;
+
+/// What Graph answers in `Retry-After` to a concurrency 429: 1 s, as observed
+/// (msgraph-sdk-javascript#297: "retry-after set to 1 on every 429").
+pub(super) const CONCURRENCY_RETRY_AFTER_SECS: u64 = 1;
+
+impl MailboxConcurrency {
+    pub(super) fn new() -> Self {
+        MailboxConcurrency {
+            answers_at: Vec::new(),
+            throttled: 0,
+            peak: 0,
+        }
+    }
+
+    /// Admits a request that will answer after `busy`, or refuses it (counted)
+    /// when `limit` requests are in flight already.
+    pub(super) fn enter(&mut self, limit: usize, busy: Duration) -> Result<(), ()> {
+        let now = std::time::Instant::now();
+        self.answers_at.retain(|t| *t > now);
+        if self.answers_at.len() >= limit {
+            self.throttled += 1;
+            return Err(());
+        }
+        self.answers_at.push(now + busy);
+        self.peak = self.peak.max(self.answers_at.len());
+        Ok(())
+    }
+}

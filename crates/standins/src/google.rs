@@ -238,37 +238,81 @@ impl Respond for GmailSendAs {
     }
 }
 
+/// Gmail's largest message (users.messages.send: "Maximum file size: 35MB").
+pub(super) const MAX_MESSAGE_BYTES: usize = 35 * 1024 * 1024;
+/// `uploadType=media` is for "smaller files, for example, 5 MB or less"; larger
+/// simple uploads are refused by Google's front end with a bare 413.
+pub(super) const MAX_SIMPLE_UPLOAD_BYTES: usize = 5 * 1024 * 1024;
+/// Resumable chunks other than the last are multiples of 256 KiB.
+const CHUNK_GRANULE: usize = 256 * 1024;
+
+/// What every Gmail send checks before taking the message: the token, its
+/// scopes, the mailbox's rate, then a scripted answer or an injected fault.
+/// Counts the attempt.
+fn send_checks(s: &mut State, request: &Request) -> Result<(), ResponseTemplate> {
+    *s.send_attempts.entry(Vendor::Google).or_default() += 1;
+    s.attempt_times
+        .push((Vendor::Google, std::time::Instant::now()));
+    let delay = s.send_delay;
+    let Some(grant) = s.bearer_grant(request, Vendor::Google) else {
+        return Err(unauthenticated());
+    };
+    if !allows(&grant, SEND_SCOPES) {
+        return Err(gmail_insufficient_scope(
+            "caribou.api.proto.MailboxService.SendMessage",
+            SEND_SCOPES,
+        ));
+    }
+    if let Err(wait) = s.over_limit(&grant.account) {
+        return Err(gmail_rate_limited(wait));
+    }
+    if let Some(scripted) = s
+        .scripted
+        .get_mut(&Vendor::Google)
+        .and_then(VecDeque::pop_front)
+    {
+        return Err(scripted.set_delay(delay));
+    }
+    if s.fault_rate > 0.0 && rand::random::<f64>() < s.fault_rate {
+        return Err(gmail_unavailable().set_delay(delay));
+    }
+    Ok(())
+}
+
+/// Takes a complete message: records it and answers with its Message resource.
+fn accept(s: &mut State, raw: Vec<u8>) -> ResponseTemplate {
+    let id = format!("{:016x}", rand::random::<u64>());
+    if let Some(msg) = mail_parser::MessageParser::default().parse(&raw) {
+        let addresses = |a: Option<&mail_parser::Address>| {
+            a.map(|a| {
+                a.iter()
+                    .filter_map(|x| x.address().map(str::to_owned))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+        };
+        s.received.push(Received {
+            provider: "google",
+            received_at: chrono::Utc::now(),
+            id: id.clone(),
+            from: addresses(msg.from()).into_iter().next().unwrap_or_default(),
+            to: addresses(msg.to()),
+            subject: msg.subject().unwrap_or_default().to_owned(),
+        });
+    }
+    s.gmail_sends.push(raw);
+    ResponseTemplate::new(200)
+        .set_delay(s.send_delay)
+        .set_body_json(json!({"id": id, "threadId": id, "labelIds": ["SENT"]}))
+}
+
 /// Gmail `POST /gmail/v1/users/me/messages/send`.
 pub(super) struct GmailSend(pub(super) Arc<Mutex<State>>);
 impl Respond for GmailSend {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let mut s = self.0.lock().unwrap();
-        *s.send_attempts.entry(Vendor::Google).or_default() += 1;
-        s.attempt_times
-            .push((Vendor::Google, std::time::Instant::now()));
-        let delay = s.send_delay;
-        let Some(grant) = s.bearer_grant(request, Vendor::Google) else {
-            return unauthenticated();
-        };
-        if !allows(&grant, SEND_SCOPES) {
-            return gmail_insufficient_scope(
-                "caribou.api.proto.MailboxService.SendMessage",
-                SEND_SCOPES,
-            );
-        }
-        let account = grant.account;
-        if let Err(wait) = s.over_limit(&account) {
-            return gmail_rate_limited(wait);
-        }
-        if let Some(scripted) = s
-            .scripted
-            .get_mut(&Vendor::Google)
-            .and_then(VecDeque::pop_front)
-        {
-            return scripted.set_delay(delay);
-        }
-        if s.fault_rate > 0.0 && rand::random::<f64>() < s.fault_rate {
-            return gmail_unavailable().set_delay(delay);
+        if let Err(answer) = send_checks(&mut s, request) {
+            return answer;
         }
         let raw = serde_json::from_slice::<Value>(&request.body)
             .ok()
@@ -286,28 +330,205 @@ impl Respond for GmailSend {
                 "INVALID_ARGUMENT",
             );
         };
-        let id = format!("{:016x}", rand::random::<u64>());
-        if let Some(msg) = mail_parser::MessageParser::default().parse(&raw) {
-            let addresses = |a: Option<&mail_parser::Address>| {
-                a.map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.address().map(str::to_owned))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
-            };
-            s.received.push(Received {
-                provider: "google",
-                received_at: chrono::Utc::now(),
-                id: id.clone(),
-                from: addresses(msg.from()).into_iter().next().unwrap_or_default(),
-                to: addresses(msg.to()),
-                subject: msg.subject().unwrap_or_default().to_owned(),
-            });
+        accept(&mut s, raw)
+    }
+}
+
+/// A resumable upload in progress.
+pub(super) struct UploadSession {
+    total: usize,
+    data: Vec<u8>,
+    /// The answer to the last chunk, once the message is complete (and sent).
+    done: Option<ResponseTemplate>,
+}
+
+fn query(request: &Request, name: &str) -> Option<String> {
+    request
+        .url
+        .query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn header<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
+    request.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn too_large() -> ResponseTemplate {
+    // Google's front end answers an oversized upload with a bare 413 page.
+    ResponseTemplate::new(413)
+        .insert_header("Content-Type", "text/html; charset=UTF-8")
+        .set_body_string("<!DOCTYPE html><title>Error 413 (Request Entity Too Large)!!1</title><p><b>413.</b> <ins>That’s an error.</ins><p>Your client issued a request that was too large. <ins>That’s all we know.</ins>")
+}
+
+/// Gmail `POST /upload/gmail/v1/users/me/messages/send`: a simple upload
+/// (`uploadType=media`, the message as the body) or the start of a resumable one
+/// (`uploadType=resumable`, answered with the session URI in `Location`).
+pub(super) struct GmailUploadStart(pub(super) Arc<Mutex<State>>);
+impl Respond for GmailUploadStart {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut s = self.0.lock().unwrap();
+        match query(request, "uploadType").as_deref() {
+            Some("media") => {
+                if request.body.len() > MAX_SIMPLE_UPLOAD_BYTES {
+                    return too_large();
+                }
+                if let Err(answer) = send_checks(&mut s, request) {
+                    return answer;
+                }
+                let media = header(request, "content-type").unwrap_or("application/octet-stream");
+                if !media.starts_with("message/") {
+                    return google_error(
+                        400,
+                        "badContent",
+                        &format!(
+                            "Media type '{media}' is not supported. Valid media types: [message/*]"
+                        ),
+                        "INVALID_ARGUMENT",
+                    );
+                }
+                accept(&mut s, request.body.clone())
+            }
+            Some("resumable") => {
+                if let Err(answer) = send_checks(&mut s, request) {
+                    return answer;
+                }
+                let media =
+                    header(request, "x-upload-content-type").unwrap_or("application/octet-stream");
+                if !media.starts_with("message/") {
+                    return google_error(
+                        400,
+                        "badContent",
+                        &format!(
+                            "Media type '{media}' is not supported. Valid media types: [message/*]"
+                        ),
+                        "INVALID_ARGUMENT",
+                    );
+                }
+                let Some(total) = header(request, "x-upload-content-length")
+                    .and_then(|v| v.parse::<usize>().ok())
+                else {
+                    return google_error(
+                        400,
+                        "invalid",
+                        "X-Upload-Content-Length is required",
+                        "INVALID_ARGUMENT",
+                    );
+                };
+                if total > MAX_MESSAGE_BYTES {
+                    return too_large();
+                }
+                let id = format!("ADPycd{:016x}", rand::random::<u64>());
+                s.gmail_uploads.insert(
+                    id.clone(),
+                    UploadSession {
+                        total,
+                        data: Vec::with_capacity(total),
+                        done: None,
+                    },
+                );
+                // wiremock's `url` has no authority: the Host header has it.
+                let host = header(request, "host").unwrap_or("localhost");
+                let location = format!(
+                    "http://{host}{}?uploadType=resumable&upload_id={id}",
+                    request.url.path()
+                );
+                ResponseTemplate::new(200).insert_header("Location", location.as_str())
+            }
+            _ => google_error(
+                400,
+                "badRequest",
+                "Upload requests must include an uploadType URL parameter and a URL path beginning with /upload/",
+                "INVALID_ARGUMENT",
+            ),
         }
-        s.gmail_sends.push(raw);
-        ResponseTemplate::new(200)
-            .set_delay(delay)
-            .set_body_json(json!({"id": id, "threadId": id, "labelIds": ["SENT"]}))
+    }
+}
+
+/// `PUT` on a resumable upload session: a chunk (`Content-Range: bytes a-b/N`) or
+/// a status query (`Content-Range: bytes */N`). `308` with `Range: bytes=0-n`
+/// while incomplete; the last chunk sends the message.
+pub(super) struct GmailUploadChunk(pub(super) Arc<Mutex<State>>);
+impl Respond for GmailUploadChunk {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut guard = self.0.lock().unwrap();
+        let s = &mut *guard;
+        let Some(session) = query(request, "upload_id").and_then(|id| s.gmail_uploads.get_mut(&id))
+        else {
+            return google_error(404, "notFound", "Upload session not found", "NOT_FOUND");
+        };
+        let incomplete = |received: usize| {
+            let r = ResponseTemplate::new(308);
+            if received == 0 {
+                r
+            } else {
+                r.insert_header("Range", format!("bytes=0-{}", received - 1).as_str())
+            }
+        };
+        let range = header(request, "content-range")
+            .unwrap_or_default()
+            .to_owned();
+        let Some(spec) = range.strip_prefix("bytes ") else {
+            return google_error(
+                400,
+                "invalid",
+                "Content-Range is required",
+                "INVALID_ARGUMENT",
+            );
+        };
+        if let Some(done) = &session.done {
+            return done.clone();
+        }
+        if spec.starts_with("*/") {
+            return incomplete(session.data.len());
+        }
+        let parsed = spec.split_once('/').and_then(|(span, total)| {
+            let (a, b) = span.split_once('-')?;
+            Some((
+                a.parse::<usize>().ok()?,
+                b.parse::<usize>().ok()?,
+                total.parse::<usize>().ok()?,
+            ))
+        });
+        let Some((first, last, total)) = parsed else {
+            return google_error(
+                400,
+                "invalid",
+                "Content-Range is not valid",
+                "INVALID_ARGUMENT",
+            );
+        };
+        if total != session.total || last < first || last - first + 1 != request.body.len() {
+            return google_error(
+                400,
+                "invalid",
+                "Content-Range does not match the upload",
+                "INVALID_ARGUMENT",
+            );
+        }
+        if first != session.data.len() {
+            // Not where the session stands: it says where it does.
+            return incomplete(session.data.len());
+        }
+        let is_last = last + 1 == total;
+        if !is_last && request.body.len() % CHUNK_GRANULE != 0 {
+            return google_error(
+                400,
+                "invalid",
+                "Invalid request. The number of bytes uploaded is required to be a multiple of 262144, except for the final request.",
+                "INVALID_ARGUMENT",
+            );
+        }
+        session.data.extend_from_slice(&request.body);
+        if !is_last {
+            return incomplete(session.data.len());
+        }
+        let raw = std::mem::take(&mut session.data);
+        let id = query(request, "upload_id").unwrap_or_default();
+        let answer = accept(s, raw);
+        if let Some(session) = s.gmail_uploads.get_mut(&id) {
+            session.done = Some(answer.clone());
+        }
+        answer
     }
 }

@@ -39,7 +39,7 @@ use serde_json::Value;
 use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
-use faults::MailboxLimit;
+use faults::{GRAPH_MAILBOX_CONCURRENCY, MailboxConcurrency, MailboxLimit};
 pub use faults::{
     gmail_daily_limit, gmail_rate_limited, gmail_unavailable, graph_invalid_recipients,
     graph_send_as_denied, graph_throttled, graph_unavailable,
@@ -203,6 +203,8 @@ struct State {
     revocations: Vec<String>,
     graph_sends: Vec<Value>,
     gmail_sends: Vec<Vec<u8>>,
+    /// Gmail resumable upload sessions by `upload_id`.
+    gmail_uploads: HashMap<String, google::UploadSession>,
     send_attempts: HashMap<Vendor, u32>,
     attempt_times: Vec<(Vendor, std::time::Instant)>,
     scripted: HashMap<Vendor, VecDeque<ResponseTemplate>>,
@@ -210,6 +212,10 @@ struct State {
     token_delay: Duration,
     /// Per-mailbox send limits (account → bucket), as a provider enforces them.
     mailbox_limits: HashMap<String, MailboxLimit>,
+    /// Graph requests in flight per mailbox (account), against `graph_concurrency`.
+    graph_in_flight: HashMap<String, MailboxConcurrency>,
+    /// Graph's concurrent requests per app and mailbox (4 unless a test changes it).
+    graph_concurrency: Option<usize>,
     /// Vendors whose consent page waits for a click (`show_consent_page`).
     consent_pages: HashSet<Vendor>,
 }
@@ -221,6 +227,16 @@ impl State {
             Some(limit) => limit.take(),
             None => Ok(()),
         }
+    }
+
+    /// Takes one of the mailbox's concurrent Graph requests for `busy` (how long
+    /// the answer takes); `Err` when all are in flight (the request is refused).
+    fn enter_graph(&mut self, account: &str, busy: Duration) -> Result<(), ()> {
+        let limit = self.graph_concurrency.unwrap_or(GRAPH_MAILBOX_CONCURRENCY);
+        self.graph_in_flight
+            .entry(account.to_ascii_lowercase())
+            .or_insert_with(MailboxConcurrency::new)
+            .enter(limit, busy)
     }
 
     fn account_info(&self, account: &str) -> AccountInfo {
@@ -600,6 +616,16 @@ impl StandIns {
             .respond_with(google::GmailSend(state.clone()))
             .mount(gmail)
             .await;
+        Mock::given(method("POST"))
+            .and(path("/upload/gmail/v1/users/me/messages/send"))
+            .respond_with(google::GmailUploadStart(state.clone()))
+            .mount(gmail)
+            .await;
+        Mock::given(method("PUT"))
+            .and(path("/upload/gmail/v1/users/me/messages/send"))
+            .respond_with(google::GmailUploadChunk(state.clone()))
+            .mount(gmail)
+            .await;
     }
 
     /// Mints a grant for `account` as the provider's consent would:
@@ -823,6 +849,28 @@ impl StandIns {
     pub fn throttled(&self, account: &str) -> u64 {
         let s = self.state.lock().unwrap();
         s.mailbox_limits.get(account).map_or(0, |l| l.throttled)
+    }
+
+    /// How many Graph requests for `account`'s mailbox were refused (429
+    /// `ApplicationThrottled`) for being over Graph's concurrent-request limit.
+    pub fn concurrency_throttled(&self, account: &str) -> u64 {
+        let s = self.state.lock().unwrap();
+        s.graph_in_flight
+            .get(&account.to_ascii_lowercase())
+            .map_or(0, |c| c.throttled)
+    }
+
+    /// The most Graph requests `account`'s mailbox had in flight at once.
+    pub fn peak_concurrency(&self, account: &str) -> usize {
+        let s = self.state.lock().unwrap();
+        s.graph_in_flight
+            .get(&account.to_ascii_lowercase())
+            .map_or(0, |c| c.peak)
+    }
+
+    /// Graph's concurrent requests per mailbox (default: the documented 4).
+    pub fn set_graph_concurrency(&self, limit: usize) {
+        self.state.lock().unwrap().graph_concurrency = Some(limit.max(1));
     }
 
     /// Delays every send answer (a slow provider).

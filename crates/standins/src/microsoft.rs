@@ -8,8 +8,9 @@ use serde_json::{Map, Value, json};
 use wiremock::{Request, Respond, ResponseTemplate};
 
 use super::faults::{
-    RefreshContext, entra_refresh_failure, graph_access_denied, graph_authorization_denied,
-    graph_error, graph_send_as_denied, graph_throttled, graph_unavailable, microsoft_token_error,
+    CONCURRENCY_RETRY_AFTER_SECS, RefreshContext, entra_refresh_failure, graph_access_denied,
+    graph_authorization_denied, graph_error, graph_send_as_denied, graph_throttled,
+    graph_unavailable, microsoft_token_error,
 };
 use super::{
     AccountInfo, Consent, Grant, Received, State, Vendor, domain_of, error_page, exchange_code,
@@ -637,6 +638,9 @@ fn own_address(info: &AccountInfo, account: &str, address: &str) -> bool {
 }
 
 /// Graph `POST /v1.0/me/sendMail`.
+/// Graph's request size limit, 4 MB.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 pub(super) struct GraphSend(pub(super) Arc<Mutex<State>>);
 impl Respond for GraphSend {
     fn respond(&self, request: &Request) -> ResponseTemplate {
@@ -645,6 +649,16 @@ impl Respond for GraphSend {
         s.attempt_times
             .push((Vendor::Microsoft, std::time::Instant::now()));
         let delay = s.send_delay;
+        // Graph takes requests of 4 MB at most (graph/throttling-limits,
+        // "Outlook service limits"); past that, the documented way is a draft and
+        // upload sessions.
+        if request.body.len() > MAX_REQUEST_BYTES {
+            return graph_error(
+                413,
+                "RequestEntityTooLarge",
+                "The maximum request length supported is 4MB.",
+            );
+        }
         let Some(grant) = s.bearer_grant(request, Vendor::Microsoft) else {
             return graph_error(
                 401,
@@ -665,15 +679,29 @@ impl Respond for GraphSend {
             // Graph gives Retry-After in whole seconds.
             return graph_throttled(wait.as_secs_f64().ceil().max(1.0) as u64);
         }
+        // Outlook counts the requests in flight per app and mailbox; this one is
+        // in flight until its answer leaves, after the send delay (every answer
+        // from here on takes it).
+        if s.enter_graph(&account, delay).is_err() {
+            return graph_throttled(CONCURRENCY_RETRY_AFTER_SECS);
+        }
+        send_mail(&mut s, request, &grant, account).set_delay(delay)
+    }
+}
+
+/// The rest of `sendMail` once the request holds one of its mailbox's
+/// concurrent requests: scripted faults, the body's checks, the acceptance.
+fn send_mail(s: &mut State, request: &Request, grant: &Grant, account: String) -> ResponseTemplate {
+    {
         if let Some(scripted) = s
             .scripted
             .get_mut(&Vendor::Microsoft)
             .and_then(VecDeque::pop_front)
         {
-            return scripted.set_delay(delay);
+            return scripted;
         }
         if s.fault_rate > 0.0 && rand::random::<f64>() < s.fault_rate {
-            return graph_unavailable().set_delay(delay);
+            return graph_unavailable();
         }
         let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
             return graph_error(400, "BadRequest", "Unable to read JSON request payload.");
@@ -738,7 +766,6 @@ impl Respond for GraphSend {
         });
         s.graph_sends.push(body);
         ResponseTemplate::new(202)
-            .set_delay(delay)
             .insert_header("request-id", id.as_str())
             .insert_header("client-request-id", id.as_str())
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::group_commit::{Op, Queue, Request};
-use crate::{Claim, JobKey, Store, StoreError};
+use crate::{Claim, ClaimOwner, JobKey, Store, StoreError};
 
 /// The pending claims and completions, shared by a [`Store`] and its clones.
 #[derive(Clone, Default)]
@@ -29,18 +29,21 @@ impl Store {
         self.ledger_batch.claims.submit(self, request).await
     }
 
-    /// Records the outcome of a claimed job (before its result is published);
-    /// `lease` protects the publishing that follows from a concurrent redelivery.
-    /// Through group commit: concurrent calls share one statement.
+    /// Records the outcome of a job claimed by `owner` (before its result is
+    /// published); `false` if the claim is no longer `owner`'s: nothing was
+    /// recorded, and the caller must not publish. `lease` protects the
+    /// publishing that follows from a concurrent redelivery. Through group
+    /// commit: concurrent calls share one statement.
     pub async fn complete_job(
         &self,
         key: &JobKey,
+        owner: ClaimOwner,
         result: &serde_json::Value,
         lease: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let request = Request {
             key: key.clone(),
-            payload: result.clone(),
+            payload: (result.clone(), owner),
             lease,
         };
         self.ledger_batch.completes.submit(self, request).await
@@ -66,16 +69,15 @@ impl Op for ClaimOp {
 struct CompleteOp;
 
 impl Op for CompleteOp {
-    type Payload = serde_json::Value;
-    type Output = ();
+    type Payload = (serde_json::Value, ClaimOwner);
+    type Output = bool;
 
     async fn run(
         store: &Store,
-        items: Vec<(JobKey, serde_json::Value)>,
+        items: Vec<(JobKey, (serde_json::Value, ClaimOwner))>,
         lease: Duration,
-    ) -> Result<Vec<()>, StoreError> {
-        store.complete_jobs(&items, lease).await?;
-        Ok(vec![(); items.len()])
+    ) -> Result<Vec<bool>, StoreError> {
+        store.complete_jobs(&items, lease).await
     }
 }
 
@@ -128,6 +130,50 @@ mod tests {
         fn statements(&self) -> u64 {
             self.store.counts().ledger_writes.load(Relaxed)
         }
+    }
+
+    /// A claim as the tests compare it: owners are drawn from a sequence, so
+    /// they are erased (`ClaimOwner(0)`); tests about owners read them.
+    trait Anon {
+        fn anon(self) -> Self;
+    }
+
+    impl Anon for Claim {
+        fn anon(self) -> Claim {
+            match self {
+                Claim::Acquired { claims, .. } => acquired(claims),
+                Claim::Ambiguous { .. } => Claim::Ambiguous {
+                    owner: ClaimOwner(0),
+                },
+                other => other,
+            }
+        }
+    }
+
+    impl Anon for Vec<Claim> {
+        fn anon(self) -> Vec<Claim> {
+            self.into_iter().map(Anon::anon).collect()
+        }
+    }
+
+    fn acquired(claims: i32) -> Claim {
+        Claim::Acquired {
+            claims,
+            owner: ClaimOwner(0),
+        }
+    }
+
+    /// The owner `key`'s row carries now.
+    async fn owner_of(store: &Store, key: &JobKey) -> ClaimOwner {
+        let client = store.ledger_client().await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT claim_id FROM job_ledger WHERE organization_id = $1 AND job_id = $2",
+                &[&key.organization_id, &key.job_id],
+            )
+            .await
+            .unwrap();
+        ClaimOwner(row.get(0))
     }
 
     fn key(id: impl Into<String>) -> JobKey {
@@ -218,7 +264,7 @@ mod tests {
         let complete = cached_plan_after_growth(
             &db,
             crate::ledger::COMPLETE_JOBS,
-            "ARRAY['a','b'], ARRAY['org_1','org_1'], ARRAY['{}','{}']::jsonb[], 60",
+            "ARRAY['a','b'], ARRAY['org_1','org_1'], ARRAY['{}','{}']::jsonb[], 60, ARRAY[1,2]::int8[]",
         )
         .await;
         assert!(!complete.contains("Seq Scan on job_ledger"), "{complete}");
@@ -233,8 +279,8 @@ mod tests {
         let ids = [
             "j5", "j1", "j3", "j2", "j4", "j6", "j0", "j7", "j8", "j9", "ja", "jb",
         ];
-        let first = store.claim_jobs(&items(&ids), LEASE).await.unwrap();
-        assert_eq!(first, vec![Claim::Acquired { claims: 1 }; ids.len()]);
+        let first = store.claim_jobs(&items(&ids), LEASE).await.unwrap().anon();
+        assert_eq!(first, vec![acquired(1); ids.len()]);
         assert_eq!(db.statements(), 1);
 
         let client = db.client().await;
@@ -256,20 +302,21 @@ mod tests {
                 LEASE,
             )
             .await
-            .unwrap();
+            .unwrap()
+            .anon();
         assert_eq!(
             again,
             vec![
-                Claim::Acquired { claims: 1 },
+                acquired(1),
                 Claim::Busy,
                 Claim::Published,
                 Claim::Published,
                 Claim::Completed(Some(json!({"r": 3}))),
                 Claim::Busy,
-                Claim::Acquired { claims: 2 },
-                Claim::Acquired { claims: 2 },
+                acquired(2),
+                acquired(2),
                 Claim::Busy,
-                Claim::Acquired { claims: 1 },
+                acquired(1),
             ]
         );
         assert_eq!(db.statements(), 2, "one statement per batch");
@@ -287,16 +334,20 @@ mod tests {
 
         // The single-item form answers the same way.
         assert_eq!(
-            store.claim_job_now(&key("j1"), LEASE).await.unwrap(),
+            store.claim_job_now(&key("j1"), LEASE).await.unwrap().anon(),
             Claim::Published
         );
         assert_eq!(
-            store.claim_job_now(&key("j9"), LEASE).await.unwrap(),
+            store.claim_job_now(&key("j9"), LEASE).await.unwrap().anon(),
             Claim::Busy
         );
         assert_eq!(
-            store.claim_job_now(&key("new"), LEASE).await.unwrap(),
-            Claim::Acquired { claims: 1 }
+            store
+                .claim_job_now(&key("new"), LEASE)
+                .await
+                .unwrap()
+                .anon(),
+            acquired(1)
         );
         assert_eq!(db.statements(), 5);
     }
@@ -310,21 +361,28 @@ mod tests {
         let answers = store
             .claim_jobs(&[a.clone(), b.clone()], LEASE)
             .await
-            .unwrap();
-        assert_eq!(answers, vec![Claim::Acquired { claims: 1 }; 2]);
+            .unwrap()
+            .anon();
+        assert_eq!(answers, vec![acquired(1); 2]);
         store
-            .complete_jobs(&[(a.clone(), json!({"org": "a"}))], LEASE)
+            .complete_jobs(
+                &[(a.clone(), (json!({"org": "a"}), owner_of(store, &a).await))],
+                LEASE,
+            )
             .await
             .unwrap();
         store
             .mark_published(std::slice::from_ref(&a))
             .await
             .unwrap();
-        store.release_job(&b).await.unwrap();
+        store
+            .release_job(&b, owner_of(store, &b).await)
+            .await
+            .unwrap();
         // Each keeps its own state: a is published, b waits for its retry.
         assert_eq!(
-            store.claim_jobs(&[a, b], LEASE).await.unwrap(),
-            vec![Claim::Published, Claim::Acquired { claims: 1 }]
+            store.claim_jobs(&[a, b], LEASE).await.unwrap().anon(),
+            vec![Claim::Published, acquired(1)]
         );
     }
 
@@ -336,23 +394,135 @@ mod tests {
         // Each claim's worker died: its lease ran out, the next claim takes over.
         for n in 1..=3 {
             assert_eq!(
-                store.claim_job_now(&k, Duration::ZERO).await.unwrap(),
-                Claim::Acquired { claims: n }
+                store
+                    .claim_job_now(&k, Duration::ZERO)
+                    .await
+                    .unwrap()
+                    .anon(),
+                acquired(n)
             );
         }
         // An attempt that returned (a failure to retry) is an outcome.
-        store.release_job(&k).await.unwrap();
+        store
+            .release_job(&k, owner_of(store, &k).await)
+            .await
+            .unwrap();
         assert_eq!(
-            store.claim_job_now(&k, LEASE).await.unwrap(),
-            Claim::Acquired { claims: 1 }
+            store.claim_job_now(&k, LEASE).await.unwrap().anon(),
+            acquired(1)
         );
-        store.release_job(&k).await.unwrap();
+        store
+            .release_job(&k, owner_of(store, &k).await)
+            .await
+            .unwrap();
         // A replayed dead letter starts from nothing too.
-        store.complete_job_now(&k, &json!({}), LEASE).await.unwrap();
+        store
+            .complete_job_now(&k, owner_of(store, &k).await, &json!({}), LEASE)
+            .await
+            .unwrap();
         store.reopen_job(&k).await.unwrap();
         assert_eq!(
+            store.claim_job_now(&k, LEASE).await.unwrap().anon(),
+            acquired(1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_taken_over_can_no_longer_be_completed_released_or_extended_by_its_former_owner()
+     {
+        let db = TestDb::new().await;
+        let store = &db.store;
+        let k = key("slow");
+        let Claim::Acquired { owner: stale, .. } =
+            store.claim_job_now(&k, Duration::ZERO).await.unwrap()
+        else {
+            panic!("claimed")
+        };
+        // Its lease ran out: another delivery takes the job over.
+        let Claim::Acquired {
+            owner: fresh,
+            claims,
+        } = store.claim_job_now(&k, LEASE).await.unwrap()
+        else {
+            panic!("taken over")
+        };
+        assert_eq!(claims, 2);
+        assert_ne!(stale, fresh);
+        assert!(!store.extend_claim(&k, stale, LEASE).await.unwrap());
+        assert!(!store.release_job(&k, stale).await.unwrap());
+        assert!(!store.mark_ambiguous(&k, stale).await.unwrap());
+        assert!(
+            !store
+                .complete_job(&k, stale, &json!({"by": "stale"}), LEASE)
+                .await
+                .unwrap()
+        );
+        // The row is still the new owner's, live and without a result.
+        let row = db
+            .client()
+            .await
+            .query_one(
+                "SELECT state, result IS NULL, claim_id, lease_until > now() FROM job_ledger
+                 WHERE job_id = 'slow'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, &str>(0), "claimed");
+        assert!(row.get::<_, bool>(1));
+        assert_eq!(ClaimOwner(row.get(2)), fresh);
+        assert!(row.get::<_, bool>(3));
+        // The new owner can do all of it.
+        assert!(store.extend_claim(&k, fresh, LEASE).await.unwrap());
+        assert!(
+            store
+                .complete_job(&k, fresh, &json!({"by": "fresh"}), LEASE)
+                .await
+                .unwrap()
+        );
+        let result: serde_json::Value = db
+            .client()
+            .await
+            .query_one("SELECT result FROM job_ledger WHERE job_id = 'slow'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(result, json!({"by": "fresh"}));
+    }
+
+    #[tokio::test]
+    async fn an_ambiguous_claim_is_handed_over_at_once_and_stays_ambiguous() {
+        let db = TestDb::new().await;
+        let store = &db.store;
+        let k = key("maybe-sent");
+        let Claim::Acquired { owner, .. } = store.claim_job_now(&k, LEASE).await.unwrap() else {
+            panic!("claimed")
+        };
+        assert!(store.mark_ambiguous(&k, owner).await.unwrap());
+        // Not released: the next claim does not wait for the lease, but it is
+        // told the send may have happened.
+        let Claim::Ambiguous { owner: next } = store.claim_job_now(&k, LEASE).await.unwrap() else {
+            panic!("ambiguous")
+        };
+        assert_ne!(next, owner);
+        assert_eq!(store.claim_job_now(&k, LEASE).await.unwrap(), Claim::Busy);
+        assert!(
+            !store.release_job(&k, next).await.unwrap(),
+            "not a claim to retry"
+        );
+        assert!(
+            store
+                .complete_job(&k, next, &json!({"maybe": true}), LEASE)
+                .await
+                .unwrap()
+        );
+        store
+            .mark_published(std::slice::from_ref(&k))
+            .await
+            .unwrap();
+        assert_eq!(
             store.claim_job_now(&k, LEASE).await.unwrap(),
-            Claim::Acquired { claims: 1 }
+            Claim::Published
         );
     }
 
@@ -363,18 +533,18 @@ mod tests {
         let answers = store
             .claim_jobs(&items(&["a", "b", "a", "a"]), LEASE)
             .await
-            .unwrap();
+            .unwrap()
+            .anon();
         assert_eq!(
             answers,
-            vec![
-                Claim::Acquired { claims: 1 },
-                Claim::Acquired { claims: 1 },
-                Claim::Busy,
-                Claim::Busy,
-            ]
+            vec![acquired(1), acquired(1), Claim::Busy, Claim::Busy,]
         );
         store.mark_published(&[key("a")]).await.unwrap();
-        let answers = store.claim_jobs(&items(&["a", "a"]), LEASE).await.unwrap();
+        let answers = store
+            .claim_jobs(&items(&["a", "a"]), LEASE)
+            .await
+            .unwrap()
+            .anon();
         assert_eq!(answers, vec![Claim::Published, Claim::Published]);
         let claims: i32 = db
             .client()
@@ -393,18 +563,31 @@ mod tests {
         store
             .claim_jobs(&items(&["c1", "c2", "c3"]), LEASE)
             .await
-            .unwrap();
+            .unwrap()
+            .anon();
         store.mark_published(&[key("c3")]).await.unwrap();
         let before = db.statements();
         store
             .complete_jobs(
                 &[
-                    (key("c2"), json!({"n": 2})),
-                    (key("c1"), json!({"n": 1})),
-                    (key("c3"), json!({"n": 3})),
-                    (key("unknown"), json!({"n": 0})),
+                    (
+                        key("c2"),
+                        (json!({"n": 2}), owner_of(store, &key("c2")).await),
+                    ),
+                    (
+                        key("c1"),
+                        (json!({"n": 1}), owner_of(store, &key("c1")).await),
+                    ),
+                    (
+                        key("c3"),
+                        (json!({"n": 3}), owner_of(store, &key("c3")).await),
+                    ),
+                    (key("unknown"), (json!({"n": 0}), ClaimOwner(0))),
                     // A job id twice keeps its last result.
-                    (key("c2"), json!({"n": 22})),
+                    (
+                        key("c2"),
+                        (json!({"n": 22}), owner_of(store, &key("c2")).await),
+                    ),
                 ],
                 Duration::from_secs(30),
             )
@@ -445,7 +628,12 @@ mod tests {
         );
         // The single-item form.
         store
-            .complete_job_now(&key("c1"), &json!({"n": 11}), LEASE)
+            .complete_job_now(
+                &key("c1"),
+                owner_of(store, &key("c1")).await,
+                &json!({"n": 11}),
+                LEASE,
+            )
             .await
             .unwrap();
         assert_eq!(db.statements() - before, 2);
@@ -468,14 +656,14 @@ mod tests {
             async move {
                 let mut answers = Vec::new();
                 for task in tasks {
-                    answers.push(task.await.unwrap().unwrap());
+                    answers.push(task.await.unwrap().unwrap().anon());
                 }
                 answers
             }
         };
 
         let answers = claim_all("job").await;
-        assert_eq!(answers, vec![Claim::Acquired { claims: 1 }; 200]);
+        assert_eq!(answers, vec![acquired(1); 200]);
         let claims = db.statements();
         assert!(claims < 40, "200 claims took {claims} statements");
 
@@ -483,14 +671,16 @@ mod tests {
             .map(|i| {
                 let store = db.store.clone();
                 tokio::spawn(async move {
+                    let k = key(format!("job{i:03}"));
+                    let owner = owner_of(&store, &k).await;
                     store
-                        .complete_job(&key(&format!("job{i:03}")), &json!({ "i": i }), LEASE)
+                        .complete_job(&k, owner, &json!({ "i": i }), LEASE)
                         .await
                 })
             })
             .collect();
         for task in tasks {
-            task.await.unwrap().unwrap();
+            assert!(task.await.unwrap().unwrap(), "recorded by its owner");
         }
         let completes = db.statements() - claims;
         assert!(
@@ -528,7 +718,7 @@ mod tests {
                 0..50 => Claim::Published,
                 50..100 => Claim::Busy,
                 100..150 => Claim::Completed(Some(json!({ "i": i }))),
-                _ => Claim::Acquired { claims: 2 },
+                _ => acquired(2),
             };
             assert_eq!(*answer, expected, "job{i:03}");
         }
@@ -554,26 +744,20 @@ mod tests {
         blocker.batch_execute("COMMIT").await.unwrap();
 
         for leader in leaders {
-            assert_eq!(
-                leader.await.unwrap().unwrap(),
-                Claim::Acquired { claims: 1 }
-            );
+            assert_eq!(leader.await.unwrap().unwrap().anon(), acquired(1));
         }
         let mut answers = Vec::new();
         for waiter in waiters {
-            answers.push(waiter.await.unwrap().unwrap());
+            answers.push(waiter.await.unwrap().unwrap().anon());
         }
         // y and z are claimed; x once (with several statements in flight, batches
         // carrying x may run at once, so which of its requests wins is open), the
         // others find it busy.
-        assert_eq!(answers[1], Claim::Acquired { claims: 1 });
-        assert_eq!(answers[4], Claim::Acquired { claims: 1 });
+        assert_eq!(answers[1], acquired(1));
+        assert_eq!(answers[4], acquired(1));
         let mut xs = vec![answers[0].clone(), answers[2].clone(), answers[3].clone()];
         xs.sort_by_key(|c| *c == Claim::Busy);
-        assert_eq!(
-            xs,
-            vec![Claim::Acquired { claims: 1 }, Claim::Busy, Claim::Busy]
-        );
+        assert_eq!(xs, vec![acquired(1), Claim::Busy, Claim::Busy]);
         // The leaders, then three batches: each carries x at most once.
         assert_eq!(db.statements(), MAX_IN_FLIGHT as u64 + 3);
         assert_eq!(queue.lock().in_flight, 0);
@@ -598,7 +782,7 @@ mod tests {
                 let store = db.store.clone();
                 tokio::spawn(async move {
                     store
-                        .complete_job(&key(&format!("f{i}")), &json!({}), LEASE)
+                        .complete_job(&key(&format!("f{i}")), ClaimOwner(0), &json!({}), LEASE)
                         .await
                 })
             })
@@ -625,8 +809,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            db.store.claim_job(&key("f1"), LEASE).await.unwrap(),
-            Claim::Acquired { claims: 1 }
+            db.store.claim_job(&key("f1"), LEASE).await.unwrap().anon(),
+            acquired(1)
         );
         assert_eq!(db.store.ledger_batch.claims.lock().in_flight, 0);
         assert_eq!(db.store.ledger_batch.completes.lock().in_flight, 0);
@@ -676,10 +860,7 @@ mod tests {
         blocker.batch_execute("COMMIT").await.unwrap();
         let all = async {
             for waiter in waiters {
-                assert_eq!(
-                    waiter.await.unwrap().unwrap(),
-                    Claim::Acquired { claims: 1 }
-                );
+                assert_eq!(waiter.await.unwrap().unwrap().anon(), acquired(1));
             }
         };
         tokio::time::timeout(Duration::from_secs(20), all)
@@ -724,16 +905,17 @@ mod tests {
             .expect("the waiters are answered");
         blocker.batch_execute("COMMIT").await.unwrap();
         for leader in leaders {
-            assert_eq!(
-                leader.await.unwrap().unwrap(),
-                Claim::Acquired { claims: 1 }
-            );
+            assert_eq!(leader.await.unwrap().unwrap().anon(), acquired(1));
         }
         assert_eq!(queue.lock().in_flight, 0);
         // The batcher goes on.
         assert_eq!(
-            db.store.claim_job(&key("after"), LEASE).await.unwrap(),
-            Claim::Acquired { claims: 1 }
+            db.store
+                .claim_job(&key("after"), LEASE)
+                .await
+                .unwrap()
+                .anon(),
+            acquired(1)
         );
     }
 }

@@ -7,6 +7,7 @@ mod integrations;
 mod ledger;
 mod ledger_batch;
 mod listener;
+mod mailbox_slots;
 mod oauth_states;
 mod pacing;
 mod pending_connections;
@@ -22,8 +23,9 @@ pub use integrations::{
     Fallback, Integration, IntegrationStatus, NewConnection, RefreshDecision, RefreshLease,
     StoredTokens,
 };
-pub use ledger::{Claim, JobKey};
+pub use ledger::{Claim, ClaimOwner, JobKey};
 pub use listener::{IntegrationChange, spawn_change_listener};
+pub use mailbox_slots::SlotLease;
 pub use oauth_states::{OAuthState, StateLookup, StatePurpose};
 pub use pending_connections::{ConfirmLookup, ExpiredConnection};
 pub use portal::{LinkLookup, PortalSession, PortalSettings, SessionLookup};
@@ -262,6 +264,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         7,
         "ledger_unfinished_index",
         include_str!("../migrations/0007_ledger_unfinished_index.sql"),
+    ),
+    (
+        8,
+        "claim_owner",
+        include_str!("../migrations/0008_claim_owner.sql"),
+    ),
+    (
+        9,
+        "mailbox_slots",
+        include_str!("../migrations/0009_mailbox_slots.sql"),
     ),
     (10, "portal", include_str!("../migrations/0010_portal.sql")),
 ];

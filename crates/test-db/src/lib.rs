@@ -21,14 +21,20 @@ impl TempDatabase {
     /// Creates `<prefix><random>` on the test server. Panics if PostgreSQL does not
     /// answer: the tests need it (see the README).
     pub async fn create(prefix: &str) -> TempDatabase {
-        let server = server_url();
+        Self::create_on(&server_url(), prefix).await
+    }
+
+    /// Creates `<prefix><random>` on another server (`server`: a URL naming its
+    /// maintenance database, reachable without TLS, e.g. over its Unix socket).
+    pub async fn create_on(server: &str, prefix: &str) -> TempDatabase {
+        let server = server.to_owned();
         let name = format!(
             "{prefix}{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
         );
         let (client, conn) = tokio_postgres::connect(&server, NoTls)
             .await
-            .expect("PostgreSQL must run on 127.0.0.1:5432 (see README)");
+            .unwrap_or_else(|e| panic!("the test PostgreSQL server must answer (see README): {e}"));
         let conn = tokio::spawn(conn);
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))

@@ -56,6 +56,9 @@ pub struct TestAppOptions {
     pub database_through_proxy: bool,
     /// The pools and timeouts of the workers' and the admin API's store.
     pub pool: PoolSettings,
+    /// The PostgreSQL server of the test's database (a URL of its maintenance
+    /// database, e.g. [`crate::PgTlsServer::socket_url`]); default: the test server.
+    pub database_server: Option<String>,
     /// Timeout of provider and token endpoint calls.
     pub http_timeout: Duration,
 }
@@ -77,7 +80,8 @@ impl Default for TestAppOptions {
             google_check_aliases: false,
             pacing: mail_dispatch_worker::pacing::PacingConfig {
                 org_max_in_flight: 1000,
-                graph_mailbox_concurrency: 1000,
+                // Graph's own limit, which the stand-in enforces.
+                graph_mailbox_concurrency: 4,
                 gmail_mailbox_per_minute: 1_000_000,
                 microsoft_daily_recipients: 1_000_000,
                 google_daily_messages: 1_000_000,
@@ -90,6 +94,7 @@ impl Default for TestAppOptions {
             keepalive: None,
             database_through_proxy: false,
             pool: PoolSettings::default(),
+            database_server: None,
             http_timeout: Duration::from_secs(10),
         }
     }
@@ -149,7 +154,12 @@ impl TestApp {
 
     pub async fn spawn_with(options: TestAppOptions) -> TestApp {
         let services = crate::services(options.exclusive).await;
-        let (db, amqp, standins) = tokio::join!(TestDb::new(), TestAmqp::new(), StandIns::start());
+        let server = options
+            .database_server
+            .clone()
+            .unwrap_or_else(crate::postgres_url);
+        let (db, amqp, standins) =
+            tokio::join!(TestDb::on(&server), TestAmqp::new(), StandIns::start());
         let outbox = std::env::temp_dir().join(crate::unique("md-outbox-"));
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin_listener.local_addr().unwrap());
@@ -203,13 +213,14 @@ impl TestApp {
     /// Starts a worker (another replica when one already runs).
     pub async fn start_worker(&self) -> RunningWorker {
         let services = self.services();
-        let dispatcher = Arc::new(Dispatcher::new(services, self.worker_config()));
-        let follower = dispatcher.run_upkeep();
+        let dispatcher = Arc::new(Dispatcher::new(&services, self.worker_config()));
+        let follower = dispatcher.run_upkeep(&services);
         let health = Arc::new(Health::default());
         let shutdown = CancellationToken::new();
         if let Some(keepalive) = self.options.keepalive {
             tokio::spawn(mail_dispatch_worker::keepalive::run(
-                dispatcher.clone(),
+                services,
+                dispatcher.config.clone(),
                 keepalive,
                 shutdown.clone(),
             ));

@@ -15,7 +15,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        let database = TempDatabase::create("md_test_").await;
+        Self::on(&crate::postgres_url()).await
+    }
+
+    /// The same on another server (`server`: a URL of its maintenance database,
+    /// e.g. [`crate::PgTlsServer::socket_url`]).
+    pub async fn on(server: &str) -> TestDb {
+        let database = TempDatabase::create_on(server, "md_test_").await;
         let key = SecretString::from(TokenCipher::generate_key());
         let store = Store::connect(
             &database.url,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use mail_dispatch_worker::{CacheConfig, Decision, Dispatcher, Incoming, Services};
+
 use serde_json::Value;
 
 use crate::app::{connect, provider_endpoints, worker_config};
@@ -15,6 +16,8 @@ use crate::{StandIns, TestAppOptions, TestDb};
 /// A dispatcher over a test database and the stand-ins, with no broker.
 pub struct Harness {
     pub dispatcher: Arc<Dispatcher>,
+    /// The services the dispatcher works through (their caches, for a test to evict).
+    pub services: Arc<Services>,
     pub standins: StandIns,
     pub outbox: PathBuf,
     pub db: TestDb,
@@ -32,7 +35,8 @@ impl Harness {
             mail_dispatch_broker::Topology::with_prefix(&crate::unique("unused-")),
         );
         Harness {
-            dispatcher: Arc::new(Dispatcher::new(services, config)),
+            dispatcher: Arc::new(Dispatcher::new(&services, config)),
+            services,
             standins,
             outbox,
             db,

@@ -4,6 +4,7 @@ mod amqp;
 mod app;
 mod db;
 mod harness;
+mod pg_tls;
 mod proxy;
 
 pub use amqp::{ResultsTap, TestAmqp};
@@ -16,6 +17,7 @@ pub use harness::Harness;
 /// The provider stand-ins (their own crate, shared with the sandbox and the benchmark).
 pub use mail_dispatch_standins as standins;
 pub use mail_dispatch_standins::StandIns;
+pub use pg_tls::PgTlsServer;
 pub use proxy::{FaultProxy, Mode as ProxyMode};
 
 /// Where the tests find RabbitMQ and PostgreSQL (overridable for other machines).

@@ -7,6 +7,8 @@ use mail_dispatch_domain::{Mailbox, RetryPolicy};
 
 /// Default number of jobs processed at once (contract §6).
 pub const DEFAULT_CONCURRENCY: usize = 64;
+/// Default memory budget of the jobs a worker holds (see `MemoryBudget`).
+pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 512 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -14,6 +16,10 @@ pub struct WorkerConfig {
     pub topology: Topology,
     /// Jobs processed at once; also the consumer prefetch.
     pub concurrency: usize,
+    /// Memory the jobs in hand may take, counted as
+    /// `mail_dispatch_broker::WORKING_COPIES` times their bodies: a delivery that
+    /// would exceed it waits at the broker.
+    pub memory_budget_bytes: u64,
     pub retry: RetryPolicy,
     /// Waits up to this long are slept in-process; longer ones go to a delay queue.
     pub max_in_process_wait: Duration,
@@ -40,6 +46,7 @@ impl WorkerConfig {
             amqp_url,
             topology: Topology::default(),
             concurrency: DEFAULT_CONCURRENCY,
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
             retry: RetryPolicy::default(),
             max_in_process_wait: Duration::from_secs(2),
             in_process_attempts: 3,

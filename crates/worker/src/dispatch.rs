@@ -1,10 +1,11 @@
 //! One delivery in, one decision out.
 //!
-//! `Dispatcher::handle` does the reading and writing that deciding needs
-//! (PostgreSQL ledger, provider send) and returns a [`Decision`]; the runner applies
-//! it on the broker. `tests/e2e/dispatch.rs` drives `handle` directly (no broker,
-//! through `mail_dispatch_test_support::Harness`); the other e2e modules run the
-//! whole loop.
+//! `Dispatcher::handle` does the reading and writing that deciding needs (ledger,
+//! route, provider send, through the [`Ports`]) and returns a [`Decision`]; the
+//! runner applies it on the broker. The unit tests (`dispatch/tests.rs`) drive
+//! `handle` over in-memory fakes of the ports; `tests/e2e/dispatch.rs` drives it
+//! over a test database and the provider stand-ins (no broker, through
+//! `mail_dispatch_test_support::Harness`); the other e2e modules run the whole loop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +17,18 @@ use mail_dispatch_domain::{
     ProviderKind, ResultStatus,
 };
 use mail_dispatch_providers::Accepted;
-use mail_dispatch_store::{Claim, JobKey, Store, StoreError};
+use mail_dispatch_store::{Claim, ClaimOwner, JobKey, StoreError};
 
 use crate::config::WorkerConfig;
-use crate::pacing::{Admission, DeferReason, Pacer, Permit};
+use crate::in_flight::InFlight;
+use crate::pacing::{Admission, DeferReason, FleetSlot, Pacer, Permit};
+use crate::ports::{JobLedger, MailboxSlots, Ports, Routes, SendMail};
 use crate::resolver::Route;
 use crate::sender::{InProcessRetry, SendFailure};
 use crate::services::Services;
+
+#[cfg(test)]
+mod tests;
 
 /// A delivery as the dispatcher sees it.
 #[derive(Clone, Debug)]
@@ -41,6 +47,9 @@ pub struct Incoming {
     /// How many times the broker delivered this message before (its
     /// `x-delivery-count`): deliveries whose consumer died or handed it back.
     pub delivery_count: u32,
+    /// What this delivery's work holds (claim, a send at the provider), for its
+    /// runner should it have to drop the work.
+    pub in_flight: InFlight,
 }
 
 impl Incoming {
@@ -53,6 +62,7 @@ impl Incoming {
             not_before: None,
             history: String::new(),
             delivery_count: 0,
+            in_flight: InFlight::default(),
         }
     }
 }
@@ -111,6 +121,10 @@ pub enum Decision {
     },
     /// The job id already has a published result: ack and do nothing else.
     Duplicate,
+    /// This delivery's claim was taken over by another delivery (its lease ran
+    /// out while it was held): that delivery records and publishes the job's
+    /// outcome. Ack, publish nothing.
+    ClaimLost,
 }
 
 /// Why a job waits in a delay queue (the `reason` label of
@@ -190,26 +204,35 @@ const DELIVERY_LIMIT_MARGIN: u32 = 5;
 /// redelivery publishing the same result.
 const PUBLISH_LEASE: Duration = Duration::from_secs(60);
 
-/// The dispatch use case: the shared services, and what only dispatching needs.
+/// The dispatch use case: the ledger, the routes and the senders it works
+/// through, and what only dispatching needs (pacer, published marks, config).
 pub struct Dispatcher {
-    pub services: Arc<Services>,
+    pub(crate) ledger: Arc<dyn JobLedger>,
+    routes: Arc<dyn Routes>,
+    senders: Arc<dyn SendMail>,
+    slots: Arc<dyn MailboxSlots>,
     pub pacer: Arc<Pacer>,
     pub published: crate::published::PublishedMarks,
     pub config: WorkerConfig,
 }
 
 impl Dispatcher {
-    pub fn new(services: Arc<Services>, config: WorkerConfig) -> Self {
+    /// Over the shared services: the production dispatcher.
+    pub fn new(services: &Arc<Services>, config: WorkerConfig) -> Self {
+        Dispatcher::with_ports(Ports::of(services), config)
+    }
+
+    /// Over any implementation of the ports (the unit tests' fakes).
+    pub fn with_ports(ports: Ports, config: WorkerConfig) -> Self {
         Dispatcher {
-            services,
+            ledger: ports.ledger,
+            routes: ports.routes,
+            senders: ports.senders,
+            slots: ports.slots,
             pacer: Pacer::new(config.pacing),
             published: Default::default(),
             config,
         }
-    }
-
-    fn store(&self) -> &Store {
-        &self.services.store
     }
 
     /// In-process attempts, never more than the job's remaining budget.
@@ -265,9 +288,9 @@ impl Dispatcher {
     }
 
     async fn handle_valid(&self, job: Job, key: JobKey, incoming: &Incoming) -> Decision {
-        let route = match self.services.resolver.resolve(&job.organization_id).await {
+        let route = match self.routes.resolve(&job.organization_id).await {
             Ok(route) => route,
-            Err(e) => return self.blocked(&e, &job, &key, incoming).await,
+            Err(e) => return self.blocked(&e, &job, &key, None, incoming).await,
         };
         let refused = refused_by_route(&job, &route);
         // Pacing and fairness come before the claim: a deferred job leaves the
@@ -276,16 +299,18 @@ impl Dispatcher {
         let paced = if refused.is_some() {
             Paced::Go(None)
         } else {
-            self.pace(&job, incoming, &route)
+            self.pace(&job, &key, incoming, &route).await
         };
         let (mut permit, deferred_out_of_budget) = match paced {
             Paced::Go(permit) => (permit, None),
             Paced::OutOfBudget(reason, provider) => (None, Some((reason, provider))),
             Paced::Deferred(decision) => return decision,
         };
-        if let Err(decision) = self.claim(&job, &key, &route, incoming).await {
-            return decision;
-        }
+        let owner = match self.claim(&job, &key, &route, incoming).await {
+            Ok(owner) => owner,
+            Err(decision) => return decision,
+        };
+        let held = Some(owner);
 
         let now = Utc::now();
         let mut result = JobResult::for_job(&job, now);
@@ -305,7 +330,7 @@ impl Dispatcher {
                     reason.as_str()
                 ),
             ));
-            return self.finish(&key, result, None, vec![]).await;
+            return self.finish(&key, held, result, None, vec![]).await;
         }
         if job.is_expired(now) {
             result.attempts = incoming.attempts;
@@ -316,13 +341,13 @@ impl Dispatcher {
                     job.not_after.map(|t| t.to_rfc3339()).unwrap_or_default()
                 ),
             ));
-            return self.finish(&key, result, None, vec![]).await;
+            return self.finish(&key, held, result, None, vec![]).await;
         }
         if let Some(error) = refused {
             result.provider = Some(route_provider(&route));
             result.attempts = incoming.attempts;
             result.error = Some(error);
-            return self.finish(&key, result, None, vec![]).await;
+            return self.finish(&key, held, result, None, vec![]).await;
         }
 
         let (provider, message, fallback) = match &route {
@@ -333,7 +358,7 @@ impl Dispatcher {
                     ErrorCode::AuthRevoked,
                     "the organization's provider grant no longer works; an admin must reconnect it",
                 ));
-                return self.finish(&key, result, None, vec![]).await;
+                return self.finish(&key, held, result, None, vec![]).await;
             }
             Route::Provider {
                 provider, sender, ..
@@ -360,17 +385,28 @@ impl Dispatcher {
         result.fallback = fallback;
         result.sender = Some(message.from.clone());
 
-        let (outcome, made, retried) = self
+        let (sent, still_ours) = self
             .while_claimed(
                 &key,
-                self.services.senders.send(
+                owner,
+                self.senders.send(
                     provider,
                     &job.organization_id,
                     &message,
                     self.in_process_retry(incoming.attempts),
+                    &incoming.in_flight,
                 ),
             )
             .await;
+        // The provider answered: the mailbox's slot is free for the other
+        // replicas before the outcome is recorded and published.
+        if let Some(permit) = permit.as_mut() {
+            permit.release_fleet_slot().await;
+        }
+        if !still_ours {
+            return claim_lost();
+        }
+        let (outcome, made, retried) = sent;
         let attempts = incoming.attempts.saturating_add(made);
         result.attempts = attempts;
         result.completed_at = Utc::now();
@@ -384,17 +420,17 @@ impl Dispatcher {
                 }
                 result.status = ResultStatus::Sent;
                 result.provider_message_id = provider_message_id;
-                self.finish(&key, result, None, vec![]).await
+                self.finish(&key, held, result, None, vec![]).await
             }
             Err(SendFailure::Store(e)) => {
                 // Nothing was sent (tokens could not be read): try again later.
-                let _ = self.store().release_job(&key).await;
-                self.blocked(&e, &job, &key, incoming).await
+                let _ = self.ledger.release_job(&key, owner).await;
+                self.blocked(&e, &job, &key, held, incoming).await
             }
             Err(SendFailure::Unreadable { reason, newly }) => {
                 let events = reauth_event(newly, &job.organization_id, provider, &reason);
                 let error = JobError::new(ErrorCode::AuthRevoked, reason);
-                self.revoked(&job, &key, &route, result, error, events)
+                self.revoked(&job, &key, owner, incoming, &route, result, error, events)
                     .await
             }
             Err(SendFailure::Revoked {
@@ -410,7 +446,7 @@ impl Dispatcher {
                     ),
                 );
                 error.provider_code = code;
-                self.revoked(&job, &key, &route, result, error, events)
+                self.revoked(&job, &key, owner, incoming, &route, result, error, events)
                     .await
             }
             Err(SendFailure::Send(e))
@@ -425,7 +461,7 @@ impl Dispatcher {
                     .clone()
                     .unwrap_or_else(|| "access refused".into());
                 let newly = match self
-                    .store()
+                    .routes
                     .mark_needs_reauth(&job.organization_id, &reason)
                     .await
                 {
@@ -437,29 +473,35 @@ impl Dispatcher {
                 };
                 let events = reauth_event(newly, &job.organization_id, provider, &reason);
                 let error = e.to_job_error(ErrorCode::AuthRevoked);
-                self.revoked(&job, &key, &route, result, error, events)
+                self.revoked(&job, &key, owner, incoming, &route, result, error, events)
                     .await
             }
             Err(SendFailure::Send(e)) => {
-                self.retry_or_fail(&job, &key, incoming, provider, result, e, &retried)
+                self.retry_or_fail(&job, &key, owner, incoming, provider, result, e, &retried)
                     .await
             }
         }
     }
 
-    /// Claims the job id in the ledger: `Err` is what to do instead of sending
-    /// (a duplicate, a stored outcome to publish again, another worker's claim, a
-    /// database that cannot be used, a job that keeps killing its workers).
+    /// Claims the job id in the ledger: `Ok` is the claim's owner, to send
+    /// with; `Err` is what to do instead of sending (a duplicate, a stored
+    /// outcome to publish again, another worker's claim, a database that cannot
+    /// be used, a job that keeps killing its workers, a send that may have
+    /// happened).
     async fn claim(
         &self,
         job: &Job,
         key: &JobKey,
         route: &Route,
         incoming: &Incoming,
-    ) -> Result<(), Decision> {
+    ) -> Result<ClaimOwner, Decision> {
         let provider = Some(route_provider(route));
-        match self.store().claim_job(key, self.config.claim_lease).await {
-            Ok(Claim::Acquired { claims }) if claims > MAX_CLAIMS_WITHOUT_OUTCOME => {
+        let claimed = self.ledger.claim_job(key, self.config.claim_lease).await;
+        if let Ok(Claim::Acquired { owner, .. } | Claim::Ambiguous { owner }) = &claimed {
+            incoming.in_flight.claimed(key, *owner);
+        }
+        match claimed {
+            Ok(Claim::Acquired { claims, owner }) if claims > MAX_CLAIMS_WITHOUT_OUTCOME => {
                 tracing::warn!(
                     claims,
                     "job claimed again and again without an outcome; failed"
@@ -468,11 +510,13 @@ impl Dispatcher {
                     "claimed {claims} times without an outcome: each worker that took it \
                      died or stalled before its send returned; not sent again"
                 );
-                Err(self.give_up(job, key, provider, incoming, why).await)
+                Err(self
+                    .give_up(job, key, Some(owner), provider, incoming, why)
+                    .await)
             }
             // A take-over (its last worker died or stalled) of a job whose budget
             // is spent: a send now could only be late, and maybe a second one.
-            Ok(Claim::Acquired { claims })
+            Ok(Claim::Acquired { claims, owner })
                 if claims > 1 && self.past_max_age(incoming, Utc::now()) =>
             {
                 tracing::warn!(
@@ -484,9 +528,14 @@ impl Dispatcher {
                      ({} s); not sent again",
                     self.config.retry.max_age.as_secs()
                 );
-                Err(self.give_up(job, key, provider, incoming, why).await)
+                Err(self
+                    .give_up(job, key, Some(owner), provider, incoming, why)
+                    .await)
             }
-            Ok(Claim::Acquired { .. }) => Ok(()),
+            Ok(Claim::Acquired { owner, .. }) => Ok(owner),
+            Ok(Claim::Ambiguous { owner }) => {
+                Err(self.maybe_sent(job, key, owner, provider, incoming).await)
+            }
             Ok(Claim::Published) => {
                 tracing::info!("job id already has a published result; not sending again");
                 metrics::counter!(crate::metrics::DUPLICATES_SKIPPED).increment(1);
@@ -515,8 +564,33 @@ impl Dispatcher {
                     history: incoming.history.clone(),
                 })
             }
-            Err(e) => Err(self.blocked(&e, job, key, incoming).await),
+            Err(e) => Err(self.blocked(&e, job, key, None, incoming).await),
         }
+    }
+
+    /// An earlier delivery's send of this job was at the provider when its
+    /// worker had to drop it: the provider may have accepted the message. It is
+    /// not sent again (a second copy would go out unannounced, and Graph does
+    /// not deduplicate); the job fails for good with `provider_unavailable`
+    /// saying so, and is dead-lettered so that an operator who finds it was not
+    /// delivered can replay it deliberately.
+    async fn maybe_sent(
+        &self,
+        job: &Job,
+        key: &JobKey,
+        owner: ClaimOwner,
+        provider: Option<ProviderKind>,
+        incoming: &Incoming,
+    ) -> Decision {
+        tracing::warn!(
+            "an earlier send of this job may have been accepted; not sent again, failed"
+        );
+        let why = "a send of this job was at the provider when its worker had to stop \
+                   (shutdown grace over): the provider may have accepted it, so it is not \
+                   sent again; check with the recipient before replaying the dead letter"
+            .to_owned();
+        self.give_up(job, key, Some(owner), provider, incoming, why)
+            .await
     }
 
     /// The broker delivered this message so often that its next hand-back would
@@ -534,7 +608,7 @@ impl Dispatcher {
             deliveries,
             "job redelivered again and again without an outcome; failed"
         );
-        match self.store().claim_job(key, self.config.claim_lease).await {
+        match self.ledger.claim_job(key, self.config.claim_lease).await {
             Ok(Claim::Published) => Decision::Duplicate,
             Ok(Claim::Completed(stored)) => republish(stored, key),
             // The holder is alive and the copy it leaves goes through a delay
@@ -545,12 +619,16 @@ impl Dispatcher {
                 reason: DelayReason::ClaimedElsewhere,
                 history: incoming.history.clone(),
             },
-            Ok(Claim::Acquired { .. }) | Err(_) => {
-                let why = format!(
-                    "delivered {deliveries} times without an outcome (each consumer died or \
-                     handed it back); not sent again"
-                );
-                self.give_up(job, key, None, incoming, why).await
+            Ok(Claim::Ambiguous { owner }) => {
+                self.maybe_sent(job, key, owner, None, incoming).await
+            }
+            Ok(Claim::Acquired { owner, .. }) => {
+                self.give_up(job, key, Some(owner), None, incoming, too_often(deliveries))
+                    .await
+            }
+            Err(_) => {
+                self.give_up(job, key, None, None, incoming, too_often(deliveries))
+                    .await
             }
         }
     }
@@ -561,6 +639,7 @@ impl Dispatcher {
         &self,
         job: &Job,
         key: &JobKey,
+        held: Option<ClaimOwner>,
         provider: Option<ProviderKind>,
         incoming: &Incoming,
         why: String,
@@ -578,7 +657,8 @@ impl Dispatcher {
             reason: ErrorCode::ProviderUnavailable,
             detail,
         };
-        self.finish(key, result, Some(dead_letter), vec![]).await
+        self.finish(key, held, result, Some(dead_letter), vec![])
+            .await
     }
 
     /// PostgreSQL could not be used, or a stored token's key is not configured:
@@ -591,6 +671,7 @@ impl Dispatcher {
         e: &StoreError,
         job: &Job,
         key: &JobKey,
+        held: Option<ClaimOwner>,
         incoming: &Incoming,
     ) -> Decision {
         let next = after(Utc::now(), BACKOFF_WHEN_BLOCKED);
@@ -602,7 +683,7 @@ impl Dispatcher {
                 ErrorCode::Expired,
                 "the database could not be used, and the next attempt would be after not_after",
             ));
-            return self.finish(key, result, None, vec![]).await;
+            return self.finish(key, held, result, None, vec![]).await;
         }
         if self.past_max_age(incoming, next) {
             tracing::warn!(error = %e, "database unavailable past the job's maximum age; failed");
@@ -610,7 +691,7 @@ impl Dispatcher {
                 "not sent within its maximum age ({} s): the database or the token key could not be used: {e}",
                 self.config.retry.max_age.as_secs()
             );
-            return self.give_up(job, key, None, incoming, why).await;
+            return self.give_up(job, key, held, None, incoming, why).await;
         }
         if matches!(
             e,
@@ -651,6 +732,7 @@ impl Dispatcher {
         &self,
         job: &Job,
         key: &JobKey,
+        owner: ClaimOwner,
         incoming: &Incoming,
         provider: ProviderKind,
         mut result: JobResult,
@@ -693,7 +775,7 @@ impl Dispatcher {
                         ),
                         ..e.to_job_error(ErrorCode::Expired)
                     });
-                    return self.finish(key, result, None, vec![]).await;
+                    return self.finish(key, Some(owner), result, None, vec![]).await;
                 }
                 tracing::info!(
                     attempts,
@@ -703,8 +785,13 @@ impl Dispatcher {
                     provider_code = e.provider_code.as_deref(),
                     "transient failure; job delayed"
                 );
-                if let Err(err) = self.store().release_job(key).await {
-                    tracing::warn!(error = %err, "could not release the claim; the delayed copy waits for its lease");
+                match self.ledger.release_job(key, owner).await {
+                    Ok(true) => {}
+                    // Taken over: the new holder's outcome is the job's.
+                    Ok(false) => return claim_lost(),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not release the claim; the delayed copy waits for its lease");
+                    }
                 }
                 Decision::Delay {
                     wait,
@@ -733,7 +820,8 @@ impl Dispatcher {
                     reason: code,
                     detail: format!("retries exhausted after {attempts} attempts: {history}"),
                 });
-                self.finish(key, result, dead_letter, vec![]).await
+                self.finish(key, Some(owner), result, dead_letter, vec![])
+                    .await
             }
         }
     }
@@ -742,21 +830,36 @@ impl Dispatcher {
     /// job's claim every third of its lease, so that a send that takes longer than
     /// the lease is not taken over by a redelivered copy that would send again. If
     /// this worker dies, the extensions stop and the lease runs out as before.
+    ///
+    /// Returns the work's output and whether the claim is still `owner`'s. If an
+    /// extension finds it taken over (the extensions could not reach PostgreSQL
+    /// for a whole lease, or the process stalled), the work still runs to its
+    /// end (a request at the provider cannot be called back), but its outcome
+    /// is not this delivery's to record or publish: the new holder's is.
     async fn while_claimed<T>(
         &self,
         key: &JobKey,
+        owner: ClaimOwner,
         work: impl std::future::Future<Output = T>,
-    ) -> T {
+    ) -> (T, bool) {
         let lease = self.config.claim_lease;
         let every = (lease / 3).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut ours = true;
         tokio::pin!(work);
         loop {
             tokio::select! {
-                done = &mut work => return done,
-                _ = tick.tick() => {
-                    if let Err(e) = self.store().extend_claim(key, lease).await {
-                        tracing::warn!(error = %e, "could not extend the job's claim while sending");
+                done = &mut work => return (done, ours),
+                _ = tick.tick(), if ours => {
+                    match self.ledger.extend_claim(key, owner, lease).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!("the job's claim was taken over while its send ran; its outcome will not be recorded here");
+                            ours = false;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not extend the job's claim while sending");
+                        }
                     }
                 }
             }
@@ -779,10 +882,16 @@ impl Dispatcher {
     /// platform_sender` it goes out through the platform sender now (contract
     /// §5), and the result says so; otherwise it fails with `auth_revoked`. The
     /// `integration.needs_reauth` event goes out either way.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the failed send's whole context, passed on from handle_valid"
+    )]
     async fn revoked(
         &self,
         job: &Job,
         key: &JobKey,
+        owner: ClaimOwner,
+        incoming: &Incoming,
         route: &Route,
         mut result: JobResult,
         error: JobError,
@@ -795,19 +904,19 @@ impl Dispatcher {
         } = route
         else {
             result.error = Some(error);
-            return self.finish(key, result, None, events).await;
+            return self.finish(key, Some(owner), result, None, events).await;
         };
         let message = self.stand_in_message(job, sender);
         tracing::Span::current().record("provider", ProviderKind::Default.as_str());
         tracing::info!("grant refused; the platform sender stands in (fallback)");
         let (outcome, made, _) = self
-            .services
             .senders
             .send(
                 ProviderKind::Default,
                 &job.organization_id,
                 &message,
                 self.in_process_retry(result.attempts),
+                &incoming.in_flight,
             )
             .await;
         result.attempts = result.attempts.saturating_add(made);
@@ -827,25 +936,44 @@ impl Dispatcher {
             }
             Err(_) => result.error = Some(error),
         }
-        self.finish(key, result, None, events).await
+        self.finish(key, Some(owner), result, None, events).await
     }
 
-    /// Asks the pacer for room.
-    fn pace(&self, job: &Job, incoming: &Incoming, route: &Route) -> Paced {
+    /// Asks the pacer for room; for Graph, then for one of the mailbox's
+    /// fleet-wide slots.
+    async fn pace(&self, job: &Job, key: &JobKey, incoming: &Incoming, route: &Route) -> Paced {
         let provider = match route {
             Route::Revoked { .. } => return Paced::Go(None),
             Route::Provider { provider, .. } => *provider,
             Route::Platform { .. } => ProviderKind::Default,
         };
         let now = Utc::now();
-        let (until, reason) =
-            match self
-                .pacer
-                .admit(&job.organization_id, provider, job.recipient_count(), now)
-            {
-                Admission::Go(permit) => return Paced::Go(Some(permit)),
-                Admission::Defer { until, reason } => (until, reason),
-            };
+        let org = &job.organization_id;
+        let (until, reason) = match self.pacer.admit(org, provider, job.recipient_count(), now) {
+            Admission::Go(mut permit) if provider == ProviderKind::Microsoft => {
+                match FleetSlot::acquire(&self.slots, org, self.pacer.graph_mailbox_slots()).await {
+                    Ok(Some(slot)) => {
+                        permit.hold_fleet_slot(slot);
+                        return Paced::Go(Some(permit));
+                    }
+                    Ok(None) => {
+                        drop(permit);
+                        let now = Utc::now();
+                        (
+                            self.pacer.fleet_busy(org, provider, now),
+                            DeferReason::MailboxBusy,
+                        )
+                    }
+                    Err(e) => {
+                        drop(permit);
+                        return Paced::Deferred(self.blocked(&e, job, key, None, incoming).await);
+                    }
+                }
+            }
+            Admission::Go(permit) => return Paced::Go(Some(permit)),
+            Admission::Defer { until, reason } => (until, reason),
+        };
+        let now = Utc::now();
         let budget_end = self.budget_end(job, incoming);
         // Wait for room, but not past the job's budget; once the budget is spent,
         // a refusal the provider would give is reported as such (daily limit,
@@ -875,15 +1003,18 @@ impl Dispatcher {
         let until = after(now, wait);
         self.pacer.apply_pause(org, until);
         self.pacer.throttled(org, provider, now);
-        if let Err(e) = self.store().pause_mailbox(org, until, "throttled").await {
+        if let Err(e) = self.routes.pause_mailbox(org, until, "throttled").await {
             tracing::warn!(error = %e, "could not share the mailbox pause with other replicas");
         }
     }
 
-    /// Records the outcome in the ledger, then hands it to the runner to publish.
+    /// Records the outcome in the ledger as `held`'s, then hands it to the
+    /// runner to publish. If the claim is no longer `held`'s (taken over), the
+    /// outcome is dropped: the new holder publishes the job's result.
     async fn finish(
         &self,
         key: &JobKey,
+        held: Option<ClaimOwner>,
         result: JobResult,
         dead_letter: Option<DeadLetter>,
         events: Vec<NeedsReauthEvent>,
@@ -897,10 +1028,18 @@ impl Dispatcher {
         // The outcome is known: record it, retrying briefly through a database
         // blip. If it still fails, publish anyway — the result matters more, and
         // the claim's lease keeps a redelivery from sending again meanwhile.
+        // Without a claim (the database failed before one was taken) there is
+        // nothing to record it against.
         let mut delay = Duration::from_millis(100);
-        for _ in 0..6 {
-            match self.store().complete_job(key, &value, PUBLISH_LEASE).await {
-                Ok(()) => break,
+        for _ in 0..if held.is_some() { 6 } else { 0 } {
+            let owner = held.expect("a claim to record against");
+            match self
+                .ledger
+                .complete_job(key, owner, &value, PUBLISH_LEASE)
+                .await
+            {
+                Ok(true) => break,
+                Ok(false) => return claim_lost(),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record the outcome; retrying");
                     tokio::time::sleep(delay).await;
@@ -937,12 +1076,14 @@ impl Dispatcher {
                 })
                 .expect("outcomes serialize");
                 match self
-                    .store()
+                    .ledger
                     .complete_unclaimed_job(&key, &value, PUBLISH_LEASE)
                     .await
                 {
                     Ok(Claim::Published) => return Decision::Duplicate,
-                    Ok(Claim::Acquired { .. } | Claim::Completed(_)) => Some(key),
+                    Ok(Claim::Acquired { .. } | Claim::Ambiguous { .. } | Claim::Completed(_)) => {
+                        Some(key)
+                    }
                     Ok(Claim::Busy) => {
                         return Decision::Delay {
                             wait: BACKOFF_WHEN_BLOCKED,
@@ -966,6 +1107,21 @@ impl Dispatcher {
             ledger_key,
         }))
     }
+}
+
+/// This delivery's claim was taken over by another delivery, which records
+/// and publishes the job's outcome: this one publishes nothing.
+fn claim_lost() -> Decision {
+    tracing::warn!("job claim taken over by another delivery; this delivery's outcome is dropped");
+    metrics::counter!(crate::metrics::CLAIMS_LOST).increment(1);
+    Decision::ClaimLost
+}
+
+fn too_often(deliveries: u32) -> String {
+    format!(
+        "delivered {deliveries} times without an outcome (each consumer died or handed it \
+         back); not sent again"
+    )
 }
 
 /// The outcome of a job is known, its result not confirmed published: publish

@@ -18,8 +18,8 @@ use mail_dispatch_broker::{Broker, Outgoing, json_properties};
 use mail_dispatch_domain::NeedsReauthEvent;
 use tokio_util::sync::CancellationToken;
 
-use crate::Dispatcher;
 use crate::tokens::KeepAlive;
+use crate::{Services, WorkerConfig};
 
 /// When and what the keep-alive refreshes.
 #[derive(Clone, Copy, Debug)]
@@ -51,7 +51,7 @@ pub struct SweepReport {
     pub failed: usize,
 }
 
-impl Dispatcher {
+impl Services {
     /// Refreshes the grants idle for longer than `idle_after`. Returns what it did
     /// and the events of the grants found dead (to publish).
     pub async fn keep_alive_sweep(
@@ -59,7 +59,6 @@ impl Dispatcher {
         config: &KeepAliveConfig,
     ) -> Result<(SweepReport, Vec<NeedsReauthEvent>), mail_dispatch_store::StoreError> {
         let idle = self
-            .services
             .store
             .idle_grants(config.idle_after, config.batch)
             .await?;
@@ -67,7 +66,6 @@ impl Dispatcher {
         let mut events = Vec::new();
         for (org, provider) in idle {
             match self
-                .services
                 .senders
                 .tokens
                 .keep_alive(&org, provider, config.idle_after)
@@ -94,10 +92,12 @@ impl Dispatcher {
     }
 }
 
-/// Sweeps every `config.interval` until `shutdown`. Events that could not be
-/// published are kept and tried again at the next sweep.
+/// Sweeps every `config.interval` until `shutdown`, publishing events where
+/// `worker` does. Events that could not be published are kept and tried again at
+/// the next sweep.
 pub async fn run(
-    dispatcher: Arc<Dispatcher>,
+    services: Arc<Services>,
+    worker: WorkerConfig,
     config: KeepAliveConfig,
     shutdown: CancellationToken,
 ) {
@@ -109,7 +109,7 @@ pub async fn run(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match dispatcher.keep_alive_sweep(&config).await {
+        match services.keep_alive_sweep(&config).await {
             Ok((report, events)) => {
                 metrics::gauge!(crate::metrics::GRANT_KEEPALIVE_LAST_SWEEP)
                     .set(Utc::now().timestamp() as f64);
@@ -128,7 +128,7 @@ pub async fn run(
             }
         }
         if !unpublished.is_empty() {
-            match publish_events(&dispatcher, &unpublished).await {
+            match publish_events(&worker, &unpublished).await {
                 Ok(()) => unpublished.clear(),
                 Err(e) => {
                     tracing::warn!(error = %e, pending = unpublished.len(), "could not publish needs_reauth events; tried again next sweep");
@@ -142,10 +142,9 @@ pub async fn run(
 }
 
 async fn publish_events(
-    dispatcher: &Dispatcher,
+    config: &WorkerConfig,
     events: &[NeedsReauthEvent],
 ) -> Result<(), mail_dispatch_broker::BrokerError> {
-    let config = &dispatcher.config;
     let broker =
         Broker::connect(&config.amqp_url, &format!("{}-keepalive", config.instance)).await?;
     let outcome = async {

@@ -4,10 +4,14 @@
 // rest stays inside the crate.
 mod config;
 mod dispatch;
+#[cfg(test)]
+mod fakes;
 mod health;
+pub mod in_flight;
 pub mod keepalive;
 pub mod metrics;
 pub mod pacing;
+mod ports;
 mod published;
 mod resolver;
 pub mod runner;
@@ -16,9 +20,10 @@ mod services;
 mod tokens;
 mod upkeep;
 
-pub use config::{DEFAULT_CONCURRENCY, WorkerConfig};
+pub use config::{DEFAULT_CONCURRENCY, DEFAULT_MEMORY_BUDGET_BYTES, WorkerConfig};
 pub use dispatch::{DeadLetter, Decision, DelayReason, Dispatcher, Finish, Incoming};
 pub use health::{DATABASE_CHECK_TIMEOUT, Health};
+pub use ports::{JobLedger, Ports, Routes, SendMail, SendReport};
 pub use published::PublishedMarks;
 pub use resolver::{Resolver, Route};
 pub use sender::{InProcessRetry, SendFailure, Senders};

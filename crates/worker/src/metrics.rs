@@ -14,6 +14,8 @@ pub const RETRIES_SCHEDULED: &str = "mail_dispatch_retries_scheduled_total";
 pub const DEAD_LETTERS: &str = "mail_dispatch_dead_letters_total";
 pub const JOB_LATENCY: &str = "mail_dispatch_job_latency_seconds";
 pub const JOBS_IN_FLIGHT: &str = "mail_dispatch_jobs_in_flight";
+pub const MEMORY_HELD_BYTES: &str = "mail_dispatch_job_memory_held_bytes";
+pub const MEMORY_BUDGET_BYTES: &str = "mail_dispatch_job_memory_budget_bytes";
 pub const DUPLICATES_SKIPPED: &str = "mail_dispatch_duplicates_skipped_total";
 pub const TOKEN_REFRESHES: &str = "mail_dispatch_token_refreshes_total";
 pub const PROVIDER_THROTTLED: &str = "mail_dispatch_provider_throttled_total";
@@ -22,6 +24,8 @@ pub const DATABASE_UP: &str = "mail_dispatch_database_up";
 pub const INTEGRATIONS: &str = "mail_dispatch_integrations";
 pub const CONFIG_CACHE_EVICTIONS: &str = "mail_dispatch_config_cache_evictions_total";
 pub const DB_STATEMENTS: &str = "mail_dispatch_db_statements_total";
+pub const AMBIGUOUS_SENDS: &str = "mail_dispatch_ambiguous_sends_total";
+pub const CLAIMS_LOST: &str = "mail_dispatch_claims_lost_total";
 pub const GRANT_KEEPALIVE: &str = "mail_dispatch_grant_keepalive_total";
 pub const GRANT_KEEPALIVE_LAST_SWEEP: &str =
     "mail_dispatch_grant_keepalive_last_sweep_timestamp_seconds";
@@ -37,6 +41,14 @@ pub const JOB_LATENCY_BUCKETS: &[f64] = &[
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(JOBS_RECEIVED, "Job deliveries taken from the jobs queue.");
+    describe_gauge!(
+        MEMORY_HELD_BYTES,
+        "Memory charged to the jobs in hand (4x their bodies); deliveries wait at the broker beyond the budget."
+    );
+    describe_gauge!(
+        MEMORY_BUDGET_BYTES,
+        "The worker's job memory budget (MAIL_DISPATCH_MEMORY_BUDGET_MIB)."
+    );
     describe_counter!(
         JOBS_COMPLETED,
         "Final outcomes published, by provider, status and error code."
@@ -69,6 +81,14 @@ pub fn describe() {
     describe_counter!(
         PROVIDER_THROTTLED,
         "Throttling answers (429) seen from providers."
+    );
+    describe_counter!(
+        AMBIGUOUS_SENDS,
+        "Send attempts whose outcome the provider did not tell (the message may have been accepted), by provider and cause (no_answer, gateway_timeout, shutdown)."
+    );
+    describe_counter!(
+        CLAIMS_LOST,
+        "Deliveries whose job claim was taken over by another delivery while they held it; their outcome was not recorded or published."
     );
     describe_counter!(
         GRANT_KEEPALIVE,
@@ -111,6 +131,7 @@ fn register_zeroes() {
     metrics::counter!(JOBS_RECEIVED).absolute(0);
     metrics::counter!(DUPLICATES_SKIPPED).absolute(0);
     metrics::counter!(CONFIG_CACHE_EVICTIONS).absolute(0);
+    metrics::counter!(CLAIMS_LOST).absolute(0);
     metrics::gauge!(JOBS_IN_FLIGHT).set(0.0);
     for reason in [
         ErrorCode::InvalidJob,
@@ -137,6 +158,12 @@ pub(crate) fn send_attempt(provider: ProviderKind, outcome: &'static str, took: 
     metrics::counter!(SEND_ATTEMPTS, "provider" => provider.as_str(), "outcome" => outcome)
         .increment(1);
     metrics::histogram!(SEND_DURATION, "provider" => provider.as_str()).record(took.as_secs_f64());
+}
+
+/// A send attempt whose outcome is unknown: the provider may have accepted it.
+pub(crate) fn ambiguous_send(provider: ProviderKind, cause: &'static str) {
+    metrics::counter!(AMBIGUOUS_SENDS, "provider" => provider.as_str(), "cause" => cause)
+        .increment(1);
 }
 
 pub(crate) fn completed(result: &JobResult, latency: Duration) {

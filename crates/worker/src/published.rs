@@ -7,8 +7,10 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use mail_dispatch_store::{JobKey, Store};
+use mail_dispatch_store::JobKey;
 use tokio::sync::Notify;
+
+use crate::ports::JobLedger;
 
 /// A batch is written when it reaches this size, or after `FLUSH_EVERY`.
 const BATCH: usize = 500;
@@ -30,25 +32,25 @@ impl PublishedMarks {
     }
 
     /// Writes what is pending now.
-    pub async fn flush(&self, store: &Store) {
+    pub async fn flush(&self, ledger: &dyn JobLedger) {
         let batch = std::mem::take(&mut *self.pending.lock().expect("poisoned"));
         if batch.is_empty() {
             return;
         }
-        if let Err(e) = store.mark_published(&batch).await {
+        if let Err(e) = ledger.mark_published(&batch).await {
             tracing::warn!(error = %e, jobs = batch.len(), "could not mark results published; retrying with the next batch");
             self.pending.lock().expect("poisoned").extend(batch);
         }
     }
 
     /// Flushes every `FLUSH_EVERY`, or as soon as a batch is full; never returns.
-    pub async fn run(&self, store: &Store) {
+    pub async fn run(&self, ledger: &dyn JobLedger) {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(FLUSH_EVERY) => {}
                 () = self.full.notified() => {}
             }
-            self.flush(store).await;
+            self.flush(ledger).await;
         }
     }
 }

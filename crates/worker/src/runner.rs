@@ -21,8 +21,8 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use lapin::types::{FieldTable, ShortString};
 use mail_dispatch_broker::{
-    Broker, BrokerError, Outgoing, Topology, header_i64, header_str, headers, json_properties,
-    with_headers,
+    BodyCharge, BoundedConsumer, Broker, BrokerError, MemoryBudget, Outgoing, Topology, header_i64,
+    header_str, headers, json_properties, with_headers,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -38,17 +38,20 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let mut backoff = Duration::from_millis(200);
-    let mut last: Option<(Broker, lapin::Channel)> = None;
+    let mut last: Option<(Broker, Arc<BoundedConsumer>)> = None;
     // One set of slots for the life of the worker, not one per connection: tasks
-    // of a dropped connection still run, and must still count.
+    // of a dropped connection still run, and must still count. The same holds for
+    // the memory budget.
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let budget = MemoryBudget::new(config.memory_budget_bytes);
+    metrics::gauge!(crate::metrics::MEMORY_BUDGET_BYTES).set(budget.capacity() as f64);
 
     'connection: while !shutdown.is_cancelled() {
         let connected = tokio::select! {
-            r = connect(config) => r,
+            r = connect(config, &budget) => r,
             () = shutdown.cancelled() => break,
         };
-        let (broker, channel, mut consumer) = match connected {
+        let (broker, intake) = match connected {
             Ok(c) => c,
             Err(e) => {
                 health.set_amqp(false);
@@ -63,33 +66,43 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
         };
         backoff = Duration::from_millis(200);
         health.set_amqp(true);
-        tracing::info!(queue = %config.topology.jobs_queue, concurrency = config.concurrency, "consuming");
+        tracing::info!(queue = %config.topology.jobs_queue, concurrency = config.concurrency, memory_budget_bytes = budget.capacity(), "consuming");
+        let mut consumer = intake.consumer.clone();
         loop {
             tokio::select! {
-                            biased;
-                            () = shutdown.cancelled() => {
-            let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                                // The channel stays open: in-flight jobs still ack on it.
-                                last = Some((broker.clone(), channel.clone()));
-                                break 'connection;
-                            }
-                            next = consumer.next() => match next {
-                                Some(Ok(delivery)) => {
-                                    let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
-                                    tracker.spawn(process(dispatcher.clone(), broker.clone(), delivery, permit, hard_stop.clone()));
-                                }
-                                Some(Err(e)) => {
-                                    tracing::warn!(error = %e, "AMQP consumer failed; reconnecting");
-                                    break;
-                                }
-                                None => {
-                                    tracing::warn!("AMQP consumer closed; reconnecting");
-                                    break;
-                                }
-                            }
-                        }
+                biased;
+                () = shutdown.cancelled() => {
+                    // Bounded: the cancel-ok may queue behind a delivery the relay
+                    // holds back until running jobs free memory.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        intake.channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+                    )
+                    .await;
+                    // The channel stays open: in-flight jobs still ack on it.
+                    last = Some((broker.clone(), intake.clone()));
+                    break 'connection;
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let memory = intake.charge(&delivery);
+                        metrics::gauge!(crate::metrics::MEMORY_HELD_BYTES).set(budget.held() as f64);
+                        let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
+                        tracker.spawn(process(dispatcher.clone(), broker.clone(), delivery, permit, (memory, budget.clone()), hard_stop.clone()));
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "AMQP consumer failed; reconnecting");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("AMQP consumer closed; reconnecting");
+                        break;
+                    }
+                }
+            }
         }
         health.set_amqp(false);
+        intake.close().await;
         broker.close().await;
     }
 
@@ -105,27 +118,42 @@ pub async fn run(dispatcher: Arc<Dispatcher>, health: Arc<Health>, shutdown: Can
         hard_stop.cancel();
         tracker.wait().await;
     }
-    if let Some((broker, channel)) = last {
+    if let Some((broker, intake)) = last {
         // Closing the consumer channel returns anything still prefetched; closed
         // explicitly (not on drop) so the connection's close does not race it.
-        let _ = channel.close(200, "shutdown".into()).await;
+        intake.close().await;
         broker.close().await;
     }
     health.set_amqp(false);
-    dispatcher.published.flush(&dispatcher.services.store).await;
+    dispatcher.published.flush(&*dispatcher.ledger).await;
     tracing::info!("worker stopped");
 }
 
+/// Two connections: the publisher's, direct, and the consumer's, through the
+/// memory-budgeted relay (see `mail_dispatch_broker::BoundedConsumer`), so that a
+/// delivery held back for memory never holds back a publisher confirm.
 async fn connect(
     config: &crate::WorkerConfig,
-) -> Result<(Broker, lapin::Channel, lapin::Consumer), BrokerError> {
-    let broker = Broker::connect(&config.amqp_url, &config.instance).await?;
+    budget: &MemoryBudget,
+) -> Result<(Broker, Arc<BoundedConsumer>), BrokerError> {
+    let broker = Broker::connect(&config.amqp_url, &format!("{}-publish", config.instance)).await?;
     broker.declare(&config.topology).await?;
     let prefetch = u16::try_from(config.concurrency).unwrap_or(u16::MAX).max(1);
-    let (channel, consumer) = broker
-        .consume(&config.topology.jobs_queue, prefetch, &config.instance)
-        .await?;
-    Ok((broker, channel, consumer))
+    let consumer = BoundedConsumer::open(
+        &config.amqp_url,
+        &config.instance,
+        &config.topology.jobs_queue,
+        prefetch,
+        budget.clone(),
+    )
+    .await;
+    match consumer {
+        Ok(consumer) => Ok((broker, Arc::new(consumer))),
+        Err(e) => {
+            broker.close().await;
+            Err(e)
+        }
+    }
 }
 
 fn millis_to_time(ms: i64) -> Option<DateTime<Utc>> {
@@ -137,12 +165,13 @@ const MAX_CARRIED_ATTEMPTS: i64 = 1_000_000;
 /// The quorum queue's count of earlier deliveries of a message.
 const DELIVERY_COUNT: &str = "x-delivery-count";
 
-/// Reads what the dispatcher needs from a delivery.
-pub fn incoming_from(delivery: &Delivery, topology: &Topology) -> Incoming {
+/// Reads what the dispatcher needs from a delivery. The body moves out of the
+/// delivery (a job may be tens of MB: it is held once).
+pub fn incoming_from(delivery: &mut Delivery, topology: &Topology) -> Incoming {
     read_incoming(
         &delivery.properties,
         delivery.redelivered,
-        delivery.data.clone(),
+        std::mem::take(&mut delivery.data),
         topology,
         Utc::now(),
     )
@@ -190,6 +219,7 @@ fn read_incoming(
         } else {
             0
         },
+        in_flight: Default::default(),
     }
 }
 
@@ -221,13 +251,14 @@ fn from_our_delay_queue(p: &BasicProperties, topology: &Topology) -> bool {
 async fn process(
     dispatcher: Arc<Dispatcher>,
     broker: Broker,
-    delivery: Delivery,
+    mut delivery: Delivery,
     _slot: OwnedSemaphorePermit,
+    (memory, budget): (BodyCharge, MemoryBudget),
     hard_stop: CancellationToken,
 ) {
     metrics::gauge!(crate::metrics::JOBS_IN_FLIGHT).increment(1.0);
     metrics::counter!(crate::metrics::JOBS_RECEIVED).increment(1);
-    let incoming = incoming_from(&delivery, &dispatcher.config.topology);
+    let incoming = incoming_from(&mut delivery, &dispatcher.config.topology);
     // One span for the whole delivery, from receipt to ack: the dispatcher fills in
     // the job's fields once it has decoded it, so publish and ack failures carry them.
     let span = tracing::info_span!(
@@ -242,6 +273,8 @@ async fn process(
     settle(dispatcher, broker, delivery, incoming, hard_stop)
         .instrument(span)
         .await;
+    drop(memory);
+    metrics::gauge!(crate::metrics::MEMORY_HELD_BYTES).set(budget.held() as f64);
     metrics::gauge!(crate::metrics::JOBS_IN_FLIGHT).decrement(1.0);
 }
 
@@ -264,7 +297,7 @@ async fn settle(
             && let Some(key) = publishing
         {
             // The redelivery of this job publishes the recorded result right away.
-            let _ = dispatcher.services.store.release_publish(&key).await;
+            let _ = dispatcher.ledger.release_publish(&key).await;
         }
         applied
     };
@@ -289,6 +322,7 @@ async fn settle(
                 .await;
         }
         None => {
+            settle_dropped(&dispatcher, &incoming).await;
             tracing::warn!("shutdown grace period over; handing the job back");
             let _ = delivery
                 .nack(BasicNackOptions {
@@ -296,6 +330,42 @@ async fn settle(
                     ..BasicNackOptions::default()
                 })
                 .await;
+        }
+    }
+}
+
+/// The shutdown grace ran out and this delivery's work was dropped where it
+/// stood. A send that was at the provider may have been accepted: its claim is
+/// marked ambiguous, so that no later delivery sends it again without saying so
+/// (it fails with a result that says the message may have gone). A claim with
+/// nothing at the provider is released, so the job's next delivery need not
+/// wait for the lease. (Both only while the claim is this delivery's and still
+/// `claimed`: an outcome already recorded stays.) If PostgreSQL cannot be
+/// reached now, the claim keeps its lease, and a later delivery sends again once
+/// it expires: one of the paths in the README that can send twice.
+async fn settle_dropped(dispatcher: &Dispatcher, incoming: &Incoming) {
+    use crate::in_flight::Dropped;
+    let ledger = &dispatcher.ledger;
+    match incoming.in_flight.take() {
+        Dropped::Nothing => {}
+        Dropped::Claimed(key, owner) => {
+            if let Err(e) = ledger.release_job(&key, owner).await {
+                tracing::warn!(error = %e, "could not release the claim of a job dropped at shutdown; it waits for its lease");
+            }
+        }
+        Dropped::AtProvider(key, owner, provider) => {
+            crate::metrics::ambiguous_send(provider, "shutdown");
+            match ledger.mark_ambiguous(&key, owner).await {
+                Ok(_) => tracing::warn!(
+                    %provider,
+                    "shutdown grace over while a send was at the provider; recorded as ambiguous, not to be sent again"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    %provider,
+                    "shutdown grace over while a send was at the provider, and it could not be recorded as ambiguous: the job may be sent again after its claim's lease"
+                ),
+            }
         }
     }
 }
@@ -310,7 +380,7 @@ pub async fn apply(
 ) -> Result<(), BrokerError> {
     let topology = &dispatcher.config.topology;
     match decision {
-        Decision::Duplicate => Ok(()),
+        Decision::Duplicate | Decision::ClaimLost => Ok(()),
         Decision::Delay {
             wait,
             attempts,
@@ -341,7 +411,7 @@ pub async fn apply(
                 .publish(Outgoing {
                     exchange: "",
                     routing_key: &topology.delay_queue(tier),
-                    body: &delivery.data,
+                    body: &incoming.body,
                     properties,
                     mandatory: true,
                 })
@@ -397,7 +467,7 @@ async fn publish_finish(
             .publish(Outgoing {
                 exchange: &topology.dead_exchange,
                 routing_key: "",
-                body: &delivery.data,
+                body: &incoming.body,
                 properties,
                 mandatory: true,
             })

@@ -13,6 +13,7 @@ use mail_dispatch_providers::{
 use mail_dispatch_store::StoreError;
 use tracing::Instrument as _;
 
+use crate::in_flight::InFlight;
 use crate::tokens::{TokenError, Tokens};
 
 /// Why a send did not happen.
@@ -125,11 +126,14 @@ impl Senders {
     /// refuse a fresh token for its own reasons): one more refresh decides. If the
     /// provider refuses that refresh, the grant is dead (`Revoked`); if it grants
     /// it, the grant is kept and the job is retried later.
+    ///
+    /// `watch` learns when a request is at the provider (see [`InFlight`]).
     pub async fn attempt(
         &self,
         provider: ProviderKind,
         org: &str,
         msg: &OutgoingMessage,
+        watch: &InFlight,
     ) -> Result<Accepted, SendFailure> {
         let started = Instant::now();
         let span = tracing::info_span!(
@@ -140,7 +144,7 @@ impl Senders {
             elapsed_ms = tracing::field::Empty,
         );
         let result = self
-            .attempt_inner(provider, org, msg)
+            .attempt_inner(provider, org, msg, watch)
             .instrument(span.clone())
             .await;
         let outcome = match &result {
@@ -153,7 +157,18 @@ impl Senders {
                     metrics::counter!(crate::metrics::PROVIDER_THROTTLED, "provider" => provider.as_str()).increment(1);
                     "throttled"
                 }
-                FailureClass::Transient { .. } => "transient",
+                FailureClass::Transient { .. } => {
+                    if e.maybe_sent {
+                        let cause = if e.provider_status == Some(504) {
+                            "gateway_timeout"
+                        } else {
+                            "no_answer"
+                        };
+                        crate::metrics::ambiguous_send(provider, cause);
+                        tracing::warn!(%provider, cause, "no answer tells whether the provider accepted the message; a retry may send it twice");
+                    }
+                    "transient"
+                }
                 FailureClass::Unauthorized => "unauthorized",
                 FailureClass::Permanent(_) => "rejected",
             },
@@ -171,16 +186,20 @@ impl Senders {
         provider: ProviderKind,
         org: &str,
         msg: &OutgoingMessage,
+        watch: &InFlight,
     ) -> Result<Accepted, SendFailure> {
         if provider == ProviderKind::Default {
-            return self.platform.send(msg).await.map_err(SendFailure::Send);
+            return self
+                .send_with(provider, &secrecy::SecretString::from(""), msg, watch)
+                .await
+                .map_err(SendFailure::Send);
         }
         let token = self
             .tokens
             .access_token(org, provider, None)
             .await
             .map_err(from_token_error)?;
-        match self.send_with(provider, &token, msg).await {
+        match self.send_with(provider, &token, msg, watch).await {
             Err(e) if e.class == FailureClass::Unauthorized => {
                 tracing::info!(org.id = org, %provider, "access token refused (401); refreshing once");
                 let fresh = self
@@ -188,7 +207,7 @@ impl Senders {
                     .access_token(org, provider, Some(&token))
                     .await
                     .map_err(from_token_error)?;
-                match self.send_with(provider, &fresh, msg).await {
+                match self.send_with(provider, &fresh, msg, watch).await {
                     Err(e) if e.class == FailureClass::Unauthorized => {
                         tracing::warn!(org.id = org, %provider, "a fresh access token was refused too; confirming the grant with one more refresh");
                         self.tokens
@@ -211,21 +230,32 @@ impl Senders {
         }
     }
 
+    /// One request to the provider. From the moment it is handed over until an
+    /// answer says the message was refused, `watch` knows it may be accepted.
     async fn send_with(
         &self,
         provider: ProviderKind,
         token: &secrecy::SecretString,
         msg: &OutgoingMessage,
+        watch: &InFlight,
     ) -> Result<Accepted, SendError> {
-        match provider {
+        watch.handed_to(provider);
+        let result = match provider {
             ProviderKind::Microsoft => self.graph.send(token, msg).await,
             ProviderKind::Google => self.gmail.send(token, msg).await,
             ProviderKind::Default => self.platform.send(msg).await,
+        };
+        if let Err(e) = &result
+            && !e.maybe_sent
+        {
+            watch.refused();
         }
+        result
     }
 
     /// Attempts with short in-process retries of transient failures whose wait
-    /// fits `retry.max_wait`. Returns the outcome, the number of attempts made, and
+    /// fits `retry.max_wait`. Returns the outcome, the number of attempts made
+    /// (throttled requests, which the provider declined, not counted), and
     /// the failures of the attempts that were retried (for the attempt history).
     pub async fn send(
         &self,
@@ -233,6 +263,20 @@ impl Senders {
         org: &str,
         msg: &OutgoingMessage,
         retry: InProcessRetry,
+    ) -> (Result<Accepted, SendFailure>, u32, Vec<SendError>) {
+        self.send_watched(provider, org, msg, retry, &InFlight::default())
+            .await
+    }
+
+    /// [`Senders::send`] for a job's delivery, whose `watch` learns when a
+    /// request is at the provider.
+    pub async fn send_watched(
+        &self,
+        provider: ProviderKind,
+        org: &str,
+        msg: &OutgoingMessage,
+        retry: InProcessRetry,
+        watch: &InFlight,
     ) -> (Result<Accepted, SendFailure>, u32, Vec<SendError>) {
         let attempts = AtomicU32::new(0);
         let retried = std::sync::Mutex::new(Vec::new());
@@ -242,8 +286,21 @@ impl Senders {
         }
         .take(retry.attempts.saturating_sub(1) as usize);
         let result = (|| async {
-            attempts.fetch_add(1, Ordering::Relaxed);
-            self.attempt(provider, org, msg).await
+            let result = self.attempt(provider, org, msg, watch).await;
+            // A throttle (429) is the provider declining to take the request
+            // now, not an attempt at the message: it does not use up the
+            // job's attempts.
+            let throttled = matches!(
+                result.as_ref().err().and_then(SendFailure::class),
+                Some(FailureClass::Transient {
+                    code: ErrorCode::Throttled,
+                    ..
+                })
+            );
+            if !throttled {
+                attempts.fetch_add(1, Ordering::Relaxed);
+            }
+            result
         })
         .retry(backoff)
         .sleep(tokio::time::sleep)

@@ -91,7 +91,7 @@ impl Services {
         );
         let senders = Senders {
             graph: GraphSender::new(api.clone(), &endpoints.graph_url, false),
-            gmail: GmailSender::new(api, &endpoints.gmail_url),
+            gmail: GmailSender::new(api, &endpoints.gmail_url).with_timeout(endpoints.http_timeout),
             platform: PlatformSender::from_url(&endpoints.platform_transport)?,
             tokens,
         };

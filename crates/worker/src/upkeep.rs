@@ -4,7 +4,8 @@
 //! - mailbox pauses of other replicas, loaded at start and then followed;
 //! - the pacer's daily counts flushed to PostgreSQL every 2 s, and its state pruned;
 //! - published marks written in batches (`published.rs`);
-//! - finished ledger entries pruned every 10 minutes.
+//! - finished ledger entries, and the Graph slots of mailboxes idle for a day,
+//!   pruned every 10 minutes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::Dispatcher;
-use crate::services::PauseEvent;
+use crate::services::{PauseEvent, Services};
 
 /// Past this many mailboxes with a daily count, the pacer forgets those far below
 /// their limit (the next flush brings a sending mailbox's total back).
@@ -21,29 +22,28 @@ const FLUSH_EVERY: Duration = Duration::from_secs(2);
 const PRUNE_LEDGER_EVERY: Duration = Duration::from_secs(600);
 
 impl Dispatcher {
-    /// Starts the worker's background work, and the change listener with pauses
-    /// routed to this worker's pacer. Aborting the returned task stops all of it.
-    pub fn run_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let (pacer, store) = (Arc::clone(&self.pacer), self.services.store.clone());
-        let listener = self
-            .services
-            .follow_changes(Some(Arc::new(move |event| match event {
-                PauseEvent::Paused {
-                    organization_id,
-                    until,
-                } => pacer.apply_pause(organization_id, until),
-                // Pauses announced while the listener was away: read them again.
-                PauseEvent::Missed => {
-                    let (pacer, store) = (Arc::clone(&pacer), store.clone());
-                    tokio::spawn(async move { pacer.load_pauses(&store).await });
-                }
-            })));
-        let this = Arc::clone(self);
+    /// Starts the worker's background work, and the change listener of the
+    /// shared `services` with pauses routed to this worker's pacer. Aborting the
+    /// returned task stops all of it.
+    pub fn run_upkeep(self: &Arc<Self>, services: &Arc<Services>) -> tokio::task::JoinHandle<()> {
+        let (pacer, store) = (Arc::clone(&self.pacer), services.store.clone());
+        let listener = services.follow_changes(Some(Arc::new(move |event| match event {
+            PauseEvent::Paused {
+                organization_id,
+                until,
+            } => pacer.apply_pause(organization_id, until),
+            // Pauses announced while the listener was away: read them again.
+            PauseEvent::Missed => {
+                let (pacer, store) = (Arc::clone(&pacer), store.clone());
+                tokio::spawn(async move { pacer.load_pauses(&store).await });
+            }
+        })));
+        let (this, services) = (Arc::clone(self), Arc::clone(services));
         tokio::spawn(async move {
             let _listener = AbortOnDropHandle::new(listener);
-            let store = &this.services.store;
+            let store = &services.store;
             this.pacer.load_pauses(store).await;
-            let marks = this.published.run(store);
+            let marks = this.published.run(&*this.ledger);
             tokio::pin!(marks);
             let mut flush = tokio::time::interval(FLUSH_EVERY);
             let mut prune = tokio::time::interval(PRUNE_LEDGER_EVERY);
@@ -54,11 +54,16 @@ impl Dispatcher {
                         this.pacer.flush_daily(store).await;
                         this.pacer.prune(chrono::Utc::now(), PACER_DAILY_ENTRIES);
                     }
-                    _ = prune.tick() => match store.prune_ledger(this.config.ledger_retention, 1000).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(deleted = n, "pruned finished ledger entries"),
-                        Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
-                    },
+                    _ = prune.tick() => {
+                        match store.prune_ledger(this.config.ledger_retention, 1000).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(deleted = n, "pruned finished ledger entries"),
+                            Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
+                        }
+                        if let Err(e) = store.prune_mailbox_slots().await {
+                            tracing::warn!(error = %e, "pruning idle mailbox slots failed");
+                        }
+                    }
                 }
             }
         })

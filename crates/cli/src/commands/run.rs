@@ -82,14 +82,14 @@ pub async fn run_until(
     let services = Services::build(store.clone(), &endpoints(settings)?, CacheConfig::default())?;
     let dispatcher = if roles.worker {
         Some(Arc::new(Dispatcher::new(
-            services.clone(),
+            &services,
             settings.worker_config()?,
         )))
     } else {
         None
     };
     let follower = match &dispatcher {
-        Some(dispatcher) => dispatcher.run_upkeep(),
+        Some(dispatcher) => dispatcher.run_upkeep(&services),
         None => services.follow_changes(None),
     };
     let health = Arc::new(Health::default());
@@ -135,7 +135,8 @@ pub async fn run_until(
     ));
     if let Some(dispatcher) = dispatcher {
         let keepalive = tokio::spawn(mail_dispatch_worker::keepalive::run(
-            dispatcher.clone(),
+            services.clone(),
+            dispatcher.config.clone(),
             dispatcher.config.keepalive,
             shutdown.clone(),
         ));

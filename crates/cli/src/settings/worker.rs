@@ -17,6 +17,13 @@ const MAX_CONCURRENCY: usize = 2000;
 pub struct WorkerSettings {
     #[arg(long, env = "MAIL_DISPATCH_CONCURRENCY", default_value_t = mail_dispatch_worker::DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
+    /// Memory the jobs in hand may take, in MiB (each counted at 4× its body).
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_MEMORY_BUDGET_MIB",
+        default_value_t = mail_dispatch_worker::DEFAULT_MEMORY_BUDGET_BYTES / (1024 * 1024)
+    )]
+    pub memory_budget_mib: u64,
     #[arg(long, env = "MAIL_DISPATCH_MAX_ATTEMPTS", default_value_t = 8)]
     pub max_attempts: u32,
     #[arg(long, env = "MAIL_DISPATCH_MAX_AGE_SECS", default_value_t = 6 * 3600)]
@@ -28,7 +35,8 @@ pub struct WorkerSettings {
     /// Jobs of one organization in flight at once in a worker (fairness).
     #[arg(long, env = "MAIL_DISPATCH_ORG_MAX_IN_FLIGHT", default_value_t = 16)]
     pub org_max_in_flight: usize,
-    /// Concurrent Graph sends per mailbox in a worker (Graph allows 4 per app and mailbox).
+    /// Concurrent Graph sends per mailbox over all replicas (slot leases in
+    /// PostgreSQL; Graph allows 4 per app and mailbox).
     #[arg(
         long,
         env = "MAIL_DISPATCH_GRAPH_MAILBOX_CONCURRENCY",
@@ -88,6 +96,7 @@ impl WorkerSettings {
     /// platform sender).
     pub fn apply(&self, c: &mut WorkerConfig) {
         c.concurrency = self.concurrency;
+        c.memory_budget_bytes = self.memory_budget_mib.max(1).saturating_mul(1024 * 1024);
         c.retry.max_attempts = self.max_attempts;
         c.retry.max_age = Duration::from_secs(self.max_age_secs);
         c.shutdown_grace = Duration::from_secs(self.shutdown_grace_secs);

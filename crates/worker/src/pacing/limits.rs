@@ -26,13 +26,16 @@ pub(super) struct DailyCount {
     pub(super) shared: u32,
     /// Sent here since the last flush.
     pub(super) unflushed: u32,
+    /// Sent here and being written by a flush now: still counted, since `shared`
+    /// does not hold them until the flush's answer.
+    pub(super) flushing: u32,
 }
 
 impl DailyCount {
     /// Whether the count still matters on `today`: it is today's, or it has sends
     /// the other replicas have not heard of yet.
     pub(super) fn is_current(&self, today: NaiveDate) -> bool {
-        self.unflushed > 0 || self.day == Some(today)
+        self.unflushed > 0 || self.flushing > 0 || self.day == Some(today)
     }
 }
 
@@ -149,7 +152,7 @@ impl OrgPacing {
                 ..DailyCount::default()
             };
         }
-        if daily.shared + daily.unflushed + units > limit {
+        if daily.shared + daily.flushing + daily.unflushed + units > limit {
             return Err(Refusal {
                 until: next_utc_midnight(now),
                 reason: DeferReason::DailyLimit,
@@ -209,7 +212,8 @@ impl OrgPacing {
         let today = now.date_naive();
         if self.daily.as_ref().is_some_and(|d| {
             !d.is_current(today)
-                || daily_floor.is_some_and(|floor| d.unflushed == 0 && d.shared < floor)
+                || daily_floor
+                    .is_some_and(|floor| d.unflushed == 0 && d.flushing == 0 && d.shared < floor)
         }) {
             self.daily = None;
         }

@@ -5,9 +5,11 @@
 //! - **Fairness.** At most `org_max_in_flight` jobs of one organization are in
 //!   flight in this worker, so one flooding organization leaves the rest of the
 //!   capacity to everyone else.
-//! - **Microsoft Graph** allows 4 concurrent requests per app and mailbox: at most
-//!   `graph_mailbox_concurrency` sends per mailbox at once in this worker (with R
-//!   replicas, set it to 4 / R).
+//! - **Microsoft Graph** allows 4 concurrent requests per app and mailbox,
+//!   whatever the number of replicas: at most `graph_mailbox_concurrency` sends
+//!   per mailbox at once over all replicas, through slot leases in PostgreSQL
+//!   (`fleet`), and never more than that in this worker (a semaphore, checked
+//!   first so that a busy worker does not ask the database).
 //! - **Gmail** meters sends per user and minute: at most `gmail_mailbox_per_minute`
 //!   per mailbox in this worker (a GCRA with a small burst).
 //! - **429s** pause the mailbox for every replica: the pause is stored in
@@ -38,8 +40,12 @@
 //! - `schedule`: what is learnt of an organization's sending, and the wake-up
 //!   slots of its deferred jobs;
 //! - `sync`: sharing pauses and daily counts with the other replicas through
-//!   PostgreSQL (the only part that knows the store).
+//!   PostgreSQL;
+//! - `fleet`: Graph's per-mailbox slots shared by the replicas (PostgreSQL leases).
+//!
+//! Only `sync` and `fleet` know the store.
 
+mod fleet;
 mod limits;
 mod schedule;
 mod sync;
@@ -55,6 +61,7 @@ use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use fleet::{FleetSlot, SLOT_LEASE};
 use limits::DailyCount;
 use schedule::{Flow, SendTimes};
 
@@ -62,6 +69,8 @@ use schedule::{Flow, SendTimes};
 #[derive(Clone, Copy, Debug)]
 pub struct PacingConfig {
     pub org_max_in_flight: usize,
+    /// Concurrent Graph sends per mailbox over all replicas (Graph: 4 per app
+    /// and mailbox).
     pub graph_mailbox_concurrency: usize,
     pub gmail_mailbox_per_minute: u32,
     /// Exchange Online: 10,000 recipients per day per mailbox (shared over replicas).
@@ -87,7 +96,8 @@ impl Default for PacingConfig {
 pub enum DeferReason {
     /// Its organization has `org_max_in_flight` jobs in flight here.
     OrganizationBusy,
-    /// Its mailbox has as many concurrent Graph sends as allowed.
+    /// Its mailbox has as many concurrent Graph sends as allowed (here or over
+    /// all replicas).
     MailboxBusy,
     /// Its mailbox is at its per-minute rate.
     MailboxRate,
@@ -127,6 +137,9 @@ pub struct Permit {
     pacer: Arc<Pacer>,
     organization_id: String,
     _mailbox_slot: Option<OwnedSemaphorePermit>,
+    /// The mailbox's fleet-wide Graph slot, while the send runs (boxed: it
+    /// carries a store handle, and most permits have none).
+    fleet_slot: Option<Box<FleetSlot>>,
     provider: ProviderKind,
     /// Units of today's limit reserved at admission; given back unless sent.
     daily_units: u32,
@@ -138,6 +151,19 @@ impl Permit {
     /// The provider accepted the message: its reservation counts for today.
     pub fn mark_sent(&mut self) {
         self.sent = true;
+    }
+
+    /// Holds `slot` (the mailbox's fleet-wide slot) with the rest of the room.
+    pub fn hold_fleet_slot(&mut self, slot: FleetSlot) {
+        self.fleet_slot = Some(Box::new(slot));
+    }
+
+    /// The send is over: its fleet-wide slot goes back at once, for the other
+    /// replicas, before the outcome is recorded and published.
+    pub async fn release_fleet_slot(&mut self) {
+        if let Some(slot) = self.fleet_slot.take() {
+            slot.release().await;
+        }
     }
 }
 
@@ -292,6 +318,7 @@ impl Pacer {
                     pacer: Arc::clone(self),
                     organization_id: org.to_owned(),
                     _mailbox_slot: room.mailbox_slot,
+                    fleet_slot: None,
                     provider,
                     daily_units: room.daily_units,
                     sent: false,

@@ -263,3 +263,34 @@ fn pruning_forgets_idle_mailboxes_and_keeps_what_still_matters() {
     p.prune(now() + chrono::Duration::days(1), 1_000_000);
     assert_eq!(p.entries(), 0);
 }
+
+#[test]
+fn sends_being_flushed_still_count_against_the_daily_limit() {
+    // Google: 2 messages a day in this config.
+    let p = Pacer::new(config());
+    go(p.admit("g", ProviderKind::Google, 1, now())).mark_sent();
+    go(p.admit("g", ProviderKind::Google, 1, now())).mark_sent();
+    let pending = p.begin_daily_flush();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        reason(p.admit("g", ProviderKind::Google, 1, now())),
+        DeferReason::DailyLimit,
+        "while the flush is on its way, its 2 sends still count"
+    );
+    p.end_daily_flush(&pending, Some(vec![("g".into(), now().date_naive(), 2)]));
+    assert_eq!(
+        reason(p.admit("g", ProviderKind::Google, 1, now())),
+        DeferReason::DailyLimit,
+        "and after it, the shared total holds them"
+    );
+}
+
+#[test]
+fn a_failed_flush_keeps_its_counts_for_the_next_one() {
+    let p = Pacer::new(config());
+    go(p.admit("g", ProviderKind::Google, 1, now())).mark_sent();
+    let pending = p.begin_daily_flush();
+    p.end_daily_flush(&pending, None);
+    let again = p.begin_daily_flush();
+    assert_eq!(again, pending, "written again next time");
+}
