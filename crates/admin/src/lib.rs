@@ -6,6 +6,7 @@ mod extract;
 mod integration;
 mod listener;
 mod openapi;
+mod recipients;
 mod sender;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub use error::{ApiError, ApiErrorCode, ErrorBody};
 pub use integration::{IntegrationView, view as integration_view};
 pub use listener::{ConnectionLimits, GuardedListener, GuardedStream};
 pub use openapi::ApiDoc;
+pub use recipients::{RecipientsSee, RewriteReason};
 
 /// Largest request body accepted (the API only takes small JSON objects).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;

@@ -273,6 +273,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "mailbox_slots",
         include_str!("../migrations/0009_mailbox_slots.sql"),
     ),
+    (
+        10,
+        "sender_delivery",
+        include_str!("../migrations/0010_sender_delivery.sql"),
+    ),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;
