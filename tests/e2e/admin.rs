@@ -925,6 +925,21 @@ async fn the_openapi_document_lists_every_route() {
             "{schema} missing"
         );
     }
+    // The admin API says what recipients see, and Sent Items is a sender setting.
+    let schemas = &doc["components"]["schemas"];
+    for (schema, field) in [
+        ("TestOutcome", "recipients_see"),
+        ("IntegrationView", "recipients_see"),
+        ("IntegrationView", "save_to_sent_items"),
+        ("SenderRequest", "save_to_sent_items"),
+        ("RecipientsSee", "differs"),
+    ] {
+        assert!(
+            schemas[schema]["properties"][field].is_object(),
+            "{schema}.{field} missing"
+        );
+    }
+    assert!(schemas["RewriteReason"].is_object());
     // Every API route the router serves is documented, and nothing else (the
     // hosted settings page's `/portal/…` pages are HTML for browsers, not API).
     assert_eq!(paths.len(), 6);

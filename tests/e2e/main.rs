@@ -7,6 +7,7 @@ mod connect;
 mod delivery;
 mod dispatch;
 mod faults;
+mod fidelity;
 mod invalid_jobs;
 mod memory;
 mod operability;

@@ -690,6 +690,13 @@ async fn the_whole_flow_through_the_program_never_logs_or_prints_a_token() {
     assert_eq!(code, 0);
     let shown: Value = serde_json::from_str(&show).unwrap();
     assert_eq!(shown["status"], "active");
+    // What recipients see, as save and test learnt it; Sent Items is Microsoft's.
+    assert_eq!(
+        shown["recipients_see"]["email"], "ops@customer.com",
+        "{show}"
+    );
+    assert_eq!(shown["recipients_see"]["differs"], false);
+    assert_eq!(shown["save_to_sent_items"], Value::Null);
 
     let (code, logs) = program.terminate(Duration::from_secs(20)).await;
     assert_eq!(code, 0);
@@ -935,4 +942,52 @@ async fn three_replicas_share_a_graph_mailboxs_four_concurrent_requests() {
         rate >= 0.4 * limit,
         "{rate:.1} sends/s, far below the mailbox's {limit:.0}/s"
     );
+}
+
+/// What Microsoft support asks for to trace a Graph request: its
+/// `client-request-id`, Graph's `request-id`, and the answer's `Date`, logged
+/// for every call in the provider call's span.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_graph_call_is_logged_with_its_client_request_id_request_id_and_date() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        ..Default::default()
+    })
+    .await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "admin@customer.com",
+        "admin@customer.com",
+        "Customer",
+    )
+    .await;
+    let program = Program::start(&app, "worker").await;
+    let mut tap = app.amqp.tap_results().await;
+    let job = app.job("org_ms");
+    app.amqp.publish_job(&job).await;
+    let r = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["status"], "sent", "{r:#}");
+    let (code, logs) = program.terminate(Duration::from_secs(20)).await;
+    assert_eq!(code, 0);
+
+    let calls = app.standins.graph_client_request_ids();
+    let (_, sent) = calls
+        .iter()
+        .find(|(path, _)| path == "/v1.0/me/sendMail")
+        .expect("a sendMail call");
+    let sent = sent.as_deref().expect("a client-request-id");
+    let line: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["graph.client_request_id"] == sent)
+        .unwrap_or_else(|| panic!("no log line with client-request-id {sent}: {logs}"));
+    assert_eq!(line["graph.operation"], "sendMail");
+    assert_eq!(line["graph.request_id"], r["provider_message_id"], "{line}");
+    assert!(
+        chrono::DateTime::parse_from_rfc2822(line["graph.date"].as_str().unwrap()).is_ok(),
+        "{line}"
+    );
+    assert_eq!(line["span"]["name"], "provider_call", "{line}");
+    assert_eq!(line["span"]["org.id"], "org_ms", "{line}");
 }

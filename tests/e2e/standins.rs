@@ -1105,3 +1105,237 @@ async fn a_fifth_concurrent_graph_request_to_one_mailbox_is_429_application_thro
     assert_eq!(s.concurrency_throttled("ops@customer.com"), 1);
     assert_eq!(s.graph_messages().len(), 9);
 }
+
+/// A `sendMail` request as the product sends it, with extra message properties
+/// and request headers; the raw answer.
+async fn send_mail_with(
+    s: &StandIns,
+    token: &str,
+    message: Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut m = json!({
+        "subject": "Hello", "body": {"contentType": "Text", "content": "Hi"},
+        "toRecipients": [{"emailAddress": {"address": "someone@example.org"}}],
+    });
+    for (k, v) in message.as_object().unwrap() {
+        m[k] = v.clone();
+    }
+    let mut req = http()
+        .post(format!("{}/v1.0/me/sendMail", s.graph.uri()))
+        .bearer_auth(token)
+        .json(&json!({"message": m, "saveToSentItems": false}));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+fn alice(s: &StandIns) -> AccountInfo {
+    let mut info = s.account_info("alice@customer.com");
+    info.display_name = "Alice Martin".into();
+    info.proxy_addresses = vec![
+        "SMTP:alice@customer.com".into(),
+        "smtp:compliance@customer.com".into(),
+    ];
+    info
+}
+
+#[tokio::test]
+async fn exchange_shows_the_directory_display_name_not_the_name_sent() {
+    let s = StandIns::start().await;
+    s.set_account("alice@customer.com", alice(&s));
+    let (token, _) = s.issue(Vendor::Microsoft, "alice@customer.com");
+    let (status, _) = send_mail(&s, &token, "alice@customer.com", "Compliance Team").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let got = s.received().pop().unwrap();
+    assert_eq!(got.seen_from.name.as_deref(), Some("Alice Martin"));
+    assert_eq!(got.seen_from.address, "alice@customer.com");
+    assert_eq!(got.shown(), "Alice Martin <alice@customer.com>");
+}
+
+#[tokio::test]
+async fn exchange_rewrites_an_alias_to_the_primary_address_unless_the_tenant_allows_aliases() {
+    let s = StandIns::start().await;
+    s.set_account("alice@customer.com", alice(&s));
+    let (token, _) = s.issue(Vendor::Microsoft, "alice@customer.com");
+
+    let (status, _) = send_mail(&s, &token, "compliance@customer.com", "Compliance").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let got = s.received().pop().unwrap();
+    assert_eq!(got.from, "compliance@customer.com", "what was asked");
+    assert_eq!(
+        got.shown(),
+        "Alice Martin <alice@customer.com>",
+        "what is seen"
+    );
+
+    // Set-OrganizationConfig -SendFromAliasEnabled $true.
+    s.allow_send_from_aliases("customer.com", true);
+    send_mail(&s, &token, "compliance@customer.com", "Compliance").await;
+    assert_eq!(
+        s.received().pop().unwrap().shown(),
+        "Alice Martin <compliance@customer.com>"
+    );
+    s.allow_send_from_aliases("customer.com", false);
+    send_mail(&s, &token, "compliance@customer.com", "Compliance").await;
+    assert_eq!(
+        s.received().pop().unwrap().seen_from.address,
+        "alice@customer.com"
+    );
+}
+
+#[tokio::test]
+async fn send_on_behalf_shows_the_user_on_behalf_of_the_mailbox() {
+    let s = StandIns::start().await;
+    s.set_account("alice@customer.com", alice(&s));
+    let mut shared = s.account_info("notifications@customer.com");
+    shared.display_name = "Customer Notifications".into();
+    s.set_account("notifications@customer.com", shared);
+    s.grant_send_on_behalf("alice@customer.com", "notifications@customer.com");
+
+    // Send on Behalf rights still need Mail.Send.Shared.
+    let (plain, _) = s.issue(Vendor::Microsoft, "alice@customer.com");
+    let (status, body) = send_mail(&s, &plain, "notifications@customer.com", "N").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(graph_code(&body), "ErrorSendAsDenied");
+
+    let (shared_scope, _) = s.issue_with_scopes(
+        Vendor::Microsoft,
+        "alice@customer.com",
+        &[
+            "openid",
+            "offline_access",
+            "User.Read",
+            "Mail.Send",
+            "Mail.Send.Shared",
+        ],
+    );
+    let (status, _) = send_mail(&s, &shared_scope, "notifications@customer.com", "N").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(
+        s.received().pop().unwrap().shown(),
+        "Alice Martin on behalf of Customer Notifications <notifications@customer.com>"
+    );
+
+    // With Send As, the mailbox alone (its own directory name).
+    s.grant_send_as("alice@customer.com", "notifications@customer.com");
+    send_mail(&s, &shared_scope, "notifications@customer.com", "N").await;
+    assert_eq!(
+        s.received().pop().unwrap().shown(),
+        "Customer Notifications <notifications@customer.com>"
+    );
+}
+
+#[tokio::test]
+async fn graph_echoes_the_client_request_id_and_dates_its_answers() {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Microsoft, "admin@customer.com");
+    let id = "8d5e0f0a-2b0e-4c35-9d0c-3f5c4b6f6a11";
+    let resp = send_mail_with(
+        &s,
+        &token,
+        json!({}),
+        &[
+            ("client-request-id", id),
+            ("return-client-request-id", "true"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(resp.headers()["client-request-id"], id);
+    assert!(!resp.headers()["request-id"].is_empty());
+    assert!(
+        chrono::DateTime::parse_from_rfc2822(resp.headers()["date"].to_str().unwrap()).is_ok(),
+        "an HTTP Date"
+    );
+    // Without return-client-request-id, Graph does not echo it.
+    let resp = send_mail_with(&s, &token, json!({}), &[("client-request-id", id)]).await;
+    assert_ne!(resp.headers()["client-request-id"], id);
+    // Refusals echo it too.
+    let resp = send_mail_with(
+        &s,
+        "not-a-token",
+        json!({}),
+        &[
+            ("client-request-id", id),
+            ("return-client-request-id", "true"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers()["client-request-id"], id);
+    let calls = s.graph_client_request_ids();
+    assert_eq!(calls.len(), 3);
+    assert!(
+        calls
+            .iter()
+            .all(|(path, sent)| path == "/v1.0/me/sendMail" && sent.as_deref() == Some(id))
+    );
+}
+
+#[tokio::test]
+async fn graph_keeps_the_internet_message_id_sent_and_refuses_a_malformed_one() {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Microsoft, "admin@customer.com");
+    let resp = send_mail_with(
+        &s,
+        &token,
+        json!({"internetMessageId": "<job-1.org_42@customer.com>"}),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        s.received().pop().unwrap().message_id,
+        "<job-1.org_42@customer.com>"
+    );
+    for bad in ["job-1.org_42@customer.com", "<no-at-sign>", "<a b@c>"] {
+        let resp = send_mail_with(&s, &token, json!({"internetMessageId": bad}), &[]).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{bad}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(graph_code(&body), "ErrorInvalidProperty");
+    }
+    // None given: Exchange makes one up.
+    send_mail_with(&s, &token, json!({}), &[]).await;
+    let made = s.received().pop().unwrap().message_id;
+    assert!(
+        made.starts_with('<') && made.ends_with(".PROD.OUTLOOK.COM>"),
+        "{made}"
+    );
+    assert_eq!(s.received().len(), 2);
+}
+
+#[tokio::test]
+async fn gmail_replaces_an_unverified_from_with_the_account_and_keeps_the_message_id() {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    let send = |from: &'static str| {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "From: Team <{from}>\r\nTo: a@example.org\r\nSubject: Hi\r\nMessage-ID: <job-7.org@customer.com>\r\n\r\nHello\r\n"
+        ));
+        let token = token.clone();
+        let url = format!("{}/gmail/v1/users/me/messages/send", s.gmail.uri());
+        async move {
+            http()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"raw": raw}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Not the account, not an alias: 200 all the same, from the account.
+    assert_eq!(send("team@customer.com").await.status(), StatusCode::OK);
+    let got = s.received().pop().unwrap();
+    assert_eq!(got.shown(), "Team <ops@customer.com>");
+    assert_eq!(got.message_id, "<job-7.org@customer.com>");
+    // A verified alias is kept.
+    s.set_aliases("ops@customer.com", &["team@customer.com"]);
+    send("team@customer.com").await;
+    assert_eq!(
+        s.received().pop().unwrap().shown(),
+        "Team <team@customer.com>"
+    );
+}

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use mail_dispatch_domain::ProviderKind;
 use mail_dispatch_store::Integration;
 
 use crate::AdminState;
@@ -31,6 +32,14 @@ pub struct IntegrationView {
     pub sender: Option<SenderView>,
     /// `none` or `platform_sender`.
     pub fallback: Option<String>,
+    /// Microsoft: whether Graph keeps a copy of each notification in the
+    /// sender's Sent Items (`saveToSentItems`, default `false`). Null for Google
+    /// (Gmail always keeps one) and when not configured.
+    pub save_to_sent_items: Option<bool>,
+    /// What recipients see as the sender (name and address), as learnt by the
+    /// last successful save and test; `differs` when it is not the configured
+    /// sender (e.g. Exchange shows the mailbox's directory name).
+    pub recipients_see: Option<crate::recipients::RecipientsSee>,
     pub connected_at: Option<DateTime<Utc>>,
     pub last_test_at: Option<DateTime<Utc>>,
     #[schema(value_type = Option<Object>)]
@@ -58,6 +67,8 @@ pub fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
             account_email: None,
             sender: None,
             fallback: None,
+            save_to_sent_items: None,
+            recipients_see: None,
             connected_at: None,
             last_test_at: None,
             last_test: None,
@@ -73,6 +84,12 @@ pub fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
                 name: i.sender_name.clone(),
             }),
             fallback: Some(i.fallback.as_str().into()),
+            save_to_sent_items: (i.provider == ProviderKind::Microsoft)
+                .then_some(i.save_to_sent_items),
+            recipients_see: i
+                .recipients_see
+                .as_ref()
+                .and_then(|v| serde_json::from_value(v.clone()).ok()),
             connected_at: Some(i.connected_at),
             last_test_at: i.last_test_at,
             last_test: i.last_test.clone(),

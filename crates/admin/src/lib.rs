@@ -7,6 +7,7 @@ mod integration;
 mod listener;
 mod openapi;
 mod portal;
+mod recipients;
 mod sender;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub use integration::{IntegrationView, view as integration_view};
 pub use listener::{ConnectionLimits, GuardedListener, GuardedStream};
 pub use openapi::ApiDoc;
 pub use portal::{PORTAL_LINK_TTL, PORTAL_SESSION_TTL, TEST_SEND_WINDOW, TEST_SENDS_PER_WINDOW};
+pub use recipients::{RecipientsSee, RewriteReason};
 
 /// Largest request body accepted (the API only takes small JSON objects).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;

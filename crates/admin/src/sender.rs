@@ -18,6 +18,7 @@ use crate::AdminState;
 use crate::error::{ApiError, ApiErrorCode, ErrorBody};
 use crate::extract::{ApiJson, OrgId};
 use crate::integration::{IntegrationView, view};
+use crate::recipients::{self, RecipientsSee};
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SenderRequest {
@@ -29,6 +30,10 @@ pub struct SenderRequest {
     pub test_recipient: Option<String>,
     /// `none` (default) or `platform_sender`: what happens if the grant stops working.
     pub fallback: Option<String>,
+    /// Microsoft only: keep a copy of each notification in the sender's Sent
+    /// Items (Graph `saveToSentItems`). Omitted: unchanged (`false` at first).
+    /// Gmail always keeps one: `false` is refused for Google.
+    pub save_to_sent_items: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -63,6 +68,10 @@ pub struct TestOutcome {
     pub status: TestStatus,
     pub provider_message_id: Option<String>,
     pub error: Option<TestError>,
+    /// What recipients will see as the sender (name and address), when it was
+    /// sent and the provider tells: `differs` says whether it is not what was
+    /// configured, `reasons` and `message` why.
+    pub recipients_see: Option<RecipientsSee>,
     pub integration: IntegrationView,
 }
 
@@ -107,6 +116,7 @@ fn test_message(
         attachments: vec![],
         headers: [("X-Mail-Dispatch-Test".to_owned(), "1".to_owned())].into(),
         message_id: Some(format!("test-{}@{}", uuid_like(), sender.email.domain())),
+        save_to_sent_items: false,
     }
 }
 
@@ -123,19 +133,43 @@ fn html_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// What the admin chose: the sender and how its mail is delivered.
+#[derive(Clone, Copy)]
+pub(crate) struct SenderChoice<'a> {
+    pub(crate) sender: &'a Mailbox,
+    pub(crate) fallback: Fallback,
+    pub(crate) save_to_sent_items: bool,
+}
+
+/// A test's outcome, to be recorded.
+struct Tested {
+    status: TestStatus,
+    message_id: Option<String>,
+    error: Option<JobError>,
+    recipients_see: Option<RecipientsSee>,
+}
+
 /// Sends the test through the worker's own send path and records the outcome;
 /// the integration becomes active (with this sender) only if it was sent.
 async fn test_send(
     state: &AdminState,
     org: &str,
     integration: &Integration,
-    sender: &Mailbox,
+    choice: &SenderChoice<'_>,
     to: &Mailbox,
-    fallback: Fallback,
+    verified_aliases: &[String],
 ) -> Result<TestOutcome, ApiError> {
     let store = &state.services.store;
     let provider = integration.provider;
-    let message = test_message(state, org, provider, sender, to);
+    let SenderChoice {
+        sender,
+        fallback,
+        save_to_sent_items,
+    } = *choice;
+    let message = OutgoingMessage {
+        save_to_sent_items,
+        ..test_message(state, org, provider, sender, to)
+    };
     let retry = InProcessRetry {
         attempts: 2,
         max_wait: std::time::Duration::from_secs(2),
@@ -181,12 +215,70 @@ async fn test_send(
             .mark_needs_reauth(org, e.provider_code.as_deref().unwrap_or("access refused"))
             .await;
     }
-    if sent {
+    let seen = if sent {
+        let seen = recipients_see(state, org, integration, sender, verified_aliases).await;
         store
             .save_sender(org, sender.email.as_str(), sender.name.as_deref(), fallback)
             .await?;
+        let json = seen
+            .as_ref()
+            .map(|s| serde_json::to_value(s).expect("serializable"));
+        store
+            .save_sender_delivery(org, save_to_sent_items, json.as_ref())
+            .await?;
+        seen
+    } else {
+        None
+    };
+    let tested = Tested {
+        status,
+        message_id,
+        error,
+        recipients_see: seen,
+    };
+    record_test(state, org, provider, sender, tested).await
+}
+
+/// What recipients will see, from what the provider's directory says with the
+/// scopes already granted: Microsoft `GET /me` (`User.Read`); for Google, the
+/// account and the aliases checked before the test. `None` when it cannot be
+/// learnt (logged; the test itself passed).
+async fn recipients_see(
+    state: &AdminState,
+    org: &str,
+    integration: &Integration,
+    sender: &Mailbox,
+    verified_aliases: &[String],
+) -> Option<RecipientsSee> {
+    match integration.provider {
+        ProviderKind::Microsoft => {
+            let senders = &state.services.senders;
+            let token = match senders
+                .tokens
+                .access_token(org, ProviderKind::Microsoft, None)
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(org.id = org, error = %e, "no access token to read the mailbox's directory entry");
+                    return None;
+                }
+            };
+            match senders.graph.me(&token).await {
+                Ok(me) => Some(recipients::microsoft(sender, &me)),
+                Err(e) => {
+                    tracing::warn!(org.id = org, error = %e.message, "could not read the mailbox's directory entry (GET /me)");
+                    None
+                }
+            }
+        }
+        ProviderKind::Google => Some(recipients::google(
+            sender,
+            integration.account_email.as_deref().unwrap_or_default(),
+            verified_aliases,
+        )),
+        ProviderKind::Default => None,
     }
-    record_test(state, org, provider, sender, status, message_id, error).await
 }
 
 /// Stores a test's outcome (the integration turns active if it was sent).
@@ -195,10 +287,14 @@ async fn record_test(
     org: &str,
     provider: ProviderKind,
     sender: &Mailbox,
-    status: TestStatus,
-    message_id: Option<String>,
-    error: Option<JobError>,
+    tested: Tested,
 ) -> Result<TestOutcome, ApiError> {
+    let Tested {
+        status,
+        message_id,
+        error,
+        recipients_see,
+    } = tested;
     let store = &state.services.store;
     let sent = status == TestStatus::Sent;
     let record = serde_json::json!({
@@ -206,6 +302,7 @@ async fn record_test(
         "sender": {"email": sender.email.as_str(), "name": sender.name},
         "provider_message_id": message_id,
         "error": error,
+        "recipients_see": recipients_see,
     });
     let integration = store.record_test(org, &record, sent).await?;
     state.services.senders.tokens.forget(org);
@@ -219,6 +316,7 @@ async fn record_test(
             provider_status: e.provider_status,
             provider_code: e.provider_code,
         }),
+        recipients_see,
         integration: view(org, integration.as_ref()),
     })
 }
@@ -256,33 +354,39 @@ pub(crate) async fn retest_saved_sender(
     let provider = integration.provider;
     let email = EmailAddress::parse(sender_email).map_err(ApiError::internal)?;
     let sender = Mailbox::new(email.clone(), integration.sender_name.clone());
-    if provider == ProviderKind::Google
-        && let Err(refused) = check_google_sender(state, org, integration, &email).await
-    {
-        let error = JobError::new(ErrorCode::SenderNotAllowed, refused.message);
-        return record_test(
-            state,
-            org,
-            provider,
-            &sender,
-            TestStatus::Failed,
-            None,
-            Some(error),
-        )
-        .await;
+    let mut aliases = Vec::new();
+    if provider == ProviderKind::Google {
+        match check_google_sender(state, org, integration, &email).await {
+            Ok(verified) => aliases = verified,
+            Err(refused) => {
+                let error = JobError::new(ErrorCode::SenderNotAllowed, refused.message);
+                let tested = Tested {
+                    status: TestStatus::Failed,
+                    message_id: None,
+                    error: Some(error),
+                    recipients_see: None,
+                };
+                return record_test(state, org, provider, &sender, tested).await;
+            }
+        }
     }
     let recipient = integration
         .account_email
         .as_deref()
         .and_then(|a| EmailAddress::parse(a).ok())
         .ok_or_else(|| ApiError::internal("connected account without an address"))?;
+    let choice = SenderChoice {
+        sender: &sender,
+        fallback: integration.fallback,
+        save_to_sent_items: integration.save_to_sent_items,
+    };
     test_send(
         state,
         org,
         integration,
-        &sender,
+        &choice,
         &Mailbox::new(recipient, None),
-        integration.fallback,
+        &aliases,
     )
     .await
 }
@@ -329,7 +433,27 @@ pub async fn put_sender(
             .and_then(|a| EmailAddress::parse(a).ok())
             .ok_or_else(|| ApiError::invalid("give a test_recipient"))?,
     };
-    let outcome = save_and_test(&state, &org, &integration, sender, recipient, fallback).await?;
+    let save_to_sent_items = match (integration.provider, req.save_to_sent_items) {
+        (ProviderKind::Google, Some(false)) => {
+            return Err(ApiError::invalid(
+                "save_to_sent_items: Gmail always keeps a copy of what it sends in Sent; only Microsoft 365 lets it be turned off",
+            ));
+        }
+        (_, Some(choice)) => choice,
+        (_, None) => integration.save_to_sent_items,
+    };
+    let outcome = save_and_test(
+        &state,
+        &org,
+        &integration,
+        SenderChoice {
+            sender: &sender,
+            fallback,
+            save_to_sent_items,
+        },
+        recipient,
+    )
+    .await?;
     Ok(Json(outcome))
 }
 
@@ -367,41 +491,46 @@ pub(crate) async fn save_and_test(
     state: &AdminState,
     org: &str,
     integration: &Integration,
-    sender: Mailbox,
+    choice: SenderChoice<'_>,
     recipient: EmailAddress,
-    fallback: Fallback,
 ) -> Result<TestOutcome, ApiError> {
-    if integration.provider == ProviderKind::Google {
-        check_google_sender(state, org, integration, &sender.email).await?;
-    }
+    let aliases = if integration.provider == ProviderKind::Google {
+        check_google_sender(state, org, integration, &choice.sender.email).await?
+    } else {
+        vec![]
+    };
     test_send(
         state,
         org,
         integration,
-        &sender,
+        &choice,
         &Mailbox::new(recipient, None),
-        fallback,
+        &aliases,
     )
     .await
 }
 
 /// Gmail silently rewrites a From that is not the account or a verified alias:
-/// refuse such a sender instead of letting the test "succeed" from another address.
+/// refuse such a sender instead of letting the test "succeed" from another
+/// address, and say what recipients would have seen. Returns the account's
+/// verified aliases when they were read.
 async fn check_google_sender(
     state: &AdminState,
     org: &str,
     integration: &Integration,
     email: &EmailAddress,
-) -> Result<(), ApiError> {
+) -> Result<Vec<String>, ApiError> {
     let account = integration.account_email.as_deref().unwrap_or_default();
     if account.eq_ignore_ascii_case(email.as_str()) {
-        return Ok(());
+        return Ok(vec![]);
     }
     let not_allowed = |why: &str| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             ApiErrorCode::SenderNotAllowed,
-            format!("with Google, the sender must be {why}"),
+            format!(
+                "with Google, the sender must be {why}: Gmail would send from {account} instead, without an error"
+            ),
         )
     };
     if !state.config.google_check_aliases {
@@ -417,14 +546,16 @@ async fn check_google_sender(
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             ApiErrorCode::SenderNotAllowed,
-            format!("could not read the account's aliases: {e}"),
+            format!(
+                "could not read the account's aliases, so {email} cannot be checked: if it is not a verified send-as alias, Gmail would send from {account} instead, without an error ({e})"
+            ),
         )
     })?;
     if aliases
         .iter()
         .any(|a| a.eq_ignore_ascii_case(email.as_str()))
     {
-        Ok(())
+        Ok(aliases)
     } else {
         Err(not_allowed(
             "the connected account's address or one of its verified send-as aliases",

@@ -22,6 +22,9 @@ pub struct OutgoingMessage {
     /// that a retried job carries the same id (receiving systems such as Gmail drop
     /// a second copy with an identical Message-ID).
     pub message_id: Option<String>,
+    /// Microsoft Graph only: keep a copy in the sender's Sent Items
+    /// (`saveToSentItems`). Gmail always keeps one; the platform sender none.
+    pub save_to_sent_items: bool,
 }
 
 impl OutgoingMessage {
@@ -43,6 +46,7 @@ impl OutgoingMessage {
             attachments: job.attachments.clone(),
             headers: job.headers.clone(),
             message_id: Some(message_id_for(&job.id, &job.organization_id, from_domain)),
+            save_to_sent_items: false,
         }
     }
 

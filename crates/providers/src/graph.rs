@@ -7,6 +7,16 @@
 //! A 2xx is never retried, even with a `Retry-After`: that would send duplicates.
 //! A 504 is ambiguous (the mail may have gone); it is retried like other 5xx,
 //! which is the one case where a duplicate can reach a recipient from here.
+//! The message carries the job's Message-ID as `internetMessageId` (writable
+//! while a message is a draft: learn.microsoft.com/graph/api/message-update), so
+//! every attempt reaches recipients with the same id and a duplicate can be told
+//! apart. The MIME form of `sendMail` would carry it too, but always saves to
+//! Sent Items, and Sent Items is the organization's choice here.
+//!
+//! Every call carries a new `client-request-id` (with `return-client-request-id:
+//! true`) and logs it with Graph's `request-id` and `Date` answer headers: what
+//! Microsoft support asks for to trace a request
+//! (learn.microsoft.com/graph/best-practices-concept#reliability-and-support).
 
 use base64::Engine as _;
 use mail_dispatch_domain::{ErrorCode, FailureClass, Mailbox, OutgoingMessage};
@@ -16,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use url::Url;
 
-use crate::error::{get_with_token, retry_after_header};
+use crate::error::retry_after_header;
 use crate::{Accepted, SendError};
 
 /// Graph refuses requests over 4 MB (graph/throttling-limits#outlook-service-limits).
@@ -30,17 +40,15 @@ pub struct GraphSender {
     http: reqwest::Client,
     send_url: Url,
     me_url: Url,
-    save_to_sent_items: bool,
 }
 
 impl GraphSender {
     /// `base` is the Graph root, e.g. `https://graph.microsoft.com`.
-    pub fn new(http: reqwest::Client, base: &Url, save_to_sent_items: bool) -> Self {
+    pub fn new(http: reqwest::Client, base: &Url) -> Self {
         GraphSender {
             http,
             send_url: join(base, "v1.0/me/sendMail"),
             me_url: join(base, "v1.0/me"),
-            save_to_sent_items,
         }
     }
 
@@ -89,6 +97,9 @@ impl GraphSender {
                 .collect();
             m.insert("attachments".into(), attachments);
         }
+        if let Some(id) = &msg.message_id {
+            m.insert("internetMessageId".into(), json!(format!("<{id}>")));
+        }
         // An empty internetMessageHeaders array is refused by Graph: omit it.
         if !msg.headers.is_empty() {
             let headers = msg
@@ -98,7 +109,7 @@ impl GraphSender {
                 .collect();
             m.insert("internetMessageHeaders".into(), headers);
         }
-        json!({"message": message, "saveToSentItems": self.save_to_sent_items})
+        json!({"message": message, "saveToSentItems": msg.save_to_sent_items})
     }
 
     /// Sends `msg` with the mailbox's access token.
@@ -117,15 +128,13 @@ impl GraphSender {
                 ),
             ));
         }
-        let response = self
+        let request = self
             .http
             .post(self.send_url.clone())
             .bearer_auth(token.expose_secret())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| SendError::transport(&e))?;
+            .body(body);
+        let response = traced_call("sendMail", request).await?;
         let status = response.status();
         if status.is_success() {
             let request_id = response
@@ -147,9 +156,17 @@ impl GraphSender {
     /// Exchange Online mailbox: the user principal name is then no mail address.
     pub async fn me(&self, token: &SecretString) -> Result<GraphUser, SendError> {
         let mut url = self.me_url.clone();
-        url.query_pairs_mut()
-            .append_pair("$select", "id,displayName,mail,userPrincipalName");
-        let text = get_with_token(&self.http, url, token, classify).await?;
+        url.query_pairs_mut().append_pair(
+            "$select",
+            "id,displayName,mail,userPrincipalName,proxyAddresses",
+        );
+        let request = self.http.get(url).bearer_auth(token.expose_secret());
+        let response = traced_call("me", request).await?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(classify(status, &text, None));
+        }
         serde_json::from_str(&text).map_err(|_| {
             SendError::new(
                 FailureClass::unavailable(None),
@@ -172,6 +189,54 @@ pub struct GraphUser {
     pub mail: Option<String>,
     #[serde(default)]
     pub user_principal_name: Option<String>,
+    /// Exchange addresses of the mailbox: `SMTP:` the primary, `smtp:` aliases.
+    #[serde(default)]
+    pub proxy_addresses: Vec<String>,
+}
+
+/// Sends one Graph request with a new `client-request-id`, and logs it with the
+/// answer's `request-id` and `Date` (in the caller's span: the worker's
+/// `provider_call`), or with the transport error when there is no answer.
+async fn traced_call(
+    operation: &'static str,
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, SendError> {
+    let client_request_id = uuid::Uuid::new_v4().to_string();
+    let sent = request
+        .header("client-request-id", &client_request_id)
+        .header("return-client-request-id", "true")
+        .send()
+        .await;
+    let response = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            let e = SendError::transport(&e);
+            tracing::warn!(
+                graph.operation = operation,
+                graph.client_request_id = %client_request_id,
+                error = %e.message,
+                "Microsoft Graph call got no answer"
+            );
+            return Err(e);
+        }
+    };
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    tracing::info!(
+        graph.operation = operation,
+        graph.client_request_id = %client_request_id,
+        graph.request_id = %header("request-id"),
+        graph.date = %header("date"),
+        http.status = response.status().as_u16(),
+        "Microsoft Graph call"
+    );
+    Ok(response)
 }
 
 fn join(base: &Url, path: &str) -> Url {
@@ -267,6 +332,43 @@ mod tests {
         json!({"error": {"code": code, "message": format!("{code} message"),
             "innerError": {"date": "2026-11-28T10:15:03", "request-id": "r", "client-request-id": "c"}}})
         .to_string()
+    }
+
+    /// The job's Message-ID goes out as `internetMessageId` (RFC 5322 `msg-id`,
+    /// with its angle brackets), and `saveToSentItems` is the message's choice.
+    #[test]
+    fn the_body_carries_the_message_id_and_the_sent_items_choice() {
+        use mail_dispatch_domain::{EmailAddress, Mailbox};
+        let graph = GraphSender::new(
+            reqwest::Client::new(),
+            &Url::parse("https://graph.microsoft.com").unwrap(),
+        );
+        let mailbox = |e: &str| Mailbox::new(EmailAddress::parse(e).unwrap(), None);
+        let mut msg = OutgoingMessage {
+            from: mailbox("n@customer.com"),
+            to: vec![mailbox("a@example.org")],
+            cc: vec![],
+            bcc: vec![],
+            reply_to: None,
+            subject: "s".into(),
+            text: Some("t".into()),
+            html: None,
+            attachments: vec![],
+            headers: Default::default(),
+            message_id: Some("job-1.org_42@customer.com".into()),
+            save_to_sent_items: false,
+        };
+        let body = graph.request_body(&msg);
+        assert_eq!(
+            body["message"]["internetMessageId"],
+            "<job-1.org_42@customer.com>"
+        );
+        assert_eq!(body["saveToSentItems"], false);
+        msg.save_to_sent_items = true;
+        msg.message_id = None;
+        let body = graph.request_body(&msg);
+        assert_eq!(body["saveToSentItems"], true);
+        assert!(body["message"].get("internetMessageId").is_none());
     }
 
     /// Every documented sendMail error maps to its contract code (facts.md; graph/errors).

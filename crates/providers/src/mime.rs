@@ -138,6 +138,7 @@ mod tests {
             }],
             headers: [("X-Entity-Ref-ID".to_owned(), "task-991".to_owned())].into(),
             message_id: Some("job-1.org@customer.com".into()),
+            save_to_sent_items: false,
         }
     }
 

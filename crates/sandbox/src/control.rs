@@ -31,7 +31,7 @@ impl Respond for Page {
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
                 m.received_at.format("%H:%M:%S"),
                 m.provider,
-                escape(&m.from),
+                escape(&m.shown()),
                 escape(&m.to.join(", ")),
                 escape(&m.subject)
             ));
@@ -41,7 +41,7 @@ impl Respond for Page {
              <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;text-align:left;border-bottom:1px solid #ddd}}</style>\
              </head><body><h1>mail-dispatch sandbox</h1>\
              <p>Stand-in for Microsoft Graph and the Gmail API. Not a real mail provider: nothing leaves this machine.</p>\
-             <table><tr><th>received</th><th>provider</th><th>from</th><th>to</th><th>subject</th></tr>\n{rows}</table>\
+             <table><tr><th>received</th><th>provider</th><th>from (as recipients see it)</th><th>to</th><th>subject</th></tr>\n{rows}</table>\
              <p>JSON: <a href=\"/_sandbox/messages\">/_sandbox/messages</a></p></body></html>"
         );
         ResponseTemplate::new(200).set_body_raw(body, "text/html; charset=utf-8")

@@ -249,7 +249,12 @@ const CHUNK_GRANULE: usize = 256 * 1024;
 /// What every Gmail send checks before taking the message: the token, its
 /// scopes, the mailbox's rate, then a scripted answer or an injected fault.
 /// Counts the attempt.
-fn send_checks(s: &mut State, request: &Request) -> Result<(), ResponseTemplate> {
+/// The checks of a send, in Gmail's order; `Ok(account)` when it may go on.
+#[expect(
+    clippy::result_large_err,
+    reason = "the refusal is the stand-in's answer, built once per request"
+)]
+fn send_checks(s: &mut State, request: &Request) -> Result<String, ResponseTemplate> {
     *s.send_attempts.entry(Vendor::Google).or_default() += 1;
     s.attempt_times
         .push((Vendor::Google, std::time::Instant::now()));
@@ -276,11 +281,11 @@ fn send_checks(s: &mut State, request: &Request) -> Result<(), ResponseTemplate>
     if s.fault_rate > 0.0 && rand::random::<f64>() < s.fault_rate {
         return Err(gmail_unavailable().set_delay(delay));
     }
-    Ok(())
+    Ok(grant.account)
 }
 
 /// Takes a complete message: records it and answers with its Message resource.
-fn accept(s: &mut State, raw: Vec<u8>) -> ResponseTemplate {
+fn accept(s: &mut State, account: &str, raw: Vec<u8>) -> ResponseTemplate {
     let id = format!("{:016x}", rand::random::<u64>());
     if let Some(msg) = mail_parser::MessageParser::default().parse(&raw) {
         let addresses = |a: Option<&mail_parser::Address>| {
@@ -291,13 +296,41 @@ fn accept(s: &mut State, raw: Vec<u8>) -> ResponseTemplate {
             })
             .unwrap_or_default()
         };
+        let from = msg.from().and_then(|a| a.first());
+        let from_address = from
+            .and_then(|f| f.address())
+            .unwrap_or_default()
+            .to_owned();
+        // Gmail sends from the account or one of its verified send-as aliases;
+        // any other From is silently replaced by the account's address, and the
+        // send still succeeds (googleapis/google-api-php-client#2393; the sendAs
+        // resource: "Send mail as").
+        let verified = from_address.eq_ignore_ascii_case(account)
+            || s.aliases
+                .get(account)
+                .is_some_and(|a| a.iter().any(|x| x.eq_ignore_ascii_case(&from_address)));
+        let seen_from = super::SeenMailbox {
+            name: from.and_then(|f| f.name()).map(str::to_owned),
+            address: if verified {
+                from_address.clone()
+            } else {
+                account.to_owned()
+            },
+        };
+        // Gmail keeps the Message-ID it is given, and adds one when there is none.
+        let message_id = msg
+            .message_id()
+            .map_or_else(|| format!("<CA{id}@mail.gmail.com>"), |m| format!("<{m}>"));
         s.received.push(Received {
             provider: "google",
             received_at: chrono::Utc::now(),
             id: id.clone(),
-            from: addresses(msg.from()).into_iter().next().unwrap_or_default(),
+            from: from_address,
             to: addresses(msg.to()),
             subject: msg.subject().unwrap_or_default().to_owned(),
+            seen_from,
+            seen_sender: None,
+            message_id,
         });
     }
     s.gmail_sends.push(raw);
@@ -311,9 +344,10 @@ pub(super) struct GmailSend(pub(super) Arc<Mutex<State>>);
 impl Respond for GmailSend {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let mut s = self.0.lock().unwrap();
-        if let Err(answer) = send_checks(&mut s, request) {
-            return answer;
-        }
+        let account = match send_checks(&mut s, request) {
+            Ok(account) => account,
+            Err(answer) => return answer,
+        };
         let raw = serde_json::from_slice::<Value>(&request.body)
             .ok()
             .and_then(|v| v["raw"].as_str().map(str::to_owned))
@@ -330,12 +364,15 @@ impl Respond for GmailSend {
                 "INVALID_ARGUMENT",
             );
         };
-        accept(&mut s, raw)
+        accept(&mut s, &account, raw)
     }
 }
 
 /// A resumable upload in progress.
 pub(super) struct UploadSession {
+    /// The account whose token opened the session (the session URI is the
+    /// credential of its chunks).
+    account: String,
     total: usize,
     data: Vec<u8>,
     /// The answer to the last chunk, once the message is complete (and sent).
@@ -373,9 +410,10 @@ impl Respond for GmailUploadStart {
                 if request.body.len() > MAX_SIMPLE_UPLOAD_BYTES {
                     return too_large();
                 }
-                if let Err(answer) = send_checks(&mut s, request) {
-                    return answer;
-                }
+                let account = match send_checks(&mut s, request) {
+                    Ok(account) => account,
+                    Err(answer) => return answer,
+                };
                 let media = header(request, "content-type").unwrap_or("application/octet-stream");
                 if !media.starts_with("message/") {
                     return google_error(
@@ -387,12 +425,13 @@ impl Respond for GmailUploadStart {
                         "INVALID_ARGUMENT",
                     );
                 }
-                accept(&mut s, request.body.clone())
+                accept(&mut s, &account, request.body.clone())
             }
             Some("resumable") => {
-                if let Err(answer) = send_checks(&mut s, request) {
-                    return answer;
-                }
+                let account = match send_checks(&mut s, request) {
+                    Ok(account) => account,
+                    Err(answer) => return answer,
+                };
                 let media =
                     header(request, "x-upload-content-type").unwrap_or("application/octet-stream");
                 if !media.starts_with("message/") {
@@ -422,6 +461,7 @@ impl Respond for GmailUploadStart {
                 s.gmail_uploads.insert(
                     id.clone(),
                     UploadSession {
+                        account,
                         total,
                         data: Vec::with_capacity(total),
                         done: None,
@@ -511,7 +551,7 @@ impl Respond for GmailUploadChunk {
             return incomplete(session.data.len());
         }
         let is_last = last + 1 == total;
-        if !is_last && request.body.len() % CHUNK_GRANULE != 0 {
+        if !is_last && !request.body.len().is_multiple_of(CHUNK_GRANULE) {
             return google_error(
                 400,
                 "invalid",
@@ -524,8 +564,9 @@ impl Respond for GmailUploadChunk {
             return incomplete(session.data.len());
         }
         let raw = std::mem::take(&mut session.data);
+        let account = session.account.clone();
         let id = query(request, "upload_id").unwrap_or_default();
-        let answer = accept(s, raw);
+        let answer = accept(s, &account, raw);
         if let Some(session) = s.gmail_uploads.get_mut(&id) {
             session.done = Some(answer.clone());
         }

@@ -164,15 +164,57 @@ struct IssuedCode {
     scopes: Vec<String>,
 }
 
-/// A message a stand-in accepted, summarized for people (the sandbox's pages).
+/// A message a stand-in accepted, summarized for people (the sandbox's pages),
+/// with what its recipients see: the provider's rewriting of the From applied.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Received {
     pub provider: &'static str,
     pub received_at: chrono::DateTime<chrono::Utc>,
     pub id: String,
+    /// The From address the request asked for.
     pub from: String,
     pub to: Vec<String>,
     pub subject: String,
+    /// The From recipients see, after the provider's rewriting (Exchange: the
+    /// directory's display name, an alias turned into the primary address).
+    pub seen_from: SeenMailbox,
+    /// The mailbox that really sent, when it is not the From ("X on behalf of
+    /// Y": the RFC 5322 `Sender`, shown by Outlook as "Sender on behalf of From").
+    pub seen_sender: Option<SeenMailbox>,
+    /// The `Message-ID` header recipients get, with its angle brackets: the one
+    /// the request carried, or one the provider made up.
+    pub message_id: String,
+}
+
+impl Received {
+    /// The From line as a mail client shows it: `Name <address>`, or
+    /// `Sender on behalf of Name <address>`.
+    pub fn shown(&self) -> String {
+        match &self.seen_sender {
+            Some(sender) => format!(
+                "{} on behalf of {}",
+                sender.name.as_deref().unwrap_or(&sender.address),
+                self.seen_from
+            ),
+            None => self.seen_from.to_string(),
+        }
+    }
+}
+
+/// A name and address as a recipient's mail client shows them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SeenMailbox {
+    pub name: Option<String>,
+    pub address: String,
+}
+
+impl std::fmt::Display for SeenMailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "{name} <{}>", self.address),
+            None => f.write_str(&self.address),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -192,6 +234,12 @@ struct State {
     accounts: HashMap<String, AccountInfo>,
     /// Send As rights: account → mailboxes (lower-cased).
     send_as: HashMap<String, HashSet<String>>,
+    /// Send on Behalf rights: account → mailboxes (lower-cased).
+    send_on_behalf: HashMap<String, HashSet<String>>,
+    /// Microsoft tenants (e-mail domains) with `SendFromAliasEnabled`.
+    alias_sending: HashSet<String>,
+    /// Graph calls as received: (path, `client-request-id` header).
+    graph_calls: Vec<(String, Option<String>)>,
     /// Tenants (e-mail domains) whose users cannot consent to apps.
     consent_blocked: HashSet<String>,
     /// Admin consents: (tenant id or domain, client id) → consented scopes.
@@ -694,6 +742,40 @@ impl StandIns {
             .entry(account.to_ascii_lowercase())
             .or_default()
             .insert(mailbox.to_ascii_lowercase());
+    }
+
+    /// Gives `account` the Exchange Send on Behalf right on `mailbox`: Graph
+    /// accepts a From of that mailbox (with `Mail.Send.Shared`), and recipients
+    /// see "account on behalf of mailbox"
+    /// (https://learn.microsoft.com/graph/outlook-send-mail-from-other-user).
+    pub fn grant_send_on_behalf(&self, account: &str, mailbox: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .send_on_behalf
+            .entry(account.to_ascii_lowercase())
+            .or_default()
+            .insert(mailbox.to_ascii_lowercase());
+    }
+
+    /// The Microsoft tenant of this e-mail domain turns `SendFromAliasEnabled` on
+    /// (`true`) or off (`false`, Exchange Online's default): while it is off,
+    /// Exchange rewrites a From that is one of the mailbox's proxy-address aliases
+    /// to its primary address (Set-OrganizationConfig, `-SendFromAliasEnabled`).
+    pub fn allow_send_from_aliases(&self, tenant_domain: &str, allowed: bool) {
+        let domain = tenant_domain.trim().to_ascii_lowercase();
+        let mut s = self.state.lock().unwrap();
+        if allowed {
+            s.alias_sending.insert(domain);
+        } else {
+            s.alias_sending.remove(&domain);
+        }
+    }
+
+    /// The `client-request-id` header of each Graph call, in order, with the
+    /// call's path (`None`: the call had none).
+    pub fn graph_client_request_ids(&self) -> Vec<(String, Option<String>)> {
+        self.state.lock().unwrap().graph_calls.clone()
     }
 
     /// The Microsoft tenant of this e-mail domain (e.g. `customer.com`) does not

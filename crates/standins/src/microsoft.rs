@@ -463,7 +463,14 @@ fn refresh(s: &mut State, f: &HashMap<String, String>) -> ResponseTemplate {
 pub(super) struct GraphMe(pub(super) Arc<Mutex<State>>);
 impl Respond for GraphMe {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        let s = self.0.lock().unwrap();
+        let mut s = self.0.lock().unwrap();
+        let response = me(&s, request);
+        with_request_ids(&mut s, request, response)
+    }
+}
+
+fn me(s: &State, request: &Request) -> ResponseTemplate {
+    {
         let Some(grant) = s.bearer_grant(request, Vendor::Microsoft) else {
             return graph_error(401, "InvalidAuthenticationToken", "Access token is empty.");
         };
@@ -532,7 +539,11 @@ impl Respond for GraphMe {
                 Value::Object(m)
             }
         };
-        ResponseTemplate::new(200).set_body_json(body)
+        let id = uuid::Uuid::new_v4().to_string();
+        ResponseTemplate::new(200)
+            .set_body_json(body)
+            .insert_header("request-id", id.as_str())
+            .insert_header("client-request-id", id.as_str())
     }
 }
 
@@ -637,6 +648,34 @@ fn own_address(info: &AccountInfo, account: &str, address: &str) -> bool {
         })
 }
 
+/// Graph's request ids: `request-id` is Graph's own; `client-request-id` echoes
+/// the caller's when it sent one (and asked for it back with
+/// `return-client-request-id: true`), else it is a new one
+/// (https://learn.microsoft.com/graph/best-practices-concept#reliability-and-support).
+/// Records the call. `Date` is added by the HTTP server, as Graph's is.
+fn with_request_ids(
+    s: &mut State,
+    request: &Request,
+    response: ResponseTemplate,
+) -> ResponseTemplate {
+    let sent = request
+        .headers
+        .get("client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    s.graph_calls
+        .push((request.url.path().to_owned(), sent.clone()));
+    let echo = request
+        .headers
+        .get("return-client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    match sent {
+        Some(id) if echo => response.insert_header("client-request-id", id.as_str()),
+        _ => response,
+    }
+}
+
 /// Graph `POST /v1.0/me/sendMail`.
 /// Graph's request size limit, 4 MB.
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -645,6 +684,15 @@ pub(super) struct GraphSend(pub(super) Arc<Mutex<State>>);
 impl Respond for GraphSend {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let mut s = self.0.lock().unwrap();
+        let response = graph_send(&mut s, request);
+        with_request_ids(&mut s, request, response)
+    }
+}
+
+/// `sendMail`: the checks Graph makes before a request holds one of its
+/// mailbox's concurrent requests, then [`send_mail`].
+fn graph_send(s: &mut State, request: &Request) -> ResponseTemplate {
+    {
         *s.send_attempts.entry(Vendor::Microsoft).or_default() += 1;
         s.attempt_times
             .push((Vendor::Microsoft, std::time::Instant::now()));
@@ -685,7 +733,7 @@ impl Respond for GraphSend {
         if s.enter_graph(&account, delay).is_err() {
             return graph_throttled(CONCURRENCY_RETRY_AFTER_SECS);
         }
-        send_mail(&mut s, request, &grant, account).set_delay(delay)
+        send_mail(s, request, &grant, account).set_delay(delay)
     }
 }
 
@@ -725,27 +773,77 @@ fn send_mail(s: &mut State, request: &Request, grant: &Grant, account: String) -
                 );
             }
         }
+        // A message id that is not `<left@right>`. Microsoft does not document the
+        // refusal's shape; Exchange refuses such a value, and the generic
+        // `ErrorInvalidProperty` code of graph/errors stands for it here.
+        let message_id = match body["message"].get("internetMessageId") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_str().filter(|v| valid_msg_id(v)) {
+                Some(v) => Some(v.to_owned()),
+                None => {
+                    return graph_error(
+                        400,
+                        "ErrorInvalidProperty",
+                        "The value of the property 'InternetMessageId' is not valid: expected <id-left@id-right>.",
+                    );
+                }
+            },
+        };
         let from = &body["message"]["from"]["emailAddress"];
         // Exchange refuses a display name containing '@' (facts.md: ErrorSendAsDenied).
         if from["name"].as_str().is_some_and(|n| n.contains('@')) {
             return graph_send_as_denied();
         }
-        // Another mailbox: Mail.Send.Shared and the Send As right
-        // (https://learn.microsoft.com/graph/outlook-send-mail-from-other-user).
-        if let Some(address) = from["address"].as_str().filter(|a| !a.is_empty()) {
-            let info = s.account_info(&account);
-            if !own_address(&info, &account, address) {
+        let id = uuid::Uuid::new_v4().to_string();
+        let info = s.account_info(&account);
+        let primary = info.mail.clone().unwrap_or_else(|| account.clone());
+        let me = super::SeenMailbox {
+            name: Some(info.display_name.clone()),
+            address: primary.clone(),
+        };
+        // What recipients see. Exchange ignores `from.name`: the directory's display
+        // name of the sending mailbox is shown (not documented by Microsoft; seen in
+        // msgraph-sdk-php#183, microsoft-graph-docs-contrib#5240).
+        let (seen_from, seen_sender) = match from["address"].as_str().filter(|a| !a.is_empty()) {
+            None => (me, None),
+            Some(address) if address.eq_ignore_ascii_case(&primary) => (me, None),
+            // One of the mailbox's own aliases: rewritten to the primary address
+            // unless the tenant has SendFromAliasEnabled (Set-OrganizationConfig).
+            Some(address) if own_address(&info, &account, address) => {
+                let tenant_allows = [info.tenant_id.to_ascii_lowercase(), domain_of(&account)]
+                    .iter()
+                    .any(|t| s.alias_sending.contains(t));
+                let shown = if tenant_allows { address } else { &primary };
+                (
+                    super::SeenMailbox {
+                        name: me.name.clone(),
+                        address: shown.to_owned(),
+                    },
+                    None,
+                )
+            }
+            // Another mailbox: Mail.Send.Shared and the Send As or Send on Behalf
+            // right (https://learn.microsoft.com/graph/outlook-send-mail-from-other-user);
+            // on behalf, recipients see "user on behalf of mailbox".
+            Some(address) => {
                 let shared = has_graph(&grant.scopes, "Mail.Send.Shared");
-                let right = s
-                    .send_as
-                    .get(&account.to_ascii_lowercase())
-                    .is_some_and(|m| m.contains(&address.to_ascii_lowercase()));
-                if !(shared && right) {
+                let has = |rights: &HashMap<String, std::collections::HashSet<String>>| {
+                    rights
+                        .get(&account.to_ascii_lowercase())
+                        .is_some_and(|m| m.contains(&address.to_ascii_lowercase()))
+                };
+                let (send_as, on_behalf) = (has(&s.send_as), has(&s.send_on_behalf));
+                if !shared || !(send_as || on_behalf) {
                     return graph_send_as_denied();
                 }
+                let other = s.account_info(address);
+                let mailbox = super::SeenMailbox {
+                    name: Some(other.display_name.clone()),
+                    address: other.mail.clone().unwrap_or_else(|| address.to_owned()),
+                };
+                (mailbox, (!send_as).then_some(me))
             }
-        }
-        let id = uuid::Uuid::new_v4().to_string();
+        };
         let address = |v: &Value| {
             v["emailAddress"]["address"]
                 .as_str()
@@ -753,6 +851,13 @@ fn send_mail(s: &mut State, request: &Request, grant: &Grant, account: String) -
                 .to_owned()
         };
         let m = &body["message"];
+        let message_id = message_id.unwrap_or_else(|| {
+            // Exchange makes one up: `<…@….prod.outlook.com>`.
+            format!(
+                "<{}@PR3P195MB0001.EURP195.PROD.OUTLOOK.COM>",
+                uuid::Uuid::new_v4().simple()
+            )
+        });
         s.received.push(Received {
             provider: "microsoft",
             received_at: chrono::Utc::now(),
@@ -763,10 +868,29 @@ fn send_mail(s: &mut State, request: &Request, grant: &Grant, account: String) -
                 .map(|a| a.iter().map(address).collect())
                 .unwrap_or_default(),
             subject: m["subject"].as_str().unwrap_or_default().to_owned(),
+            seen_from,
+            seen_sender,
+            message_id,
         });
         s.graph_sends.push(body);
         ResponseTemplate::new(202)
             .insert_header("request-id", id.as_str())
-            .insert_header("client-request-id", id.as_str())
+            .insert_header("client-request-id", uuid::Uuid::new_v4().to_string())
     }
+}
+
+/// Whether an `internetMessageId` is an RFC 5322 `msg-id`: `<left@right>`, no
+/// spaces. The property is "the message ID in the format specified by RFC2822",
+/// writable while the message is a draft (learn.microsoft.com/graph/api/message-update).
+fn valid_msg_id(v: &str) -> bool {
+    v.strip_prefix('<')
+        .and_then(|v| v.strip_suffix('>'))
+        .and_then(|v| v.split_once('@'))
+        .is_some_and(|(l, r)| {
+            !l.is_empty()
+                && !r.is_empty()
+                && !format!("{l}{r}")
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || "<>@\"".contains(c))
+        })
 }

@@ -76,6 +76,11 @@ pub struct Integration {
     pub sender_email: Option<String>,
     pub sender_name: Option<String>,
     pub fallback: Fallback,
+    /// Microsoft Graph `saveToSentItems`: keep a copy in the sender's Sent Items.
+    pub save_to_sent_items: bool,
+    /// What recipients see as the sender, as learnt by the last successful save
+    /// and test (`{"name", "email", "differs", "reasons", "message"}`).
+    pub recipients_see: Option<serde_json::Value>,
     pub ever_active: bool,
     /// When the grant was last refreshed or obtained (the keep-alive's clock).
     pub last_refreshed_at: Option<DateTime<Utc>>,
@@ -99,6 +104,8 @@ impl Integration {
             sender_email: row.get("sender_email"),
             sender_name: row.get("sender_name"),
             fallback: Fallback::parse(row.get("fallback")).unwrap_or(Fallback::None),
+            save_to_sent_items: row.get("save_to_sent_items"),
+            recipients_see: row.get("recipients_see"),
             ever_active: row.get("ever_active"),
             last_refreshed_at: row.get("last_refreshed_at"),
             connected_at: row.get("connected_at"),
@@ -111,7 +118,7 @@ impl Integration {
 }
 
 const INTEGRATION_COLUMNS: &str = "organization_id, provider, status, account_email, account_id, \
-     account_tenant, sender_email, sender_name, fallback, ever_active, last_refreshed_at, connected_at, \
+     account_tenant, sender_email, sender_name, fallback, save_to_sent_items, recipients_see, ever_active, last_refreshed_at, connected_at, \
      last_test_at, last_test, last_error, updated_at";
 
 /// The outcome of an OAuth connection, to be stored.
@@ -265,6 +272,10 @@ impl Store {
                                              THEN integrations.sender_email END,
                          sender_name = CASE WHEN integrations.provider = EXCLUDED.provider
                                             THEN integrations.sender_name END,
+                         save_to_sent_items = CASE WHEN integrations.provider = EXCLUDED.provider
+                                                   THEN integrations.save_to_sent_items ELSE false END,
+                         -- Learnt again by the sender's next test (another account may show another name).
+                         recipients_see = NULL,
                          provider = EXCLUDED.provider,
                          connected_at = now(),
                          last_error = NULL,
@@ -306,6 +317,27 @@ impl Store {
                      WHERE organization_id = $1 RETURNING {INTEGRATION_COLUMNS}"
                 ),
                 &[&organization_id, &email, &name, &fallback.as_str()],
+            )
+            .await?;
+        Ok(row.as_ref().map(Integration::from_row))
+    }
+
+    /// Saves how the sender's mail is delivered and seen (after its test was sent):
+    /// Graph's `saveToSentItems`, and what recipients see (`None`: unknown).
+    pub async fn save_sender_delivery(
+        &self,
+        organization_id: &str,
+        save_to_sent_items: bool,
+        recipients_see: Option<&serde_json::Value>,
+    ) -> Result<Option<Integration>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE integrations SET save_to_sent_items = $2, recipients_see = $3, updated_at = now()
+                     WHERE organization_id = $1 RETURNING {INTEGRATION_COLUMNS}"
+                ),
+                &[&organization_id, &save_to_sent_items, &recipients_see],
             )
             .await?;
         Ok(row.as_ref().map(Integration::from_row))

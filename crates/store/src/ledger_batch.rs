@@ -648,7 +648,7 @@ mod tests {
                     let store = db.store.clone();
                     tokio::spawn(async move {
                         store
-                            .claim_job(&key(&format!("{prefix}{i:03}")), LEASE)
+                            .claim_job(&key(format!("{prefix}{i:03}")), LEASE)
                             .await
                     })
                 })
@@ -774,7 +774,7 @@ mod tests {
         let claims: Vec<_> = (0..100)
             .map(|i| {
                 let store = db.store.clone();
-                tokio::spawn(async move { store.claim_job(&key(&format!("f{i}")), LEASE).await })
+                tokio::spawn(async move { store.claim_job(&key(format!("f{i}")), LEASE).await })
             })
             .collect();
         let completes: Vec<_> = (0..100)
@@ -782,7 +782,7 @@ mod tests {
                 let store = db.store.clone();
                 tokio::spawn(async move {
                     store
-                        .complete_job(&key(&format!("f{i}")), ClaimOwner(0), &json!({}), LEASE)
+                        .complete_job(&key(format!("f{i}")), ClaimOwner(0), &json!({}), LEASE)
                         .await
                 })
             })
@@ -823,7 +823,7 @@ mod tests {
         let claims: Vec<_> = (0..50)
             .map(|i| {
                 let store = db.store.clone();
-                tokio::spawn(async move { store.claim_job(&key(&format!("p{i}")), LEASE).await })
+                tokio::spawn(async move { store.claim_job(&key(format!("p{i}")), LEASE).await })
             })
             .collect();
         let all = async {

@@ -276,6 +276,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0009_mailbox_slots.sql"),
     ),
     (10, "portal", include_str!("../migrations/0010_portal.sql")),
+    (
+        11,
+        "sender_delivery",
+        include_str!("../migrations/0011_sender_delivery.sql"),
+    ),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;

@@ -361,10 +361,16 @@ impl Dispatcher {
                 return self.finish(&key, held, result, None, vec![]).await;
             }
             Route::Provider {
-                provider, sender, ..
+                provider,
+                sender,
+                save_to_sent_items,
+                ..
             } => (
                 *provider,
-                OutgoingMessage::from_job(&job, sender.clone(), None),
+                OutgoingMessage {
+                    save_to_sent_items: *save_to_sent_items,
+                    ..OutgoingMessage::from_job(&job, sender.clone(), None)
+                },
                 false,
             ),
             Route::Platform { on_behalf_of: None } => (

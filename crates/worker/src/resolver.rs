@@ -23,6 +23,8 @@ pub enum Route {
         provider: ProviderKind,
         sender: Mailbox,
         fallback: Fallback,
+        /// Graph `saveToSentItems`: the organization's choice.
+        save_to_sent_items: bool,
     },
     /// Through the platform sender. `on_behalf_of` is set when the platform
     /// sender stands in for an organization whose grant stopped working
@@ -48,6 +50,7 @@ impl Route {
                 provider: i.provider,
                 sender,
                 fallback: i.fallback,
+                save_to_sent_items: i.save_to_sent_items,
             },
             _ if !i.ever_active => Route::Platform { on_behalf_of: None },
             (_, sender) => match (i.fallback, sender) {
@@ -160,6 +163,8 @@ mod tests {
             sender_email: Some("notifications@customer.com".into()),
             sender_name: Some("Compliance".into()),
             fallback,
+            save_to_sent_items: false,
+            recipients_see: None,
             ever_active,
             connected_at: Utc::now(),
             last_test_at: None,
@@ -189,6 +194,7 @@ mod tests {
                 provider: ProviderKind::Microsoft,
                 sender: sender.clone(),
                 fallback: Fallback::None,
+                save_to_sent_items: false,
             }
         );
         assert_eq!(

@@ -90,7 +90,7 @@ impl Services {
                 .with_refresh_lease(endpoints.http_timeout + crate::tokens::REFRESH_LEASE_MARGIN),
         );
         let senders = Senders {
-            graph: GraphSender::new(api.clone(), &endpoints.graph_url, false),
+            graph: GraphSender::new(api.clone(), &endpoints.graph_url),
             gmail: GmailSender::new(api, &endpoints.gmail_url).with_timeout(endpoints.http_timeout),
             platform: PlatformSender::from_url(&endpoints.platform_transport)?,
             tokens,

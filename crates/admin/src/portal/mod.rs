@@ -45,7 +45,7 @@ use crate::AdminState;
 use crate::connect::{ConfirmStatus, random_token, start_authorization};
 use crate::error::{ApiError, ApiErrorCode, ErrorBody};
 use crate::extract::{ApiJson, OrgId};
-use crate::sender::{SenderProblem, TestStatus, parse_sender, save_and_test};
+use crate::sender::{SenderChoice, SenderProblem, TestStatus, parse_sender, save_and_test};
 pub(crate) use texts::Locale;
 
 /// How long a portal link can be opened.
@@ -1122,7 +1122,13 @@ pub(crate) async fn save_sender(
     } else {
         Fallback::None
     };
-    match save_and_test(&state, &org, &integration, sender, recipient, fallback).await {
+    // The portal's form has no Sent Items choice: the organization's stays.
+    let choice = SenderChoice {
+        sender: &sender,
+        fallback,
+        save_to_sent_items: integration.save_to_sent_items,
+    };
+    match save_and_test(&state, &org, &integration, choice, recipient).await {
         Ok(outcome) => {
             let notice = if outcome.status == TestStatus::Sent {
                 "test_sent"

@@ -111,6 +111,7 @@ fn microsoft(fallback: Fallback) -> Route {
         provider: ProviderKind::Microsoft,
         sender: mailbox("ops@acme.example", "Acme"),
         fallback,
+        save_to_sent_items: false,
     }
 }
 
@@ -202,6 +203,24 @@ async fn an_accepted_send_finishes_as_sent_from_the_organizations_mailbox() {
     assert_eq!(sent[0].provider, ProviderKind::Microsoft);
     assert_eq!(sent[0].organization_id, "org_ms");
     assert_eq!(sent[0].message.to[0].email.as_str(), "alice@example.com");
+}
+
+/// The organization's Sent Items choice reaches the provider with its message.
+#[tokio::test]
+async fn the_organizations_sent_items_choice_goes_with_the_message() {
+    let f = fixture();
+    f.routes.set(
+        "org_ms",
+        Route::Provider {
+            provider: ProviderKind::Microsoft,
+            sender: mailbox("ops@acme.example", "Acme"),
+            fallback: Fallback::None,
+            save_to_sent_items: true,
+        },
+    );
+    let done = finished(f.handle(&job("org_ms")).await);
+    assert_eq!(done.result.status, ResultStatus::Sent);
+    assert!(f.senders.sent()[0].message.save_to_sent_items);
 }
 
 #[tokio::test]
@@ -405,6 +424,7 @@ async fn refused_scopes_mark_the_integration_needs_reauth() {
             provider: ProviderKind::Google,
             sender: mailbox("ops@globex.example", "Globex"),
             fallback: Fallback::None,
+            save_to_sent_items: false,
         },
     );
     let mut refused = SendError::permanent(ErrorCode::AuthRevoked, "Insufficient Permission");
