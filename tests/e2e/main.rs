@@ -8,6 +8,7 @@ mod delivery;
 mod dispatch;
 mod faults;
 mod fidelity;
+mod graph_large;
 mod invalid_jobs;
 mod memory;
 mod operability;

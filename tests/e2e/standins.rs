@@ -1339,3 +1339,289 @@ async fn gmail_replaces_an_unverified_from_with_the_account_and_keeps_the_messag
         "Team <team@customer.com>"
     );
 }
+
+const MS_LARGE_SCOPES: &[&str] = &[
+    "offline_access",
+    "openid",
+    "User.Read",
+    "Mail.Send",
+    "Mail.ReadWrite",
+];
+
+async fn create_draft(s: &StandIns, token: &str) -> reqwest::Response {
+    http()
+        .post(format!("{}/v1.0/me/messages", s.graph.uri()))
+        .bearer_auth(token)
+        .json(&json!({
+            "subject": "Export",
+            "body": {"contentType": "Text", "content": "attached"},
+            "from": {"emailAddress": {"address": "ops@customer.com"}},
+            "toRecipients": [{"emailAddress": {"address": "a@example.org"}}],
+        }))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn draft_id(s: &StandIns, token: &str) -> String {
+    let created = create_draft(s, token).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let body: Value = created.json().await.unwrap();
+    assert_eq!(body["isDraft"], true);
+    body["id"].as_str().unwrap().to_owned()
+}
+
+async fn open_upload(s: &StandIns, token: &str, id: &str, size: usize) -> reqwest::Response {
+    http()
+        .post(format!(
+            "{}/v1.0/me/messages/{id}/attachments/createUploadSession",
+            s.graph.uri()
+        ))
+        .bearer_auth(token)
+        .json(
+            &json!({"AttachmentItem": {"attachmentType": "file", "name": "export.bin",
+            "size": size, "contentType": "application/octet-stream"}}),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn send_draft(s: &StandIns, token: &str, id: &str) -> reqwest::Response {
+    http()
+        .post(format!("{}/v1.0/me/messages/{id}/send", s.graph.uri()))
+        .bearer_auth(token)
+        .header("Content-Length", 0)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn put_fragment(url: &str, range: String, body: Vec<u8>) -> reqwest::Response {
+    http()
+        .put(url)
+        .header("Content-Range", range)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn graph_drafts_need_mail_read_write_and_sending_one_needs_mail_send() {
+    let s = StandIns::start().await;
+    let (send_only, _) = s.issue(Vendor::Microsoft, "ops@customer.com");
+    let refused = create_draft(&s, &send_only).await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        graph_code(&refused.json().await.unwrap()),
+        "ErrorAccessDenied"
+    );
+    let (read_write_only, _) = s.issue_with_scopes(
+        Vendor::Microsoft,
+        "ops@customer.com",
+        &["offline_access", "Mail.ReadWrite"],
+    );
+    let id = draft_id(&s, &read_write_only).await;
+    let unsent = send_draft(&s, &read_write_only, &id).await;
+    assert_eq!(
+        unsent.status(),
+        StatusCode::FORBIDDEN,
+        "send needs Mail.Send"
+    );
+    let (both, _) = s.issue_with_scopes(Vendor::Microsoft, "ops@customer.com", MS_LARGE_SCOPES);
+    assert_eq!(
+        send_draft(&s, &both, &id).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(s.graph_messages().len(), 1);
+    assert!(s.graph_drafts().is_empty(), "a sent draft is no draft");
+    // Another mailbox's token does not reach this one's drafts.
+    let id = draft_id(&s, &both).await;
+    let (other, _) = s.issue_with_scopes(Vendor::Microsoft, "sales@customer.com", MS_LARGE_SCOPES);
+    assert_eq!(
+        send_draft(&s, &other, &id).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn a_graph_upload_session_takes_in_order_fragments_of_4_mb_at_most_without_authorization_and_sends_them_byte_for_byte()
+ {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue_with_scopes(Vendor::Microsoft, "ops@customer.com", MS_LARGE_SCOPES);
+    let id = draft_id(&s, &token).await;
+    let over = open_upload(&s, &token, &id, 150 * 1024 * 1024 + 1).await;
+    assert_eq!(over.status(), StatusCode::BAD_REQUEST, "150 MB at most");
+    let data: Vec<u8> = (0..5 * 1000 * 1000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let total = data.len();
+    let opened = open_upload(&s, &token, &id, total).await;
+    assert_eq!(opened.status(), StatusCode::CREATED);
+    let session: Value = opened.json().await.unwrap();
+    assert_eq!(session["nextExpectedRanges"], json!(["0"]));
+    assert!(session["expirationDateTime"].is_string());
+    let url = session["uploadUrl"].as_str().unwrap().to_owned();
+
+    let with_token = http()
+        .put(&url)
+        .bearer_auth(&token)
+        .header("Content-Range", format!("bytes 0-99/{total}"))
+        .body(data[..100].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        with_token.status(),
+        StatusCode::UNAUTHORIZED,
+        "the upload URL is pre-authenticated"
+    );
+    let big = 4 * 1024 * 1024 + 1;
+    let too_big = put_fragment(
+        &url,
+        format!("bytes 0-{}/{total}", big - 1),
+        data[..big].to_vec(),
+    )
+    .await;
+    assert_eq!(
+        too_big.status(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "4 MB a fragment"
+    );
+    let skipped = put_fragment(
+        &url,
+        format!("bytes 1000-1999/{total}"),
+        data[1000..2000].to_vec(),
+    )
+    .await;
+    assert_eq!(skipped.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(graph_code(&skipped.json().await.unwrap()), "InvalidRange");
+    let mismatch = put_fragment(&url, format!("bytes 0-999/{total}"), data[..10].to_vec()).await;
+    assert_eq!(
+        mismatch.status(),
+        StatusCode::BAD_REQUEST,
+        "range and body disagree"
+    );
+
+    let first = put_fragment(
+        &url,
+        format!("bytes 0-3276799/{total}"),
+        data[..3_276_800].to_vec(),
+    )
+    .await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let progress: Value = first.json().await.unwrap();
+    assert_eq!(progress["nextExpectedRanges"], json!(["3276800"]));
+    let again = put_fragment(
+        &url,
+        format!("bytes 0-3276799/{total}"),
+        data[..3_276_800].to_vec(),
+    )
+    .await;
+    assert_eq!(
+        again.status(),
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "a fragment already taken is out of order"
+    );
+    let last = put_fragment(
+        &url,
+        format!("bytes 3276800-{}/{total}", total - 1),
+        data[3_276_800..].to_vec(),
+    )
+    .await;
+    assert_eq!(last.status(), StatusCode::CREATED);
+    assert!(
+        last.headers()["location"]
+            .to_str()
+            .unwrap()
+            .contains("/Attachments('"),
+        "the attachment's URL"
+    );
+    assert!(s.graph_messages().is_empty(), "nothing sent before /send");
+    assert_eq!(
+        send_draft(&s, &token, &id).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let sent = s.graph_messages().pop().unwrap();
+    let attachment = &sent["message"]["attachments"][0];
+    assert_eq!(attachment["name"], "export.bin");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(attachment["contentBytes"].as_str().unwrap())
+        .unwrap();
+    assert!(bytes == data, "the attachment arrived byte for byte");
+}
+
+#[tokio::test]
+async fn a_graph_upload_session_expires_without_fragments() {
+    let s = StandIns::start().await;
+    s.set_graph_upload_session_ttl(std::time::Duration::from_millis(300));
+    let (token, _) = s.issue_with_scopes(Vendor::Microsoft, "ops@customer.com", MS_LARGE_SCOPES);
+    let id = draft_id(&s, &token).await;
+    let session: Value = open_upload(&s, &token, &id, 4000)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let url = session["uploadUrl"].as_str().unwrap().to_owned();
+    // Each fragment extends the session.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let first = put_fragment(&url, "bytes 0-999/4000".into(), vec![1; 1000]).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let second = put_fragment(&url, "bytes 1000-1999/4000".into(), vec![2; 1000]).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let expired = put_fragment(&url, "bytes 2000-3999/4000".into(), vec![3; 2000]).await;
+    assert_eq!(expired.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        graph_code(&expired.json().await.unwrap()),
+        "ErrorItemNotFound"
+    );
+}
+
+#[tokio::test]
+async fn a_graph_draft_over_the_tenants_maximum_size_is_refused_at_send_and_a_deleted_draft_is_gone()
+ {
+    let s = StandIns::start().await;
+    s.set_graph_max_message_bytes(1_000_000);
+    let (token, _) = s.issue_with_scopes(Vendor::Microsoft, "ops@customer.com", MS_LARGE_SCOPES);
+    let id = draft_id(&s, &token).await;
+    let attach = |bytes: Vec<u8>| {
+        http()
+            .post(format!(
+                "{}/v1.0/me/messages/{id}/attachments",
+                s.graph.uri()
+            ))
+            .bearer_auth(&token)
+            .json(&json!({"@odata.type": "#microsoft.graph.fileAttachment",
+                "name": "a.bin", "contentType": "application/octet-stream",
+                "contentBytes": base64::engine::general_purpose::STANDARD.encode(bytes)}))
+            .send()
+    };
+    // 800 kB is 1.07 MB in base64: over the tenant's maximum once sent.
+    assert_eq!(
+        attach(vec![7; 800_000]).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    let refused = send_draft(&s, &token, &id).await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        graph_code(&refused.json().await.unwrap()),
+        "ErrorMessageSizeExceeded"
+    );
+    assert!(s.graph_messages().is_empty());
+    let deleted = http()
+        .delete(format!("{}/v1.0/me/messages/{id}", s.graph.uri()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(s.graph_deleted_drafts(), vec![id.clone()]);
+    assert!(s.graph_drafts().is_empty());
+    assert_eq!(
+        send_draft(&s, &token, &id).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}

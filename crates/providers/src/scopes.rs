@@ -6,6 +6,10 @@
 //!   `email` and `profile` only shape the ID token and do not allow `/me`.
 //! - `Mail.Send` for `sendMail` as the signed-in user; `Mail.Send.Shared` (opt-in)
 //!   to send as a mailbox the user has Send As rights on.
+//! - `Mail.ReadWrite` (opt-in, `MAIL_DISPATCH_GRAPH_LARGE_MESSAGES`) for drafts and
+//!   attachment upload sessions, the only way past Graph's 4 MB request limit
+//!   (graph/outlook-large-attachments). It grants reading, changing and deleting
+//!   every message of the mailbox.
 //! - `offline_access` for a refresh token; a refresh returns a new refresh token
 //!   only when it asks for `offline_access` again.
 //!
@@ -20,6 +24,7 @@ use mail_dispatch_domain::ProviderKind;
 pub const OFFLINE_ACCESS: &str = "offline_access";
 pub const MICROSOFT_USER_READ: &str = "https://graph.microsoft.com/User.Read";
 pub const MICROSOFT_MAIL_SEND: &str = "https://graph.microsoft.com/Mail.Send";
+pub const MICROSOFT_MAIL_READ_WRITE: &str = "https://graph.microsoft.com/Mail.ReadWrite";
 pub const MICROSOFT_MAIL_SEND_SHARED: &str = "https://graph.microsoft.com/Mail.Send.Shared";
 pub const GOOGLE_GMAIL_SEND: &str = "https://www.googleapis.com/auth/gmail.send";
 pub const GOOGLE_SETTINGS_BASIC: &str = "https://www.googleapis.com/auth/gmail.settings.basic";
@@ -28,8 +33,14 @@ pub const GOOGLE_SETTINGS_BASIC: &str = "https://www.googleapis.com/auth/gmail.s
 /// cannot be unticked on Google's consent screen.
 const OIDC: &[&str] = &["openid", "email", "profile"];
 
-/// What mail-dispatch requests from Microsoft.
+/// What mail-dispatch requests from Microsoft, large messages off.
 pub fn microsoft(shared_mailboxes: bool) -> Vec<String> {
+    microsoft_with(shared_mailboxes, false)
+}
+
+/// What mail-dispatch requests from Microsoft: `Mail.Send.Shared` with shared
+/// mailboxes, `Mail.ReadWrite` with large messages.
+pub fn microsoft_with(shared_mailboxes: bool, large_messages: bool) -> Vec<String> {
     let mut s: Vec<String> = [
         OFFLINE_ACCESS,
         "openid",
@@ -42,6 +53,9 @@ pub fn microsoft(shared_mailboxes: bool) -> Vec<String> {
     .to_vec();
     if shared_mailboxes {
         s.push(MICROSOFT_MAIL_SEND_SHARED.into());
+    }
+    if large_messages {
+        s.push(MICROSOFT_MAIL_READ_WRITE.into());
     }
     s
 }
@@ -128,6 +142,14 @@ mod tests {
         assert!(s.contains(&OFFLINE_ACCESS.to_owned()));
         assert!(!s.contains(&MICROSOFT_MAIL_SEND_SHARED.to_owned()));
         assert!(microsoft(true).contains(&MICROSOFT_MAIL_SEND_SHARED.to_owned()));
+        assert!(!s.contains(&MICROSOFT_MAIL_READ_WRITE.to_owned()));
+        let large = microsoft_with(false, true);
+        assert!(large.contains(&MICROSOFT_MAIL_READ_WRITE.to_owned()));
+        assert_eq!(
+            missing(&large, Some("User.Read Mail.Send openid")),
+            vec![MICROSOFT_MAIL_READ_WRITE.to_owned()],
+            "a grant without Mail.ReadWrite is incomplete when large messages are on"
+        );
     }
 
     #[test]

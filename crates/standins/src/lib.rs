@@ -12,6 +12,8 @@
 //!   (learn.microsoft.com/en-us/graph/api/user-sendmail): `202 Accepted`, empty
 //!   body, `request-id` and `client-request-id` headers; errors
 //!   `{"error":{"code","message","innerError":{"date","request-id","client-request-id"}}}`.
+//!   Drafts, attachment upload sessions and `send` for messages over 4 MB
+//!   (`microsoft_drafts.rs`, learn.microsoft.com/graph/outlook-large-attachments).
 //! - Google OAuth (`google.rs`): authorize, token and revoke endpoints
 //!   (developers.google.com/identity/protocols/oauth2/web-server): success
 //!   `{"access_token","expires_in","scope","token_type"}` (no new refresh token on
@@ -29,6 +31,7 @@
 mod faults;
 mod google;
 mod microsoft;
+mod microsoft_drafts;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -250,6 +253,18 @@ struct State {
     token_requests: Vec<(Vendor, HashMap<String, String>)>,
     revocations: Vec<String>,
     graph_sends: Vec<Value>,
+    /// Graph drafts by message id.
+    graph_drafts: HashMap<String, microsoft_drafts::Draft>,
+    /// Graph attachment upload sessions by the token in their URL.
+    graph_upload_sessions: HashMap<String, microsoft_drafts::UploadSession>,
+    /// Ids of the drafts deleted with `DELETE /v1.0/me/messages/{id}`.
+    graph_deleted_drafts: Vec<String>,
+    /// Answers to the next `PUT`s on upload URLs, before any check.
+    graph_upload_script: VecDeque<ResponseTemplate>,
+    /// Upload session lifetime without a fragment (default 15 minutes).
+    graph_upload_ttl: Option<Duration>,
+    /// The tenant's maximum message size (default Exchange Online's 35 MB).
+    graph_max_message_bytes: Option<usize>,
     gmail_sends: Vec<Vec<u8>>,
     /// Gmail resumable upload sessions by `upload_id`.
     gmail_uploads: HashMap<String, google::UploadSession>,
@@ -650,6 +665,23 @@ impl StandIns {
             .mount(graph)
             .await;
         Mock::given(method("POST"))
+            .and(path_regex(
+                r"^/v1\.0/me/messages(/[^/]+(/send|/attachments(/createUploadSession)?)?)?$",
+            ))
+            .respond_with(microsoft_drafts::GraphDrafts(state.clone()))
+            .mount(graph)
+            .await;
+        Mock::given(method("DELETE"))
+            .and(path_regex(r"^/v1\.0/me/messages/[^/]+$"))
+            .respond_with(microsoft_drafts::GraphDrafts(state.clone()))
+            .mount(graph)
+            .await;
+        Mock::given(method("PUT"))
+            .and(path_regex(r"^/upload/outlook/[^/]+$"))
+            .respond_with(microsoft_drafts::GraphUpload(state.clone()))
+            .mount(graph)
+            .await;
+        Mock::given(method("POST"))
             .and(path("/token"))
             .respond_with(google::Token(state.clone()))
             .mount(google_oauth)
@@ -996,6 +1028,41 @@ impl StandIns {
     /// `sendMail` bodies Graph accepted.
     pub fn graph_messages(&self) -> Vec<Value> {
         self.state.lock().unwrap().graph_sends.clone()
+    }
+
+    /// Ids of the Graph drafts not sent nor deleted yet.
+    pub fn graph_drafts(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .graph_drafts
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Ids of the Graph drafts deleted (`DELETE /v1.0/me/messages/{id}`), oldest first.
+    pub fn graph_deleted_drafts(&self) -> Vec<String> {
+        self.state.lock().unwrap().graph_deleted_drafts.clone()
+    }
+
+    /// Answers the next `PUT`s on Graph upload URLs with these responses, in order.
+    pub fn script_graph_uploads(&self, responses: impl IntoIterator<Item = ResponseTemplate>) {
+        self.state
+            .lock()
+            .unwrap()
+            .graph_upload_script
+            .extend(responses);
+    }
+
+    /// How long a Graph upload session lives without a fragment.
+    pub fn set_graph_upload_session_ttl(&self, ttl: Duration) {
+        self.state.lock().unwrap().graph_upload_ttl = Some(ttl);
+    }
+
+    /// The tenant's maximum message size, base64 attachments included.
+    pub fn set_graph_max_message_bytes(&self, max: usize) {
+        self.state.lock().unwrap().graph_max_message_bytes = Some(max);
     }
 
     /// Raw RFC 5322 messages Gmail accepted.

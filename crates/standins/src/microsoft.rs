@@ -52,7 +52,7 @@ const USER_READ: &[&str] = &[
 
 /// `Mail.Send` and `Mail.Send.Shared` both let the user send as themselves
 /// (https://learn.microsoft.com/en-us/graph/api/user-sendmail#permissions).
-const MAIL_SEND: &[&str] = &["Mail.Send", "Mail.Send.Shared"];
+pub(super) const MAIL_SEND: &[&str] = &["Mail.Send", "Mail.Send.Shared"];
 
 /// `Mail.Send` and `https://graph.microsoft.com/Mail.Send` are the same scope:
 /// a bare name is a Microsoft Graph permission
@@ -754,6 +754,20 @@ fn send_mail(s: &mut State, request: &Request, grant: &Grant, account: String) -
         let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
             return graph_error(400, "BadRequest", "Unable to read JSON request payload.");
         };
+        accept_message(s, body, grant, account)
+    }
+}
+
+/// The checks of a message about to leave and its acceptance, shared by
+/// `sendMail` and a draft's `send` (`microsoft_drafts.rs`): `body` is in
+/// `sendMail`'s shape, `{"message": {...}, "saveToSentItems": bool}`.
+pub(super) fn accept_message(
+    s: &mut State,
+    body: Value,
+    grant: &Grant,
+    account: String,
+) -> ResponseTemplate {
+    {
         // Graph refuses an empty internetMessageHeaders array and non-X- names.
         if let Some(h) = body["message"].get("internetMessageHeaders") {
             let ok = h.as_array().is_some_and(|a| {

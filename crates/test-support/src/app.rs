@@ -42,6 +42,8 @@ pub struct TestAppOptions {
     pub platform_transport: Option<String>,
     /// `MAIL_DISPATCH_MICROSOFT_SHARED_MAILBOXES`.
     pub microsoft_shared_mailboxes: bool,
+    /// `MAIL_DISPATCH_GRAPH_LARGE_MESSAGES` (with the default maximum message size).
+    pub graph_large_messages: bool,
     /// How long a consent waits for the host application's confirmation.
     pub connection_ttl: Duration,
     /// How often the admin API expires unconfirmed consents.
@@ -88,6 +90,7 @@ impl Default for TestAppOptions {
             },
             platform_transport: None,
             microsoft_shared_mailboxes: false,
+            graph_large_messages: false,
             connection_ttl: mail_dispatch_admin::CONNECTION_TTL,
             admin_upkeep_interval: Duration::from_secs(60),
             admin_connection_limits: mail_dispatch_admin::ConnectionLimits::ADMIN,
@@ -323,6 +326,34 @@ impl TestApp {
         .await
     }
 
+    /// Like [`TestApp::connect`] with the account as sender, the grant carrying
+    /// exactly `scopes` (e.g. `Mail.ReadWrite` for Graph's large messages).
+    pub async fn connect_with_scopes(
+        &self,
+        org: &str,
+        vendor: Vendor,
+        account: &str,
+        scopes: &[&str],
+    ) -> (String, String) {
+        let (access, refresh) = self.standins.issue_with_scopes(vendor, account, scopes);
+        let expires_at = chrono::Utc::now() + chrono::Duration::minutes(50);
+        store_grant(
+            &self.db, org, vendor, account, &access, &refresh, expires_at,
+        )
+        .await;
+        self.db
+            .store
+            .save_sender(org, account, None, Fallback::None)
+            .await
+            .unwrap();
+        self.db
+            .store
+            .record_test(org, &serde_json::json!({"status": "sent"}), true)
+            .await
+            .unwrap();
+        (access, refresh)
+    }
+
     /// Stores a grant with the access token expiring at `expires_at`.
     pub async fn store_grant(
         &self,
@@ -455,6 +486,11 @@ pub fn provider_endpoints(
     let google = standins.google_oauth.uri();
     ProviderEndpoints {
         graph_url: Url::parse(&standins.graph.uri()).unwrap(),
+        graph_large_messages: options.graph_large_messages.then_some(
+            mail_dispatch_providers::graph::LargeMessages {
+                max_message_bytes: mail_dispatch_providers::graph::DEFAULT_MAX_MESSAGE_BYTES,
+            },
+        ),
         gmail_url: Url::parse(&standins.gmail.uri()).unwrap(),
         microsoft: Some(OAuthApp {
             client_id: "ms-client-id".into(),
@@ -462,7 +498,10 @@ pub fn provider_endpoints(
             auth_url: Url::parse(&format!("{ms}/{MICROSOFT_TENANT}/oauth2/v2.0/authorize"))
                 .unwrap(),
             token_url: Url::parse(&format!("{ms}/{MICROSOFT_TENANT}/oauth2/v2.0/token")).unwrap(),
-            scopes: mail_dispatch_providers::scopes::microsoft(options.microsoft_shared_mailboxes),
+            scopes: mail_dispatch_providers::scopes::microsoft_with(
+                options.microsoft_shared_mailboxes,
+                options.graph_large_messages,
+            ),
             redirect_url: Some(Url::parse(&format!("{}/v1/oauth/callback", admin_url)).unwrap()),
         }),
         google: Some(OAuthApp {

@@ -22,6 +22,8 @@ use crate::{Resolver, Senders, Tokens};
 #[derive(Clone, Debug)]
 pub struct ProviderEndpoints {
     pub graph_url: url::Url,
+    /// Graph's draft-and-upload-session path for large messages; `None`: off.
+    pub graph_large_messages: Option<mail_dispatch_providers::graph::LargeMessages>,
     pub gmail_url: url::Url,
     pub microsoft: Option<OAuthApp>,
     pub google: Option<OAuthApp>,
@@ -90,7 +92,9 @@ impl Services {
                 .with_refresh_lease(endpoints.http_timeout + crate::tokens::REFRESH_LEASE_MARGIN),
         );
         let senders = Senders {
-            graph: GraphSender::new(api.clone(), &endpoints.graph_url),
+            graph: GraphSender::new(api.clone(), &endpoints.graph_url)
+                .with_large_messages(endpoints.graph_large_messages)
+                .with_timeout(endpoints.http_timeout),
             gmail: GmailSender::new(api, &endpoints.gmail_url).with_timeout(endpoints.http_timeout),
             platform: PlatformSender::from_url(&endpoints.platform_transport)?,
             tokens,

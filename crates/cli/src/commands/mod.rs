@@ -62,6 +62,7 @@ async fn shutdown_signal() {
 pub fn endpoints(settings: &Settings) -> anyhow::Result<ProviderEndpoints> {
     Ok(ProviderEndpoints {
         graph_url: settings.providers.graph_url.clone(),
+        graph_large_messages: settings.providers.graph_large_messages(),
         gmail_url: settings.providers.gmail_url.clone(),
         microsoft: settings.oauth_app(ProviderKind::Microsoft)?,
         google: settings.oauth_app(ProviderKind::Google)?,

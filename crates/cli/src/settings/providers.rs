@@ -43,6 +43,22 @@ pub struct ProviderSettings {
         default_value_t = false
     )]
     pub microsoft_shared_mailboxes: bool,
+    /// Graph messages over the 4 MB request limit go through a draft and
+    /// upload sessions; needs (and requests) `Mail.ReadWrite`.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GRAPH_LARGE_MESSAGES",
+        default_value_t = false
+    )]
+    pub graph_large_messages: bool,
+    /// The tenants' maximum message size (Exchange Online's default, 35 MB),
+    /// attachments counted in base64.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GRAPH_MAX_MESSAGE_BYTES",
+        default_value_t = mail_dispatch_providers::graph::DEFAULT_MAX_MESSAGE_BYTES
+    )]
+    pub graph_max_message_bytes: usize,
     #[arg(long, env = "MAIL_DISPATCH_GOOGLE_CLIENT_ID")]
     pub google_client_id: Option<String>,
     #[arg(
@@ -94,7 +110,18 @@ impl ProviderSettings {
     }
 
     pub fn microsoft_scopes(&self) -> Vec<String> {
-        mail_dispatch_providers::scopes::microsoft(self.microsoft_shared_mailboxes)
+        mail_dispatch_providers::scopes::microsoft_with(
+            self.microsoft_shared_mailboxes,
+            self.graph_large_messages,
+        )
+    }
+
+    /// The large-message path of Graph, when turned on.
+    pub fn graph_large_messages(&self) -> Option<mail_dispatch_providers::graph::LargeMessages> {
+        self.graph_large_messages
+            .then_some(mail_dispatch_providers::graph::LargeMessages {
+                max_message_bytes: self.graph_max_message_bytes,
+            })
     }
 
     pub fn google_scopes(&self) -> Vec<String> {
