@@ -81,6 +81,10 @@ pub struct Integration {
     /// What recipients see as the sender, as learnt by the last successful save
     /// and test (`{"name", "email", "differs", "reasons", "message"}`).
     pub recipients_see: Option<serde_json::Value>,
+    /// The share (percent, 1–100) of the provider's sending limits mail-dispatch
+    /// may use from this mailbox; the rest is left to the people who also send
+    /// from it.
+    pub limit_percent: u8,
     pub ever_active: bool,
     /// When the grant was last refreshed or obtained (the keep-alive's clock).
     pub last_refreshed_at: Option<DateTime<Utc>>,
@@ -106,6 +110,7 @@ impl Integration {
             fallback: Fallback::parse(row.get("fallback")).unwrap_or(Fallback::None),
             save_to_sent_items: row.get("save_to_sent_items"),
             recipients_see: row.get("recipients_see"),
+            limit_percent: u8::try_from(row.get::<_, i16>("limit_percent")).unwrap_or(100),
             ever_active: row.get("ever_active"),
             last_refreshed_at: row.get("last_refreshed_at"),
             connected_at: row.get("connected_at"),
@@ -118,7 +123,7 @@ impl Integration {
 }
 
 const INTEGRATION_COLUMNS: &str = "organization_id, provider, status, account_email, account_id, \
-     account_tenant, sender_email, sender_name, fallback, save_to_sent_items, recipients_see, ever_active, last_refreshed_at, connected_at, \
+     account_tenant, sender_email, sender_name, fallback, save_to_sent_items, recipients_see, limit_percent, ever_active, last_refreshed_at, connected_at, \
      last_test_at, last_test, last_error, updated_at";
 
 /// The outcome of an OAuth connection, to be stored.
@@ -299,6 +304,26 @@ impl Store {
             )
             .await?;
         Ok(Integration::from_row(&row))
+    }
+
+    /// Sets the share (percent, 1–100) of the provider's sending limits the
+    /// organization lets mail-dispatch use from its mailbox.
+    pub async fn save_limit_percent(
+        &self,
+        organization_id: &str,
+        limit_percent: u8,
+    ) -> Result<Option<Integration>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE integrations SET limit_percent = $2, updated_at = now()
+                     WHERE organization_id = $1 RETURNING {INTEGRATION_COLUMNS}"
+                ),
+                &[&organization_id, &i16::from(limit_percent)],
+            )
+            .await?;
+        Ok(row.as_ref().map(Integration::from_row))
     }
 
     /// Saves the sender of an integration (before its test send).

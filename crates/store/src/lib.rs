@@ -27,6 +27,7 @@ pub use ledger::{Claim, ClaimOwner, JobKey};
 pub use listener::{IntegrationChange, spawn_change_listener};
 pub use mailbox_slots::SlotLease;
 pub use oauth_states::{OAuthState, StateLookup, StatePurpose};
+pub use pacing::{WindowTotal, window_bucket};
 pub use pending_connections::{ConfirmLookup, ExpiredConnection};
 pub use portal::{LinkLookup, PortalSession, PortalSettings, SessionLookup};
 
@@ -280,6 +281,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         11,
         "sender_delivery",
         include_str!("../migrations/0011_sender_delivery.sql"),
+    ),
+    (
+        12,
+        "rolling_limits",
+        include_str!("../migrations/0012_rolling_limits.sql"),
     ),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.

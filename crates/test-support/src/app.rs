@@ -87,6 +87,11 @@ impl Default for TestAppOptions {
                 gmail_mailbox_per_minute: 1_000_000,
                 microsoft_daily_recipients: 1_000_000,
                 google_daily_messages: 1_000_000,
+                google_daily_recipients: 1_000_000,
+                google_daily_external_recipients: 1_000_000,
+                google_consumer_daily_messages: 1_000_000,
+                google_consumer_daily_recipients: 1_000_000,
+                window: mail_dispatch_worker::pacing::LIMIT_WINDOW,
             },
             platform_transport: None,
             microsoft_shared_mailboxes: false,
@@ -430,6 +435,26 @@ impl TestApp {
             v(
                 "GOOGLE_DAILY_MESSAGES",
                 o.pacing.google_daily_messages.to_string(),
+            ),
+            v(
+                "GOOGLE_DAILY_RECIPIENTS",
+                o.pacing.google_daily_recipients.to_string(),
+            ),
+            v(
+                "GOOGLE_DAILY_EXTERNAL_RECIPIENTS",
+                o.pacing.google_daily_external_recipients.to_string(),
+            ),
+            v(
+                "GOOGLE_CONSUMER_DAILY_MESSAGES",
+                o.pacing.google_consumer_daily_messages.to_string(),
+            ),
+            v(
+                "GOOGLE_CONSUMER_DAILY_RECIPIENTS",
+                o.pacing.google_consumer_daily_recipients.to_string(),
+            ),
+            v(
+                "LIMIT_WINDOW_SECS",
+                o.pacing.window.as_secs().max(1).to_string(),
             ),
             v("LOG_FORMAT", "json".into()),
         ]

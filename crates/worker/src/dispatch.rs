@@ -21,7 +21,7 @@ use mail_dispatch_store::{Claim, ClaimOwner, JobKey, StoreError};
 
 use crate::config::WorkerConfig;
 use crate::in_flight::InFlight;
-use crate::pacing::{Admission, DeferReason, FleetSlot, Pacer, Permit};
+use crate::pacing::{Admission, DeferReason, Demand, FleetSlot, Pacer, Permit, SendingBudget};
 use crate::ports::{JobLedger, MailboxSlots, Ports, Routes, SendMail};
 use crate::resolver::Route;
 use crate::sender::{InProcessRetry, SendFailure};
@@ -948,14 +948,27 @@ impl Dispatcher {
     /// Asks the pacer for room; for Graph, then for one of the mailbox's
     /// fleet-wide slots.
     async fn pace(&self, job: &Job, key: &JobKey, incoming: &Incoming, route: &Route) -> Paced {
-        let provider = match route {
+        let (provider, sender_domain, budget) = match route {
             Route::Revoked { .. } => return Paced::Go(None),
-            Route::Provider { provider, .. } => *provider,
-            Route::Platform { .. } => ProviderKind::Default,
+            Route::Provider {
+                provider,
+                sender,
+                budget,
+                ..
+            } => (*provider, sender.email.domain(), *budget),
+            Route::Platform { .. } => (ProviderKind::Default, "", SendingBudget::default()),
         };
+        let demand = Demand::of(
+            sender_domain,
+            job.to
+                .iter()
+                .chain(&job.cc)
+                .chain(&job.bcc)
+                .map(|m| m.email.domain()),
+        );
         let now = Utc::now();
         let org = &job.organization_id;
-        let (until, reason) = match self.pacer.admit(org, provider, job.recipient_count(), now) {
+        let (until, reason) = match self.pacer.admit_message(org, provider, demand, budget, now) {
             Admission::Go(mut permit) if provider == ProviderKind::Microsoft => {
                 match FleetSlot::acquire(&self.slots, org, self.pacer.graph_mailbox_slots()).await {
                     Ok(Some(slot)) => {

@@ -10,6 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mail_dispatch_domain::{EmailAddress, Mailbox, ProviderKind};
+
+use crate::pacing::SendingBudget;
 use mail_dispatch_store::{
     Fallback, Integration, IntegrationChange, IntegrationStatus, Store, StoreError,
 };
@@ -25,6 +27,9 @@ pub enum Route {
         fallback: Fallback,
         /// Graph `saveToSentItems`: the organization's choice.
         save_to_sent_items: bool,
+        /// What the mailbox's sending limits depend on: a consumer Google
+        /// account (no `hd`), the organization's share.
+        budget: SendingBudget,
     },
     /// Through the platform sender. `on_behalf_of` is set when the platform
     /// sender stands in for an organization whose grant stopped working
@@ -51,6 +56,11 @@ impl Route {
                 sender,
                 fallback: i.fallback,
                 save_to_sent_items: i.save_to_sent_items,
+                budget: SendingBudget {
+                    // Google's id token carries `hd` for Workspace accounts only.
+                    consumer: i.provider == ProviderKind::Google && i.account_tenant.is_none(),
+                    limit_percent: i.limit_percent,
+                },
             },
             _ if !i.ever_active => Route::Platform { on_behalf_of: None },
             (_, sender) => match (i.fallback, sender) {
@@ -165,6 +175,7 @@ mod tests {
             fallback,
             save_to_sent_items: false,
             recipients_see: None,
+            limit_percent: 100,
             ever_active,
             connected_at: Utc::now(),
             last_test_at: None,
@@ -195,6 +206,7 @@ mod tests {
                 sender: sender.clone(),
                 fallback: Fallback::None,
                 save_to_sent_items: false,
+                budget: SendingBudget::default(),
             }
         );
         assert_eq!(

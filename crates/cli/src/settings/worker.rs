@@ -50,20 +50,52 @@ pub struct WorkerSettings {
         default_value_t = 60
     )]
     pub gmail_mailbox_per_minute: u32,
-    /// Exchange Online recipients per mailbox and day (all replicas).
+    /// Exchange Online recipients per mailbox and rolling 24 h (all replicas).
     #[arg(
         long,
         env = "MAIL_DISPATCH_MICROSOFT_DAILY_RECIPIENTS",
         default_value_t = 10_000
     )]
     pub microsoft_daily_recipients: u32,
-    /// Google Workspace messages per user and day (all replicas).
+    /// Google Workspace messages per user and rolling 24 h (all replicas).
     #[arg(
         long,
         env = "MAIL_DISPATCH_GOOGLE_DAILY_MESSAGES",
         default_value_t = 2_000
     )]
     pub google_daily_messages: u32,
+    /// Google Workspace recipients per user and rolling 24 h (all replicas).
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GOOGLE_DAILY_RECIPIENTS",
+        default_value_t = 10_000
+    )]
+    pub google_daily_recipients: u32,
+    /// Google Workspace external recipients per user and rolling 24 h.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GOOGLE_DAILY_EXTERNAL_RECIPIENTS",
+        default_value_t = 2_000
+    )]
+    pub google_daily_external_recipients: u32,
+    /// Consumer Google accounts: messages per rolling 24 h.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GOOGLE_CONSUMER_DAILY_MESSAGES",
+        default_value_t = 500
+    )]
+    pub google_consumer_daily_messages: u32,
+    /// Consumer Google accounts: recipients per rolling 24 h.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GOOGLE_CONSUMER_DAILY_RECIPIENTS",
+        default_value_t = 500
+    )]
+    pub google_consumer_daily_recipients: u32,
+    /// The window the daily limits are counted over (the providers': 24 h;
+    /// shorter only for tests).
+    #[arg(long, env = "MAIL_DISPATCH_LIMIT_WINDOW_SECS", default_value_t = 24 * 3600)]
+    pub limit_window_secs: u64,
     /// Finished idempotency-ledger entries older than this are pruned.
     #[arg(long, env = "MAIL_DISPATCH_LEDGER_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub ledger_retention_secs: u64,
@@ -107,6 +139,11 @@ impl WorkerSettings {
             gmail_mailbox_per_minute: self.gmail_mailbox_per_minute.max(1),
             microsoft_daily_recipients: self.microsoft_daily_recipients,
             google_daily_messages: self.google_daily_messages,
+            google_daily_recipients: self.google_daily_recipients,
+            google_daily_external_recipients: self.google_daily_external_recipients,
+            google_consumer_daily_messages: self.google_consumer_daily_messages,
+            google_consumer_daily_recipients: self.google_consumer_daily_recipients,
+            window: Duration::from_secs(self.limit_window_secs.max(1)),
         };
         c.ledger_retention = Duration::from_secs(self.ledger_retention_secs);
         c.keepalive = KeepAliveConfig {

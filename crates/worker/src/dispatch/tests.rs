@@ -112,6 +112,7 @@ fn microsoft(fallback: Fallback) -> Route {
         sender: mailbox("ops@acme.example", "Acme"),
         fallback,
         save_to_sent_items: false,
+        budget: Default::default(),
     }
 }
 
@@ -216,6 +217,7 @@ async fn the_organizations_sent_items_choice_goes_with_the_message() {
             sender: mailbox("ops@acme.example", "Acme"),
             fallback: Fallback::None,
             save_to_sent_items: true,
+            budget: Default::default(),
         },
     );
     let done = finished(f.handle(&job("org_ms")).await);
@@ -425,6 +427,7 @@ async fn refused_scopes_mark_the_integration_needs_reauth() {
             sender: mailbox("ops@globex.example", "Globex"),
             fallback: Fallback::None,
             save_to_sent_items: false,
+            budget: Default::default(),
         },
     );
     let mut refused = SendError::permanent(ErrorCode::AuthRevoked, "Insufficient Permission");

@@ -1,5 +1,5 @@
 //! The limits an admission must pass, on one organization's `OrgPacing`: its
-//! in-flight cap, a 429 pause, the provider's daily quota, then the mailbox's own
+//! in-flight cap, a 429 pause, the provider's rolling 24-hour limits, then the mailbox's own
 //! cap (Graph's concurrent sends or Gmail's rate). They are plain checks on the
 //! organization's state, with no lock or clock of their own, so that `admit` is
 //! their composition and each can be read (and pruned) on its own.
@@ -7,35 +7,147 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
+use mail_dispatch_store::window_bucket;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{DeferReason, OrgPacing, PacingConfig};
+use super::{DeferReason, Demand, OrgPacing, PacingConfig, SendingBudget};
 
 /// How soon a deferred organization-busy or mailbox-busy job is tried again.
 pub(super) const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Gmail's burst allowance, as a share of a minute.
 const GMAIL_BURST: Duration = Duration::from_secs(5);
 
-/// A mailbox's count against the provider's daily limit, for one UTC day.
+/// What the providers count over their rolling window, per mailbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every recipient of every message (Exchange Online's recipient rate
+    /// limit; Google's total recipients per day).
+    Recipients,
+    /// Messages (Google's messages per day).
+    Messages,
+    /// Recipients outside the sender's domain (Google's external recipients).
+    ExternalRecipients,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 3] = [
+        Counter::Recipients,
+        Counter::Messages,
+        Counter::ExternalRecipients,
+    ];
+
+    /// Its code in PostgreSQL (`mailbox_sends.counter`).
+    pub fn code(self) -> i16 {
+        match self {
+            Counter::Recipients => 0,
+            Counter::Messages => 1,
+            Counter::ExternalRecipients => 2,
+        }
+    }
+
+    pub fn from_code(code: i16) -> Option<Counter> {
+        Counter::ALL.into_iter().find(|c| c.code() == code)
+    }
+
+    fn index(self) -> usize {
+        self.code() as usize
+    }
+}
+
+/// One counter of a mailbox over the rolling window.
 #[derive(Default)]
-pub(super) struct DailyCount {
-    pub(super) day: Option<NaiveDate>,
-    /// Total of every replica at the last flush.
+pub(super) struct WindowCount {
+    /// Total of every replica over the window at the last flush, less the
+    /// oldest bucket once it left the window.
     pub(super) shared: u32,
     /// Sent here since the last flush.
     pub(super) unflushed: u32,
     /// Sent here and being written by a flush now: still counted, since `shared`
     /// does not hold them until the flush's answer.
     pub(super) flushing: u32,
+    /// When the oldest counted bucket leaves the window, and what it holds.
+    pub(super) oldest: Option<(DateTime<Utc>, u32)>,
+    /// `shared` lost its oldest bucket: the next flush reads the total back
+    /// even with nothing to write, to learn the next oldest.
+    pub(super) stale: bool,
 }
 
-impl DailyCount {
-    /// Whether the count still matters on `today`: it is today's, or it has sends
-    /// the other replicas have not heard of yet.
-    pub(super) fn is_current(&self, today: NaiveDate) -> bool {
-        self.unflushed > 0 || self.flushing > 0 || self.day == Some(today)
+impl WindowCount {
+    pub(super) fn total(&self) -> u32 {
+        self.shared + self.flushing + self.unflushed
+    }
+
+    /// The oldest bucket leaves the window at its time: it no longer counts.
+    fn expire(&mut self, now: DateTime<Utc>) {
+        if let Some((leaves, units)) = self.oldest
+            && leaves <= now
+        {
+            self.shared = self.shared.saturating_sub(units);
+            self.oldest = None;
+            self.stale = self.shared > 0;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.total() == 0
+    }
+}
+
+/// A mailbox's counts over the rolling window, one per [`Counter`].
+#[derive(Default)]
+pub(super) struct WindowCounts(pub(super) [WindowCount; 3]);
+
+impl WindowCounts {
+    pub(super) fn get_mut(&mut self, c: Counter) -> &mut WindowCount {
+        &mut self.0[c.index()]
+    }
+
+    /// Whether anything is still counted (here or, at the last flush, anywhere).
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.iter().all(WindowCount::is_empty)
+    }
+
+    fn nothing_pending(&self) -> bool {
+        self.0.iter().all(|w| w.unflushed == 0 && w.flushing == 0)
+    }
+}
+
+/// The provider's limits for one mailbox over the rolling window, per counter
+/// (`None`: not limited), after the organization's share.
+pub(super) fn window_limits(
+    c: &PacingConfig,
+    provider: ProviderKind,
+    budget: SendingBudget,
+) -> [Option<u32>; 3] {
+    let mut limits = match provider {
+        ProviderKind::Microsoft => [Some(c.microsoft_daily_recipients), None, None],
+        ProviderKind::Google if budget.consumer => [
+            Some(c.google_consumer_daily_recipients),
+            Some(c.google_consumer_daily_messages),
+            Some(c.google_consumer_daily_recipients),
+        ],
+        ProviderKind::Google => [
+            Some(c.google_daily_recipients),
+            Some(c.google_daily_messages),
+            Some(c.google_daily_external_recipients),
+        ],
+        ProviderKind::Default => [None; 3],
+    };
+    let percent = u64::from(budget.limit_percent.clamp(1, 100));
+    for limit in limits.iter_mut().flatten() {
+        *limit = (u64::from(*limit) * percent / 100) as u32;
+    }
+    limits
+}
+
+/// What one message counts, per counter.
+pub(super) fn window_units(provider: ProviderKind, demand: Demand) -> [u32; 3] {
+    match provider {
+        ProviderKind::Microsoft => [demand.recipients, 0, 0],
+        ProviderKind::Google => [demand.recipients, 1, demand.external_recipients],
+        ProviderKind::Default => [0; 3],
     }
 }
 
@@ -48,8 +160,8 @@ pub(super) struct Refusal {
 /// The room an admitted job took, given back when its permit drops.
 pub(super) struct Room {
     pub(super) mailbox_slot: Option<OwnedSemaphorePermit>,
-    /// Units of today's limit reserved.
-    pub(super) daily_units: u32,
+    /// Units of the rolling-window limits reserved, per counter.
+    pub(super) window_units: [u32; 3],
 }
 
 fn busy(now: DateTime<Utc>, reason: DeferReason) -> Refusal {
@@ -59,41 +171,27 @@ fn busy(now: DateTime<Utc>, reason: DeferReason) -> Refusal {
     }
 }
 
-fn next_utc_midnight(now: DateTime<Utc>) -> DateTime<Utc> {
-    let tomorrow = now.date_naive().succ_opt().unwrap_or(now.date_naive());
-    tomorrow
-        .and_hms_opt(0, 0, 0)
-        .expect("midnight exists")
-        .and_utc()
-}
-
 impl OrgPacing {
     /// Checks every limit for one message of this organization through
-    /// `provider` to `recipients` recipients and, when all pass, takes its room.
-    /// A refused job takes nothing.
+    /// `provider` (what it counts: `demand`; the mailbox's kind and share:
+    /// `budget`) and, when all pass, takes its room. A refused job takes nothing.
     pub(super) fn reserve(
         &mut self,
         c: &PacingConfig,
         provider: ProviderKind,
-        recipients: usize,
+        demand: Demand,
+        budget: SendingBudget,
         now: DateTime<Utc>,
     ) -> Result<Room, Refusal> {
         if self.in_flight >= c.org_max_in_flight.max(1) {
             return Err(busy(now, DeferReason::OrganizationBusy));
         }
         // The platform sender has no provider limits.
-        let daily_units = match provider {
-            ProviderKind::Microsoft => recipients as u32,
-            ProviderKind::Google => 1,
-            ProviderKind::Default => 0,
-        };
+        let window_units = window_units(provider, demand);
         if provider != ProviderKind::Default {
             self.check_pause(now)?;
-            let limit = match provider {
-                ProviderKind::Microsoft => c.microsoft_daily_recipients,
-                _ => c.google_daily_messages,
-            };
-            self.check_daily(limit, daily_units, now)?;
+            let limits = window_limits(c, provider, budget);
+            self.check_window(c, &limits, &window_units, now)?;
         }
         let mailbox_slot = match provider {
             ProviderKind::Microsoft => Some(self.take_graph_slot(c, now)?),
@@ -105,23 +203,26 @@ impl OrgPacing {
         };
         self.in_flight += 1;
         // Reserved now (so concurrent jobs cannot overshoot), given back if not sent.
-        if daily_units > 0 {
-            self.daily.get_or_insert_default().unflushed += daily_units;
+        if window_units.iter().any(|u| *u > 0) {
+            let counts = self.window.get_or_insert_default();
+            for (w, units) in counts.0.iter_mut().zip(window_units) {
+                w.unflushed += units;
+            }
         }
         Ok(Room {
             mailbox_slot,
-            daily_units,
+            window_units,
         })
     }
 
-    /// Gives back what an admitted job took; its daily units too unless it was sent.
-    pub(super) fn release(&mut self, daily_units: u32, sent: bool) {
-        if !sent
-            && daily_units > 0
-            && let Some(d) = self.daily.as_mut()
-        {
-            // Saturating: a flush or the turn of the day may have emptied the count since.
-            d.unflushed = d.unflushed.saturating_sub(daily_units);
+    /// Gives back what an admitted job took; its window units too unless it was sent.
+    pub(super) fn release(&mut self, window_units: [u32; 3], sent: bool) {
+        if !sent && let Some(counts) = self.window.as_mut() {
+            for (w, units) in counts.0.iter_mut().zip(window_units) {
+                // Saturating: a flush may have taken them since (they then stay
+                // counted: a send that did not happen counted once costs only room).
+                w.unflushed = w.unflushed.saturating_sub(units);
+            }
         }
         self.in_flight = self.in_flight.saturating_sub(1);
     }
@@ -140,25 +241,37 @@ impl OrgPacing {
         }
     }
 
-    /// Defers to the next UTC day a job whose `units` would take today's count
-    /// past `limit`. A count of an earlier day starts again from zero: the quota is
-    /// per UTC day.
-    fn check_daily(&mut self, limit: u32, units: u32, now: DateTime<Utc>) -> Result<(), Refusal> {
-        let today = now.date_naive();
-        let daily = self.daily.get_or_insert_default();
-        if daily.day != Some(today) {
-            *daily = DailyCount {
-                day: Some(today),
-                ..DailyCount::default()
-            };
+    /// Defers a job whose `units` would take a counter past its limit over the
+    /// rolling window, until the oldest counted sends leave the window (or, when
+    /// that is not known yet, one bucket later: the next flush learns it).
+    fn check_window(
+        &mut self,
+        c: &PacingConfig,
+        limits: &[Option<u32>; 3],
+        units: &[u32; 3],
+        now: DateTime<Utc>,
+    ) -> Result<(), Refusal> {
+        let counts = self.window.get_or_insert_default();
+        let mut until: Option<DateTime<Utc>> = None;
+        for ((w, limit), units) in counts.0.iter_mut().zip(limits).zip(units) {
+            w.expire(now);
+            let Some(limit) = limit else { continue };
+            if *units > 0 && w.total() + units > *limit {
+                let bucket = window_bucket(c.window);
+                let retry = match w.oldest {
+                    Some((leaves, _)) => leaves,
+                    None => now + chrono::Duration::from_std(bucket).expect("small"),
+                };
+                until = Some(until.map_or(retry, |u| u.max(retry)));
+            }
         }
-        if daily.shared + daily.flushing + daily.unflushed + units > limit {
-            return Err(Refusal {
-                until: next_utc_midnight(now),
+        match until {
+            Some(until) => Err(Refusal {
+                until,
                 reason: DeferReason::DailyLimit,
-            });
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// One of the mailbox's concurrent Graph sends, if one is free.
@@ -193,8 +306,10 @@ impl OrgPacing {
     }
 
     /// Drops the limits that no longer limit anything at `now`: ended pauses, Gmail
-    /// arrival times already past, Graph slots no send holds, daily counts of other
-    /// days and, given a `daily_floor`, those below it with nothing unflushed.
+    /// arrival times already past, Graph slots no send holds, window counts with
+    /// nothing counted and, given a `daily_floor`, those below it with nothing
+    /// unflushed (the next flush of a mailbox that sends again reads its total
+    /// back).
     pub(super) fn prune_limits(&mut self, now: DateTime<Utc>, daily_floor: Option<u32>) {
         if self.pause.is_some_and(|until| until <= now) {
             self.pause = None;
@@ -209,13 +324,18 @@ impl OrgPacing {
         {
             self.graph_slots = None;
         }
-        let today = now.date_naive();
-        if self.daily.as_ref().is_some_and(|d| {
-            !d.is_current(today)
-                || daily_floor
-                    .is_some_and(|floor| d.unflushed == 0 && d.flushing == 0 && d.shared < floor)
+        if let Some(counts) = self.window.as_mut() {
+            for w in counts.0.iter_mut() {
+                w.expire(now);
+            }
+        }
+        if self.window.as_ref().is_some_and(|counts| {
+            counts.is_empty()
+                || daily_floor.is_some_and(|floor| {
+                    counts.nothing_pending() && counts.0.iter().all(|w| w.shared < floor)
+                })
         }) {
-            self.daily = None;
+            self.window = None;
         }
     }
 }

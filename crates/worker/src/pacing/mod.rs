@@ -15,10 +15,14 @@
 //! - **429s** pause the mailbox for every replica: the pause is stored in
 //!   PostgreSQL and announced by NOTIFY; until it ends, jobs are deferred without
 //!   calling the provider.
-//! - **Daily limits** (Exchange Online recipients per day, Google Workspace
-//!   messages per day) are counted per mailbox and UTC day, summed over replicas
-//!   through PostgreSQL (flushed in batches); a job the provider would refuse today
-//!   is deferred, and fails with `quota_exceeded` only when its budget runs out.
+//! - **Sending limits over a rolling 24 hours**, as the providers count them
+//!   (Exchange Online: recipients per mailbox; Google: messages, recipients and
+//!   external recipients per user, lower for consumer accounts), scaled by the
+//!   organization's share (`limit_percent`), are counted per mailbox in short
+//!   time buckets summed over replicas through PostgreSQL (flushed in batches);
+//!   a job the provider would refuse is deferred until the oldest counted sends
+//!   leave the window, and fails with `quota_exceeded` only when its budget runs
+//!   out.
 //! - **Deferred jobs are scheduled, not just postponed.** Each organization has a
 //!   queue of wake-up slots, spaced by the rate the pacer expects it to send at
 //!   (its in-flight cap or mailbox cap over its mean send time, Gmail's rate, and
@@ -39,7 +43,7 @@
 //! - `limits`: the checks an admission must pass and the room it takes;
 //! - `schedule`: what is learnt of an organization's sending, and the wake-up
 //!   slots of its deferred jobs;
-//! - `sync`: sharing pauses and daily counts with the other replicas through
+//! - `sync`: sharing pauses and window counts with the other replicas through
 //!   PostgreSQL;
 //! - `fleet`: Graph's per-mailbox slots shared by the replicas (PostgreSQL leases).
 //!
@@ -55,14 +59,15 @@ mod tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use fleet::{FleetSlot, SLOT_LEASE};
-use limits::DailyCount;
+pub use limits::Counter;
+use limits::WindowCounts;
 use schedule::{Flow, SendTimes};
 
 /// Limits of the pacer (per worker unless said otherwise).
@@ -73,10 +78,23 @@ pub struct PacingConfig {
     /// and mailbox).
     pub graph_mailbox_concurrency: usize,
     pub gmail_mailbox_per_minute: u32,
-    /// Exchange Online: 10,000 recipients per day per mailbox (shared over replicas).
+    /// Exchange Online: 10,000 recipients per mailbox per rolling 24 h (shared
+    /// over replicas).
     pub microsoft_daily_recipients: u32,
-    /// Google Workspace: 2,000 messages per day per user (shared over replicas).
+    /// Google Workspace: 2,000 messages per user per rolling 24 h.
     pub google_daily_messages: u32,
+    /// Google Workspace: 10,000 recipients per user per rolling 24 h.
+    pub google_daily_recipients: u32,
+    /// Google Workspace: external recipients per user per rolling 24 h: 2,000,
+    /// the lower of Google's 3,000 external and 2,000 unique external (each
+    /// external recipient is counted, unique or not: never fewer than Google).
+    pub google_daily_external_recipients: u32,
+    /// Consumer Google accounts (no Workspace domain): 500 messages per 24 h.
+    pub google_consumer_daily_messages: u32,
+    /// Consumer Google accounts: 500 recipients (and external recipients) per 24 h.
+    pub google_consumer_daily_recipients: u32,
+    /// The providers' window: 24 hours (shorter only in tests).
+    pub window: Duration,
 }
 
 impl Default for PacingConfig {
@@ -87,7 +105,59 @@ impl Default for PacingConfig {
             gmail_mailbox_per_minute: 60,
             microsoft_daily_recipients: 10_000,
             google_daily_messages: 2_000,
+            google_daily_recipients: 10_000,
+            google_daily_external_recipients: 2_000,
+            google_consumer_daily_messages: 500,
+            google_consumer_daily_recipients: 500,
+            window: LIMIT_WINDOW,
         }
+    }
+}
+
+/// The window both providers count their daily limits over.
+pub const LIMIT_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// What the provider limits of an organization's mailbox depend on besides the
+/// provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendingBudget {
+    /// A consumer Google account (no Workspace domain, `hd`): lower limits.
+    pub consumer: bool,
+    /// The share (percent, 1–100) of the limits the organization lets us use.
+    pub limit_percent: u8,
+}
+
+impl Default for SendingBudget {
+    fn default() -> Self {
+        SendingBudget {
+            consumer: false,
+            limit_percent: 100,
+        }
+    }
+}
+
+/// What one message counts against the rolling-window limits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    pub recipients: u32,
+    /// Recipients outside the sender's domain.
+    pub external_recipients: u32,
+}
+
+impl Demand {
+    /// The recipients of a message from `sender_domain`: those of another domain
+    /// are external (Google: "outside your primary domain"; an alias or second
+    /// domain of the same organization is counted external, which only errs on
+    /// the safe side).
+    pub fn of<'a>(sender_domain: &str, recipient_domains: impl Iterator<Item = &'a str>) -> Demand {
+        let mut d = Demand::default();
+        for domain in recipient_domains {
+            d.recipients += 1;
+            if !domain.eq_ignore_ascii_case(sender_domain) {
+                d.external_recipients += 1;
+            }
+        }
+        d
     }
 }
 
@@ -103,7 +173,7 @@ pub enum DeferReason {
     MailboxRate,
     /// The provider throttled the mailbox (429) until a known instant.
     MailboxPaused,
-    /// The mailbox reached the provider's daily limit.
+    /// The mailbox reached one of the provider's limits over the rolling 24 hours.
     DailyLimit,
 }
 
@@ -141,14 +211,14 @@ pub struct Permit {
     /// carries a store handle, and most permits have none).
     fleet_slot: Option<Box<FleetSlot>>,
     provider: ProviderKind,
-    /// Units of today's limit reserved at admission; given back unless sent.
-    daily_units: u32,
+    /// Units of the window limits reserved at admission; given back unless sent.
+    window_units: [u32; 3],
     sent: bool,
     admitted_at: Instant,
 }
 
 impl Permit {
-    /// The provider accepted the message: its reservation counts for today.
+    /// The provider accepted the message: its reservation counts for the window.
     pub fn mark_sent(&mut self) {
         self.sent = true;
     }
@@ -178,7 +248,7 @@ impl Drop for Permit {
             if let Some(flow) = o.flow.as_mut() {
                 flow.learn_send(send_secs, self.sent);
             }
-            o.release(self.daily_units, self.sent);
+            o.release(self.window_units, self.sent);
             if o.holds_nothing() {
                 s.orgs.remove(org);
             }
@@ -199,7 +269,8 @@ struct OrgPacing {
     graph_slots: Option<Arc<Semaphore>>,
     /// Gmail: theoretical arrival time of the next send (GCRA).
     gmail_tat: Option<DateTime<Utc>>,
-    daily: Option<DailyCount>,
+    /// The rolling-window counts.
+    window: Option<WindowCounts>,
     /// Deferral scheduling.
     flow: Option<Flow>,
 }
@@ -210,7 +281,7 @@ impl OrgPacing {
             && self.pause.is_none()
             && self.graph_slots.is_none()
             && self.gmail_tat.is_none()
-            && self.daily.is_none()
+            && self.window.is_none()
             && self.flow.is_none()
     }
 
@@ -297,7 +368,8 @@ impl Pacer {
         self.state.lock().expect("poisoned")
     }
 
-    /// Asks to send one message of `org` through `provider` to `recipients` recipients.
+    /// Asks to send one message of `org` through `provider` to `recipients`
+    /// recipients of its own domain, from a Workspace mailbox with its whole budget.
     pub fn admit(
         self: &Arc<Self>,
         org: &str,
@@ -305,10 +377,27 @@ impl Pacer {
         recipients: usize,
         now: DateTime<Utc>,
     ) -> Admission {
+        let demand = Demand {
+            recipients: recipients as u32,
+            external_recipients: 0,
+        };
+        self.admit_message(org, provider, demand, SendingBudget::default(), now)
+    }
+
+    /// Asks to send one message of `org` through `provider` that counts `demand`
+    /// against a mailbox of kind and share `budget`.
+    pub fn admit_message(
+        self: &Arc<Self>,
+        org: &str,
+        provider: ProviderKind,
+        demand: Demand,
+        budget: SendingBudget,
+        now: DateTime<Utc>,
+    ) -> Admission {
         let mut s = self.state();
         match s
             .org_mut(org)
-            .reserve(&self.config, provider, recipients, now)
+            .reserve(&self.config, provider, demand, budget, now)
         {
             Ok(room) => {
                 // Created now so that the job's send time, measured on release,
@@ -320,7 +409,7 @@ impl Pacer {
                     _mailbox_slot: room.mailbox_slot,
                     fleet_slot: None,
                     provider,
-                    daily_units: room.daily_units,
+                    window_units: room.window_units,
                     sent: false,
                     admitted_at: Instant::now(),
                 })
@@ -348,21 +437,20 @@ impl Pacer {
     /// Drops what carries no information any more, so memory stays bounded by the
     /// organizations active recently rather than by every organization ever seen:
     /// ended pauses, Gmail rate entries already in the past, idle Graph slots,
-    /// daily counts of other days (and, past `max_daily_entries`, those far below
+    /// window counts with nothing counted (and, past `max_daily_entries`, those far below
     /// their limit: the next flush brings back the shared total of a mailbox that
     /// sends again), and flows with no slot ahead whose learnt rate has recovered
     /// or is older than ten minutes. An organization left with nothing is
     /// forgotten.
     pub fn prune(&self, now: DateTime<Utc>, max_daily_entries: usize) {
         let c = self.config;
-        let today = now.date_naive();
         let mut s = self.state();
-        // Counted before the retain: whether to trim depends on how many daily
-        // counts outlive the day change, over every organization.
+        // Counted before the retain: whether to trim depends on how many window
+        // counts there are over every organization.
         let current_daily = s
             .orgs
             .values()
-            .filter(|o| o.daily.as_ref().is_some_and(|d| d.is_current(today)))
+            .filter(|o| o.window.as_ref().is_some_and(|w| !w.is_empty()))
             .count();
         let daily_floor = (current_daily > max_daily_entries)
             .then(|| c.google_daily_messages.min(c.microsoft_daily_recipients) / 2);
@@ -384,7 +472,7 @@ impl Pacer {
             h.pauses += usize::from(o.pause.is_some());
             h.graph_slots += usize::from(o.graph_slots.is_some());
             h.gmail_tats += usize::from(o.gmail_tat.is_some());
-            h.daily_counts += usize::from(o.daily.is_some());
+            h.daily_counts += usize::from(o.window.is_some());
             h.flows += usize::from(o.flow.is_some());
             h
         })
@@ -412,8 +500,10 @@ impl Pacer {
     /// Zeroes every count not yet flushed, as if they had all been written.
     fn forget_unflushed_daily_counts(&self) {
         for o in self.state().orgs.values_mut() {
-            if let Some(d) = o.daily.as_mut() {
-                d.unflushed = 0;
+            if let Some(counts) = o.window.as_mut() {
+                for w in counts.0.iter_mut() {
+                    w.unflushed = 0;
+                }
             }
         }
     }

@@ -13,6 +13,25 @@ fn config() -> PacingConfig {
         gmail_mailbox_per_minute: 60,
         microsoft_daily_recipients: 10,
         google_daily_messages: 2,
+        ..PacingConfig::default()
+    }
+}
+
+/// The shared total of `org`'s `counter` read back by a flush, with the oldest
+/// bucket leaving the window at `leaves` holding `oldest`.
+fn total(
+    org: &str,
+    counter: Counter,
+    total: i32,
+    leaves: DateTime<Utc>,
+    oldest: i32,
+) -> mail_dispatch_store::WindowTotal {
+    mail_dispatch_store::WindowTotal {
+        organization_id: org.into(),
+        counter: counter.code(),
+        total,
+        oldest_leaves_at: Some(leaves),
+        oldest_units: Some(oldest),
     }
 }
 
@@ -100,24 +119,134 @@ fn a_pause_defers_until_it_ends() {
 }
 
 #[test]
-fn daily_limits_defer_to_the_next_utc_day() {
+fn limits_count_over_a_rolling_window_and_defer_until_the_oldest_sends_leave_it() {
     let p = Pacer::new(config());
-    for _ in 0..2 {
-        go(p.admit("g", ProviderKind::Google, 1, now())).mark_sent();
-    }
+    let hour = chrono::Duration::hours(1);
+    go(p.admit("g", ProviderKind::Google, 1, now())).mark_sent();
+    go(p.admit("g", ProviderKind::Google, 1, now() + hour)).mark_sent();
     // An admitted job that was not sent gives its reservation back.
     drop(go(p.admit("m", ProviderKind::Microsoft, 10, now())));
-    let Admission::Defer { until, reason } = p.admit("g", ProviderKind::Google, 1, now()) else {
-        panic!()
+    // The flush learns where the sends sit in the window: the first leaves it 24 h
+    // (and a bucket) after it was sent.
+    let first_leaves = now() + chrono::Duration::hours(24) + chrono::Duration::minutes(5);
+    let pending = p.begin_daily_flush();
+    p.end_daily_flush(
+        &pending,
+        Some(vec![
+            total("g", Counter::Messages, 2, first_leaves, 1),
+            total("g", Counter::Recipients, 2, first_leaves, 1),
+        ]),
+    );
+    // Past midnight UTC the count does not start again: it is a rolling window.
+    let after_midnight = Utc.with_ymd_and_hms(2026, 11, 29, 0, 30, 0).unwrap();
+    let Admission::Defer { until, reason } = p.admit("g", ProviderKind::Google, 1, after_midnight)
+    else {
+        panic!("admitted past the limit")
     };
     assert_eq!(reason, DeferReason::DailyLimit);
-    assert_eq!(until, Utc.with_ymd_and_hms(2026, 11, 29, 0, 0, 0).unwrap());
-    // Microsoft counts recipients: 10 a day, this message has 11.
+    assert_eq!(until, first_leaves, "deferred until the oldest send leaves");
+    // Microsoft counts recipients: 10 over the window, this message has 11.
     assert_eq!(
         reason_of(p.admit("m", ProviderKind::Microsoft, 11, now())),
         DeferReason::DailyLimit
     );
-    go(p.admit("g", ProviderKind::Google, 1, until));
+    go(p.admit("g", ProviderKind::Google, 1, first_leaves)).mark_sent();
+    // The second send is still in the window, and the third now too.
+    assert_eq!(
+        reason_of(p.admit("g", ProviderKind::Google, 1, first_leaves)),
+        DeferReason::DailyLimit
+    );
+}
+
+#[test]
+fn google_counts_recipients_and_external_recipients_as_well_as_messages() {
+    let p = Pacer::new(PacingConfig {
+        google_daily_messages: 100,
+        google_daily_recipients: 10,
+        google_daily_external_recipients: 4,
+        ..config()
+    });
+    let to = |domains: &[&'static str]| Demand::of("corp.example", domains.iter().copied());
+    let admit = |d: Demand| {
+        p.admit_message(
+            "g",
+            ProviderKind::Google,
+            d,
+            SendingBudget::default(),
+            now(),
+        )
+    };
+    assert_eq!(
+        to(&["corp.example", "CORP.example", "other.example"]),
+        Demand {
+            recipients: 3,
+            external_recipients: 1
+        }
+    );
+    go(admit(to(&["a.example", "b.example", "c.example"]))).mark_sent();
+    // 3 external of 4: two more external recipients are one too many...
+    assert_eq!(
+        reason(admit(to(&["a.example", "b.example"]))),
+        DeferReason::DailyLimit
+    );
+    // ...while internal ones still go, up to 10 recipients in all.
+    go(admit(to(&["corp.example"; 7]))).mark_sent();
+    assert_eq!(
+        reason(admit(to(&["corp.example"]))),
+        DeferReason::DailyLimit
+    );
+}
+
+#[test]
+fn consumer_accounts_and_an_organization_share_lower_the_limits() {
+    let c = PacingConfig::default();
+    let workspace = SendingBudget::default();
+    let consumer = SendingBudget {
+        consumer: true,
+        ..workspace
+    };
+    let half = SendingBudget {
+        limit_percent: 50,
+        ..workspace
+    };
+    use limits::window_limits;
+    assert_eq!(
+        window_limits(&c, ProviderKind::Google, workspace),
+        [Some(10_000), Some(2_000), Some(2_000)]
+    );
+    assert_eq!(
+        window_limits(&c, ProviderKind::Google, consumer),
+        [Some(500), Some(500), Some(500)]
+    );
+    assert_eq!(
+        window_limits(&c, ProviderKind::Google, half),
+        [Some(5_000), Some(1_000), Some(1_000)]
+    );
+    assert_eq!(
+        window_limits(&c, ProviderKind::Microsoft, half),
+        [Some(5_000), None, None]
+    );
+    assert_eq!(window_limits(&c, ProviderKind::Default, half), [None; 3]);
+    // And the pacer applies them: 2 of 4 messages at 50 %.
+    let p = Pacer::new(PacingConfig {
+        google_daily_messages: 4,
+        ..config()
+    });
+    let admit = || {
+        p.admit_message(
+            "g",
+            ProviderKind::Google,
+            Demand {
+                recipients: 1,
+                external_recipients: 0,
+            },
+            half,
+            now(),
+        )
+    };
+    go(admit()).mark_sent();
+    go(admit()).mark_sent();
+    assert_eq!(reason(admit()), DeferReason::DailyLimit);
 }
 
 fn reason_of(a: Admission) -> DeferReason {
@@ -246,7 +375,7 @@ fn pruning_forgets_idle_mailboxes_and_keeps_what_still_matters() {
     let busy = go(p.admit("busy", ProviderKind::Microsoft, 1, now()));
     p.apply_pause("paused", now() + chrono::Duration::seconds(60));
     assert!(p.entries() > 300, "{}", p.entries());
-    // A minute later, on the same day: counts not yet flushed are kept.
+    // A minute later: counts not yet flushed are kept.
     let later = now() + chrono::Duration::minutes(1);
     p.prune(later, 1_000_000);
     let held = p.held();
@@ -258,7 +387,7 @@ fn pruning_forgets_idle_mailboxes_and_keeps_what_still_matters() {
     );
     assert!(p.paused_organizations().iter().all(|org| org == "paused"));
     drop(busy);
-    // The next day, everything flushed or not from yesterday is gone.
+    // Once nothing is counted any more (flushed, and out of the window), it is gone.
     p.forget_unflushed_daily_counts();
     p.prune(now() + chrono::Duration::days(1), 1_000_000);
     assert_eq!(p.entries(), 0);
@@ -271,13 +400,20 @@ fn sends_being_flushed_still_count_against_the_daily_limit() {
     go(p.admit("g", ProviderKind::Google, 1, now())).mark_sent();
     go(p.admit("g", ProviderKind::Google, 1, now())).mark_sent();
     let pending = p.begin_daily_flush();
-    assert_eq!(pending.len(), 1);
+    assert_eq!(pending.len(), 2, "messages and recipients");
     assert_eq!(
         reason(p.admit("g", ProviderKind::Google, 1, now())),
         DeferReason::DailyLimit,
         "while the flush is on its way, its 2 sends still count"
     );
-    p.end_daily_flush(&pending, Some(vec![("g".into(), now().date_naive(), 2)]));
+    let leaves = now() + chrono::Duration::hours(24);
+    p.end_daily_flush(
+        &pending,
+        Some(vec![
+            total("g", Counter::Messages, 2, leaves, 2),
+            total("g", Counter::Recipients, 2, leaves, 2),
+        ]),
+    );
     assert_eq!(
         reason(p.admit("g", ProviderKind::Google, 1, now())),
         DeferReason::DailyLimit,
