@@ -1003,3 +1003,41 @@ async fn the_admin_listener_closes_idle_connections_and_caps_their_number() {
     );
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_organization_keeps_part_of_its_mailboxs_sending_limits_with_limit_percent() {
+    let app = TestApp::spawn().await;
+    let api = Api::new(&app);
+    app.standins
+        .set_consent(Vendor::Google, Consent::Approve("ops@customer.com".into()));
+    api.connect("org_g", "google").await;
+    let integration = api.integration("org_g").await;
+    assert_eq!(integration["limit_percent"], 100, "all of it by default");
+    assert_eq!(
+        integration["google_account"], "workspace",
+        "the id token named a Workspace domain (hd)"
+    );
+    let (status, body) = api
+        .save_sender(
+            "org_g",
+            json!({"email": "ops@customer.com", "name": "Ops", "limit_percent": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body:#}");
+    assert_eq!(body["error"]["code"], "invalid_request");
+    let (status, outcome) = api
+        .save_sender(
+            "org_g",
+            json!({"email": "ops@customer.com", "name": "Ops", "limit_percent": 60}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(outcome["integration"]["limit_percent"], 60, "{outcome:#}");
+    assert_eq!(api.integration("org_g").await["limit_percent"], 60);
+    // Saving the sender again without it leaves the share as it was.
+    let (status, _) = api
+        .save_sender("org_g", json!({"email": "ops@customer.com", "name": "Ops"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(api.integration("org_g").await["limit_percent"], 60);
+}

@@ -10,6 +10,7 @@ mod faults;
 mod fidelity;
 mod graph_large;
 mod invalid_jobs;
+mod limits;
 mod memory;
 mod operability;
 mod pacing;

@@ -197,7 +197,7 @@ async fn past_the_daily_limit_jobs_are_deferred_then_fail_as_quota_exceeded_when
     let client = app.db.client().await;
     let row = client
         .query_one(
-            "SELECT sent FROM mailbox_daily WHERE organization_id = 'org_g'",
+            "SELECT sum(units)::int4 FROM mailbox_sends WHERE organization_id = 'org_g' AND counter = 1",
             &[],
         )
         .await

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use mail_dispatch_test_support::StandIns;
-use mail_dispatch_test_support::standins::{AccountInfo, Consent, Vendor};
+use mail_dispatch_test_support::standins::{AccountInfo, Consent, SendingQuota, Vendor};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::Digest as _;
@@ -1624,4 +1624,83 @@ async fn a_graph_draft_over_the_tenants_maximum_size_is_refused_at_send_and_a_de
         send_draft(&s, &token, &id).await.status(),
         StatusCode::NOT_FOUND
     );
+}
+
+#[tokio::test]
+async fn gmail_over_the_users_rolling_sending_limit_is_429_user_rate_limit_exceeded_and_suspends_the_user()
+ {
+    let s = StandIns::start().await;
+    let window = std::time::Duration::from_secs(2);
+    s.set_sending_quota(
+        "ops@customer.com",
+        Some(SendingQuota {
+            messages: Some(2),
+            ..SendingQuota::google_workspace(window)
+        }),
+    );
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    for _ in 0..2 {
+        assert_eq!(gmail_send(&s, &token).await.status(), StatusCode::OK);
+    }
+    let resp = gmail_send(&s, &token).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["errors"][0]["reason"], "rateLimitExceeded");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("User-rate limit exceeded.  Retry after ")
+            && message.ends_with("(Mail sending)"),
+        "{message}"
+    );
+    // "Can't send new messages for up to 24 hours": suspended for the window,
+    // even once the first sends left it.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        gmail_send(&s, &token).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    tokio::time::sleep(window).await;
+    assert_eq!(gmail_send(&s, &token).await.status(), StatusCode::OK);
+    assert_eq!(s.quota_refusals("ops@customer.com"), 2);
+    assert_eq!(s.gmail_messages().len(), 3);
+}
+
+#[tokio::test]
+async fn gmail_counts_external_recipients_against_the_users_external_limit() {
+    let s = StandIns::start().await;
+    s.set_sending_quota(
+        "ops@customer.com",
+        Some(SendingQuota {
+            external_recipients: Some(1),
+            ..SendingQuota::google_workspace(std::time::Duration::from_secs(60))
+        }),
+    );
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    // From ops@customer.com to a@example.org: one external recipient.
+    assert_eq!(gmail_send(&s, &token).await.status(), StatusCode::OK);
+    assert_eq!(
+        gmail_send(&s, &token).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn exchange_over_the_recipient_rate_limit_accepts_the_send_and_bounces_it() {
+    let s = StandIns::start().await;
+    s.set_sending_quota(
+        "admin@customer.com",
+        Some(SendingQuota {
+            recipients: Some(1),
+            ..SendingQuota::exchange_online(std::time::Duration::from_secs(60))
+        }),
+    );
+    let (token, _) = s.issue(Vendor::Microsoft, "admin@customer.com");
+    let (status, _) = send_mail(&s, &token, "admin@customer.com", "Admin").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // Graph says 202 all the same: the recipient rate limit shows up as an NDR.
+    let (status, _) = send_mail(&s, &token, "admin@customer.com", "Admin").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(s.received().len(), 1, "delivered");
+    assert_eq!(s.bounced().len(), 1, "bounced (NDR 5.2.2)");
+    assert_eq!(s.quota_refusals("admin@customer.com"), 1);
 }

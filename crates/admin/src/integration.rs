@@ -40,6 +40,13 @@ pub struct IntegrationView {
     /// last successful save and test; `differs` when it is not the configured
     /// sender (e.g. Exchange shows the mailbox's directory name).
     pub recipients_see: Option<crate::recipients::RecipientsSee>,
+    /// The share (percent) of the provider's sending limits per rolling 24 h
+    /// that mail-dispatch uses from this mailbox (`limit_percent` of the sender
+    /// settings); null when not configured.
+    pub limit_percent: Option<u8>,
+    /// Google only: `workspace` (the id token named a Workspace domain) or
+    /// `consumer` (none: a gmail.com account, with lower sending limits).
+    pub google_account: Option<String>,
     pub connected_at: Option<DateTime<Utc>>,
     pub last_test_at: Option<DateTime<Utc>>,
     #[schema(value_type = Option<Object>)]
@@ -69,6 +76,8 @@ pub fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
             fallback: None,
             save_to_sent_items: None,
             recipients_see: None,
+            limit_percent: None,
+            google_account: None,
             connected_at: None,
             last_test_at: None,
             last_test: None,
@@ -90,6 +99,15 @@ pub fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
                 .recipients_see
                 .as_ref()
                 .and_then(|v| serde_json::from_value(v.clone()).ok()),
+            limit_percent: Some(i.limit_percent),
+            google_account: (i.provider == ProviderKind::Google).then(|| {
+                if i.account_tenant.is_some() {
+                    "workspace"
+                } else {
+                    "consumer"
+                }
+                .to_owned()
+            }),
             connected_at: Some(i.connected_at),
             last_test_at: i.last_test_at,
             last_test: i.last_test.clone(),

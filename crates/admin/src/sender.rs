@@ -34,6 +34,12 @@ pub struct SenderRequest {
     /// Items (Graph `saveToSentItems`). Omitted: unchanged (`false` at first).
     /// Gmail always keeps one: `false` is refused for Google.
     pub save_to_sent_items: Option<bool>,
+    /// The share (percent, 1–100) of the provider's sending limits (per rolling
+    /// 24 h) mail-dispatch may use from this mailbox, leaving the rest to the
+    /// people who also send from it. Absent: unchanged (100 for a new
+    /// integration). Saved even when the test fails.
+    #[schema(minimum = 1, maximum = 100)]
+    pub limit_percent: Option<u8>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -424,6 +430,12 @@ pub async fn put_sender(
         Some(raw) => Fallback::parse(raw)
             .ok_or_else(|| ApiError::invalid("fallback must be `none` or `platform_sender`"))?,
     };
+    if let Some(percent) = req.limit_percent {
+        if !(1..=100).contains(&percent) {
+            return Err(ApiError::invalid("limit_percent must be between 1 and 100"));
+        }
+        store.save_limit_percent(&org, percent).await?;
+    }
     let recipient = match req.test_recipient.as_deref() {
         Some(raw) => EmailAddress::parse(raw.trim())
             .map_err(|_| ApiError::invalid("test_recipient is not a valid address"))?,

@@ -90,6 +90,16 @@ pub async fn spawn(
             ("MAIL_DISPATCH_GMAIL_MAILBOX_PER_MINUTE", "100000000"),
             ("MAIL_DISPATCH_MICROSOFT_DAILY_RECIPIENTS", "2000000000"),
             ("MAIL_DISPATCH_GOOGLE_DAILY_MESSAGES", "2000000000"),
+            ("MAIL_DISPATCH_GOOGLE_DAILY_RECIPIENTS", "2000000000"),
+            (
+                "MAIL_DISPATCH_GOOGLE_DAILY_EXTERNAL_RECIPIENTS",
+                "2000000000",
+            ),
+            ("MAIL_DISPATCH_GOOGLE_CONSUMER_DAILY_MESSAGES", "2000000000"),
+            (
+                "MAIL_DISPATCH_GOOGLE_CONSUMER_DAILY_RECIPIENTS",
+                "2000000000",
+            ),
         ]);
     }
     let mut worker = Proc::spawn("worker", cmd, &ctx.tmp.join("worker.log"))?;

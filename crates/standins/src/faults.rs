@@ -314,6 +314,18 @@ pub fn gmail_rate_limited(retry_in: Duration) -> ResponseTemplate {
     google_error(429, "rateLimitExceeded", &message, "RESOURCE_EXHAUSTED")
 }
 
+/// Gmail's answer to a send over the user's sending limits: 429 "User-rate
+/// limit exceeded" for mail sending, with the time to retry at
+/// (https://developers.google.com/workspace/gmail/api/guides/handle-errors).
+pub(super) fn gmail_sending_limit(retry_in: Duration) -> ResponseTemplate {
+    let at = chrono::Utc::now() + chrono::Duration::from_std(retry_in).unwrap();
+    let message = format!(
+        "User-rate limit exceeded.  Retry after {} (Mail sending)",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
+    google_error(429, "rateLimitExceeded", &message, "RESOURCE_EXHAUSTED")
+}
+
 /// Gmail 503 backendError.
 pub fn gmail_unavailable() -> ResponseTemplate {
     google_error(

@@ -9,8 +9,10 @@ use serde_json::{Value, json};
 use wiremock::{Request, Respond, ResponseTemplate};
 
 use super::faults::{
-    gmail_insufficient_scope, gmail_rate_limited, gmail_unavailable, google_error,
+    gmail_insufficient_scope, gmail_rate_limited, gmail_sending_limit, gmail_unavailable,
+    google_error,
 };
+use super::quota::{OverQuota, count_recipients};
 use super::{
     AccountInfo, Consent, Grant, Received, State, Vendor, exchange_code, form, has_scope,
     normalize_scopes, redirect_back, unsigned_jwt,
@@ -284,7 +286,8 @@ fn send_checks(s: &mut State, request: &Request) -> Result<String, ResponseTempl
     Ok(grant.account)
 }
 
-/// Takes a complete message: records it and answers with its Message resource.
+/// Takes a complete message of `account`: within the user's sending limits,
+/// records it and answers with its Message resource.
 fn accept(s: &mut State, account: &str, raw: Vec<u8>) -> ResponseTemplate {
     let id = format!("{:016x}", rand::random::<u64>());
     if let Some(msg) = mail_parser::MessageParser::default().parse(&raw) {
@@ -321,6 +324,16 @@ fn accept(s: &mut State, account: &str, raw: Vec<u8>) -> ResponseTemplate {
         let message_id = msg
             .message_id()
             .map_or_else(|| format!("<CA{id}@mail.gmail.com>"), |m| format!("<{m}>"));
+        if let Some(quota) = s.sending_quotas.get_mut(&account.to_ascii_lowercase()) {
+            let all: Vec<String> = [msg.to(), msg.cc(), msg.bcc()]
+                .into_iter()
+                .flat_map(addresses)
+                .collect();
+            let (recipients, external) = count_recipients(account, all.iter().map(String::as_str));
+            if let Err(OverQuota(wait)) = quota.take(recipients, external, true) {
+                return gmail_sending_limit(wait);
+            }
+        }
         s.received.push(Received {
             provider: "google",
             received_at: chrono::Utc::now(),

@@ -32,6 +32,7 @@ mod faults;
 mod google;
 mod microsoft;
 mod microsoft_drafts;
+mod quota;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -47,6 +48,7 @@ pub use faults::{
     gmail_daily_limit, gmail_rate_limited, gmail_unavailable, graph_invalid_recipients,
     graph_send_as_denied, graph_throttled, graph_unavailable,
 };
+pub use quota::SendingQuota;
 
 /// Which stand-in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -281,6 +283,11 @@ struct State {
     graph_concurrency: Option<usize>,
     /// Vendors whose consent page waits for a click (`show_consent_page`).
     consent_pages: HashSet<Vendor>,
+    /// Sending limits over a rolling window, per account (lower-cased).
+    sending_quotas: HashMap<String, quota::QuotaState>,
+    /// Graph messages accepted (202) that Exchange bounced for the recipient
+    /// rate limit instead of delivering.
+    bounced: Vec<Received>,
 }
 
 impl State {
@@ -957,6 +964,38 @@ impl StandIns {
                 s.mailbox_limits.remove(account);
             }
         }
+    }
+
+    /// Enforces `quota` (the provider's sending limits over a rolling window) on
+    /// `account`'s sends; `None` lifts it. Gmail answers a send over it 429
+    /// "User-rate limit exceeded … (Mail sending)" and then refuses the user's
+    /// sends for a whole window; Exchange accepts it (202) and bounces it
+    /// ([`StandIns::bounced`]). See the `quota` module for the sources.
+    pub fn set_sending_quota(&self, account: &str, quota: Option<SendingQuota>) {
+        let mut s = self.state.lock().unwrap();
+        let key = account.to_ascii_lowercase();
+        match quota {
+            Some(q) => {
+                s.sending_quotas.insert(key, quota::QuotaState::new(q));
+            }
+            None => {
+                s.sending_quotas.remove(&key);
+            }
+        }
+    }
+
+    /// How many sends of `account` its sending quota refused (Gmail) or bounced
+    /// (Exchange).
+    pub fn quota_refusals(&self, account: &str) -> u64 {
+        let s = self.state.lock().unwrap();
+        s.sending_quotas
+            .get(&account.to_ascii_lowercase())
+            .map_or(0, |q| q.refused)
+    }
+
+    /// Graph messages accepted but bounced by Exchange's recipient rate limit.
+    pub fn bounced(&self) -> Vec<Received> {
+        self.state.lock().unwrap().bounced.clone()
     }
 
     /// How many sends from `account`'s mailbox were refused by its limit.

@@ -12,6 +12,7 @@ use super::faults::{
     graph_authorization_denied, graph_error, graph_send_as_denied, graph_throttled,
     graph_unavailable, microsoft_token_error,
 };
+use super::quota::count_recipients;
 use super::{
     AccountInfo, Consent, Grant, Received, State, Vendor, domain_of, error_page, exchange_code,
     form, has_scope, normalize_scopes, query, redirect_back, unsigned_jwt, uuid_from,
@@ -872,6 +873,32 @@ pub(super) fn accept_message(
                 uuid::Uuid::new_v4().simple()
             )
         });
+        if let Some(quota) = s.sending_quotas.get_mut(&account.to_ascii_lowercase()) {
+            let all: Vec<String> = ["toRecipients", "ccRecipients", "bccRecipients"]
+                .iter()
+                .flat_map(|k| m[*k].as_array().cloned().unwrap_or_default())
+                .map(|r| address(&r))
+                .collect();
+            let (recipients, external) = count_recipients(&account, all.iter().map(String::as_str));
+            // Exchange applies its recipient rate limit after the 202: the
+            // message is accepted and bounces back to the sender (NDR 5.2.2).
+            if quota.take(recipients, external, false).is_err() {
+                s.bounced.push(Received {
+                    provider: "microsoft",
+                    received_at: chrono::Utc::now(),
+                    id: id.clone(),
+                    from: address(&m["from"]),
+                    to: all,
+                    subject: m["subject"].as_str().unwrap_or_default().to_owned(),
+                    seen_from,
+                    seen_sender,
+                    message_id,
+                });
+                return ResponseTemplate::new(202)
+                    .insert_header("request-id", id.as_str())
+                    .insert_header("client-request-id", uuid::Uuid::new_v4().to_string());
+            }
+        }
         s.received.push(Received {
             provider: "microsoft",
             received_at: chrono::Utc::now(),

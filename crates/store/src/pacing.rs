@@ -71,7 +71,7 @@ impl Store {
         client
             .execute(
                 "INSERT INTO mailbox_sends (organization_id, counter, bucket, units)
-                 SELECT o, c, to_timestamp(floor(extract(epoch FROM now()) / $4) * $4), u
+                 SELECT o, c, to_timestamp(floor(extract(epoch FROM now())::float8 / $4::float8) * $4::float8), u
                  FROM unnest($1::text[], $2::int2[], $3::int[]) AS t(o, c, u) WHERE u > 0
                  ON CONFLICT (organization_id, counter, bucket)
                  DO UPDATE SET units = mailbox_sends.units + EXCLUDED.units",
@@ -83,19 +83,19 @@ impl Store {
         let rows = client
             .query(
                 "SELECT s.organization_id, s.counter, sum(s.units)::int4,
-                        min(s.bucket) + make_interval(secs => $3 + $4),
+                        min(s.bucket) + make_interval(secs => $3::float8 + $4::float8),
                         (array_agg(s.units ORDER BY s.bucket))[1]
                  FROM mailbox_sends s
                  JOIN (SELECT DISTINCT o, c FROM unnest($1::text[], $2::int2[]) AS t(o, c)) t
                    ON s.organization_id = t.o AND s.counter = t.c
-                 WHERE s.bucket > now() - make_interval(secs => $3 + $4)
+                 WHERE s.bucket > now() - make_interval(secs => $3::float8 + $4::float8)
                  GROUP BY s.organization_id, s.counter",
                 &[&orgs, &counters, &window_secs, &bucket_secs],
             )
             .await?;
         client
             .execute(
-                "DELETE FROM mailbox_sends WHERE bucket < now() - make_interval(secs => $1 + $2)",
+                "DELETE FROM mailbox_sends WHERE bucket < now() - make_interval(secs => $1::float8 + $2::float8)",
                 &[&window_secs, &bucket_secs],
             )
             .await?;
@@ -153,6 +153,62 @@ pub struct WindowTotal {
 mod tests {
     use crate::{PoolSettings, Store, TokenCipher};
     use secrecy::SecretString;
+
+    #[tokio::test]
+    async fn window_counts_are_summed_over_replicas_and_the_window_only() {
+        let db = mail_dispatch_test_db::TempDatabase::create("md_test_").await;
+        let key = SecretString::from(TokenCipher::generate_key());
+        let store = Store::connect(
+            &db.url,
+            TokenCipher::new(&key, &[]).unwrap(),
+            PoolSettings::default(),
+        )
+        .unwrap();
+        store.migrate().await.unwrap();
+        let day = std::time::Duration::from_secs(24 * 3600);
+        // Sent 25 hours ago: out of the window, and pruned.
+        let client = db.client().await;
+        client
+            .execute(
+                "INSERT INTO mailbox_sends VALUES ('org', 0, now() - interval '25 hours', 50)",
+                &[],
+            )
+            .await
+            .unwrap();
+        // Sent 23 hours ago: still counted, and the oldest.
+        client
+            .execute(
+                "INSERT INTO mailbox_sends VALUES ('org', 0, date_bin('5 minutes', now() - interval '23 hours', 'epoch'), 7)",
+                &[],
+            )
+            .await
+            .unwrap();
+        // Two replicas flush, one reads another counter back with nothing to write.
+        store
+            .add_window_counts(&[("org".into(), 0, 3)], day)
+            .await
+            .unwrap();
+        let totals = store
+            .add_window_counts(&[("org".into(), 0, 2), ("org".into(), 1, 0)], day)
+            .await
+            .unwrap();
+        let recipients = totals.iter().find(|t| t.counter == 0).unwrap();
+        assert_eq!(recipients.total, 12);
+        assert_eq!(recipients.oldest_units, Some(7));
+        let leaves = recipients.oldest_leaves_at.unwrap() - chrono::Utc::now();
+        assert!(
+            leaves > chrono::Duration::minutes(55) && leaves <= chrono::Duration::minutes(65),
+            "the oldest leaves about an hour (and a bucket) from now: {leaves}"
+        );
+        let messages = totals.iter().find(|t| t.counter == 1).unwrap();
+        assert_eq!((messages.total, messages.oldest_leaves_at), (0, None));
+        let rows: i64 = client
+            .query_one("SELECT count(*) FROM mailbox_sends", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 2, "the bucket out of the window was pruned");
+    }
 
     #[tokio::test]
     async fn pauses_over_for_a_day_are_pruned_when_a_mailbox_is_paused() {

@@ -635,7 +635,16 @@ pub async fn store_grant(
             access_token: Some((SecretString::from(access.to_owned()), expires_at)),
             granted_scopes: None,
             account_id: None,
-            account_tenant: None,
+            // What the connect flow keeps from Google's id token: `hd`, which the
+            // stand-in gives every account but gmail.com ones (consumer).
+            account_tenant: (vendor == Vendor::Google)
+                .then(|| {
+                    account
+                        .rsplit_once('@')
+                        .map(|(_, d)| d.to_ascii_lowercase())
+                })
+                .flatten()
+                .filter(|d| d != "gmail.com"),
         })
         .await
         .unwrap();

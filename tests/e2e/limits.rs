@@ -1,0 +1,181 @@
+//! The providers' sending limits, counted as they count them: over a rolling
+//! 24 hours (shortened here through `MAIL_DISPATCH_LIMIT_WINDOW_SECS`), with
+//! Google's recipients and consumer accounts, and an organization's own share.
+//! The stand-ins enforce the same limits (Gmail answers 429 and suspends the
+//! user; Exchange accepts and bounces), so overshooting shows as refusals there.
+
+use std::time::Duration;
+
+use mail_dispatch_test_support::standins::{SendingQuota, Vendor};
+use mail_dispatch_test_support::{TestApp, TestAppOptions};
+use mail_dispatch_worker::pacing::PacingConfig;
+use serde_json::{Value, json};
+
+fn options(pacing: PacingConfig) -> TestAppOptions {
+    TestAppOptions {
+        pacing,
+        ..Default::default()
+    }
+}
+
+fn permissive() -> PacingConfig {
+    TestAppOptions::default().pacing
+}
+
+/// `n` jobs of `org` that may wait `budget` at most.
+fn jobs(app: &TestApp, org: &str, n: usize, budget: chrono::Duration) -> Vec<Value> {
+    let not_after = chrono::Utc::now() + budget;
+    (0..n)
+        .map(|_| {
+            let mut j = app.job(org);
+            j["not_after"] = json!(not_after.to_rfc3339());
+            j
+        })
+        .collect()
+}
+
+/// Publishes `jobs` and returns how many were sent and how many failed
+/// `quota_exceeded` (never offered to the provider).
+async fn run(app: &TestApp, jobs: &[Value]) -> (usize, usize) {
+    let mut tap = app.amqp.tap_results().await;
+    for job in jobs {
+        app.amqp.publish_job(job).await;
+    }
+    let (mut sent, mut over) = (0, 0);
+    for job in jobs {
+        let r = tap
+            .result(job["id"].as_str().unwrap(), Duration::from_secs(60))
+            .await;
+        match r["status"].as_str() {
+            Some("sent") => sent += 1,
+            _ => {
+                assert_eq!(r["error"]["code"], "quota_exceeded", "{r:#}");
+                assert_eq!(r["attempts"], 0, "never offered to the provider");
+                over += 1;
+            }
+        }
+    }
+    (sent, over)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_that_reaches_the_rolling_limit_is_deferred_then_sent_when_the_window_moves() {
+    let window = Duration::from_secs(6);
+    let app = TestApp::spawn_with(options(PacingConfig {
+        google_daily_messages: 3,
+        window,
+        ..permissive()
+    }))
+    .await;
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "g@customer.com",
+        "g@customer.com",
+        "G",
+    )
+    .await;
+    app.standins.set_sending_quota(
+        "g@customer.com",
+        Some(SendingQuota {
+            messages: Some(3),
+            ..SendingQuota::google_workspace(window)
+        }),
+    );
+    let burst = jobs(&app, "org_g", 6, chrono::Duration::seconds(60));
+    let (sent, over) = run(&app, &burst).await;
+    assert_eq!(
+        (sent, over),
+        (6, 0),
+        "all sent once the window allowed them"
+    );
+    assert_eq!(
+        app.standins.quota_refusals("g@customer.com"),
+        0,
+        "Gmail never refused (nor suspended) the user"
+    );
+    let mut at: Vec<_> = app
+        .standins
+        .received()
+        .iter()
+        .map(|r| r.received_at)
+        .collect();
+    at.sort();
+    assert_eq!(at.len(), 6);
+    let waited = (at[3] - at[0]).to_std().unwrap();
+    assert!(
+        waited >= window,
+        "the 4th went out when the 1st left the window, not before: {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_organizations_lowered_share_of_the_limit_is_honoured() {
+    let app = TestApp::spawn_with(options(PacingConfig {
+        microsoft_daily_recipients: 10,
+        window: Duration::from_secs(3600),
+        ..permissive()
+    }))
+    .await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "ops@customer.com",
+        "ops@customer.com",
+        "Ops",
+    )
+    .await;
+    // The people of the organization send from that mailbox too: it keeps 60 %
+    // of the 10 recipients for them, and Exchange bounces past what is left.
+    app.db
+        .store
+        .save_limit_percent("org_ms", 40)
+        .await
+        .unwrap()
+        .unwrap();
+    app.standins.set_sending_quota(
+        "ops@customer.com",
+        Some(SendingQuota {
+            recipients: Some(4),
+            ..SendingQuota::exchange_online(Duration::from_secs(3600))
+        }),
+    );
+    let burst = jobs(&app, "org_ms", 7, chrono::Duration::seconds(4));
+    let (sent, over) = run(&app, &burst).await;
+    assert_eq!((sent, over), (4, 3));
+    assert!(app.standins.bounced().is_empty(), "no NDR: nothing bounced");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_google_account_gets_the_lower_limit() {
+    let app = TestApp::spawn_with(options(PacingConfig {
+        google_daily_messages: 1_000,
+        google_consumer_daily_messages: 2,
+        window: Duration::from_secs(3600),
+        ..permissive()
+    }))
+    .await;
+    // A gmail.com account: Google's id token carries no `hd`.
+    app.connect(
+        "org_g",
+        Vendor::Google,
+        "someone@gmail.com",
+        "someone@gmail.com",
+        "Someone",
+    )
+    .await;
+    app.standins.set_sending_quota(
+        "someone@gmail.com",
+        Some(SendingQuota {
+            messages: Some(2),
+            ..SendingQuota::google_trial(Duration::from_secs(3600))
+        }),
+    );
+    let i = app.db.store.integration("org_g").await.unwrap();
+    let view = mail_dispatch_admin::integration_view("org_g", i.as_ref());
+    assert_eq!(view.google_account.as_deref(), Some("consumer"));
+    let burst = jobs(&app, "org_g", 4, chrono::Duration::seconds(4));
+    let (sent, over) = run(&app, &burst).await;
+    assert_eq!((sent, over), (2, 2));
+    assert_eq!(app.standins.quota_refusals("someone@gmail.com"), 0);
+}
