@@ -684,3 +684,74 @@ async fn a_send_dropped_at_the_end_of_the_shutdown_grace_is_recorded_ambiguous_a
     let dead = app.amqp.drain(&app.amqp.topology.dead_queue).await;
     assert_eq!(dead.len(), 1, "dead-lettered, for a deliberate replay");
 }
+
+/// Exchange blocks the account from sending (`ErrorMessageSubmissionBlocked`):
+/// the job fails `sender_not_allowed` saying so, the host application hears of
+/// it once (`integration.sending_blocked`), and the mailbox's next jobs wait
+/// instead of each meeting the same refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mailbox_blocked_from_sending_is_paused_and_announced_once() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "a@customer.com",
+        "A",
+    )
+    .await;
+    app.standins.block_sending("a@customer.com");
+    let mut tap = app.amqp.tap_results().await;
+    let first = app.job("org_ms");
+    app.amqp.publish_job(&first).await;
+    let r = tap.result(first["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["code"], "sender_not_allowed");
+    assert_eq!(r["error"]["provider_code"], "ErrorMessageSubmissionBlocked");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("blocked from sending"), "{message}");
+    assert!(message.contains("admin"), "{message}");
+    let event = tap
+        .wait_for(WAIT, |s| s.routing_key == "integration.sending_blocked")
+        .await
+        .expect("the block is announced");
+    assert_eq!(event.body["event"], "integration.sending_blocked");
+    assert_eq!(event.body["organization_id"], "org_ms");
+    assert_eq!(event.body["provider"], "microsoft");
+    assert!(
+        event.body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ErrorMessageSubmissionBlocked")
+    );
+    // The next jobs of the mailbox wait for the admin, without a call to Graph.
+    let not_after = (chrono::Utc::now() + chrono::Duration::seconds(2))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let later: Vec<_> = (0..3)
+        .map(|_| {
+            let mut job = app.job("org_ms");
+            job["not_after"] = json!(not_after);
+            job
+        })
+        .collect();
+    for job in &later {
+        app.amqp.publish_job(job).await;
+    }
+    for job in &later {
+        let r = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+        assert_eq!(r["status"], "failed", "{r:#}");
+    }
+    assert_eq!(
+        app.standins.send_attempts(Vendor::Microsoft),
+        1,
+        "the paused mailbox's jobs went to Graph"
+    );
+    let seen = tap.settle(Duration::from_millis(300)).await;
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.routing_key == "integration.sending_blocked")
+            .count(),
+        1,
+        "one event per block, not one per job"
+    );
+}

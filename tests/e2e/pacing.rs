@@ -380,3 +380,129 @@ async fn pauses_missed_while_the_listener_was_away_are_reloaded_when_it_reconnec
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Gmail's per-project quota is shared by every Google organization of the
+/// deployment (one OAuth client, one Google Cloud project): its 429 holds them
+/// all back, not only the mailbox that met it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_project_wide_gmail_429_slows_every_google_organization() {
+    use mail_dispatch_worker::pacing::{GOOGLE_PROJECT, PROJECT_PAUSE_FLOOR};
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_a",
+        Vendor::Google,
+        "a@one.example",
+        "a@one.example",
+        "A",
+    )
+    .await;
+    app.connect(
+        "org_b",
+        Vendor::Google,
+        "b@two.example",
+        "b@two.example",
+        "B",
+    )
+    .await;
+    // Other callers of the project used up its quota for the next 2 s.
+    app.standins
+        .exhaust_gmail_project_quota(Duration::from_secs(2));
+    let mut tap = app.amqp.tap_results().await;
+    let first = app.job("org_a");
+    app.amqp.publish_job(&first).await;
+    // The refusal is shared with the other replicas as a project-wide pause.
+    let db = app.db.client().await;
+    let deadline = Instant::now() + WAIT;
+    let paused_until: chrono::DateTime<chrono::Utc> = loop {
+        let row = db
+            .query_opt(
+                "SELECT paused_until FROM mailbox_pauses WHERE organization_id = $1",
+                &[&GOOGLE_PROJECT],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no project-wide pause after Gmail's project 429 (org_a's 429s: {})",
+            app.standins.project_throttled("a@one.example")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(app.standins.project_throttled("a@one.example"), 1);
+    let paused_at = chrono::Utc::now();
+    assert!(
+        paused_until - paused_at
+            >= chrono::Duration::from_std(PROJECT_PAUSE_FLOOR).unwrap()
+                - chrono::Duration::seconds(1)
+    );
+    // Another organization of the project sends meanwhile: it waits for the
+    // project, rather than meeting the same refusal with its own mailbox.
+    let others: Vec<_> = (0..3).map(|_| app.job("org_b")).collect();
+    for job in &others {
+        app.amqp.publish_job(job).await;
+    }
+    for job in others.iter().chain([&first]) {
+        let result = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+        assert_eq!(result["status"], "sent", "{result}");
+    }
+    assert_eq!(
+        app.standins.project_throttled("b@two.example"),
+        0,
+        "org_b was sent to Gmail while the project was refused"
+    );
+    assert_eq!(
+        app.standins.project_throttled("a@one.example"),
+        1,
+        "org_a tried again before the project's pause was over"
+    );
+    assert!(
+        chrono::Utc::now() >= paused_until,
+        "the jobs were all sent before the project's pause ended"
+    );
+}
+
+/// A project-wide pause written by another replica reaches this worker's
+/// pacer (NOTIFY): Google organizations wait, Microsoft ones do not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_project_wide_pause_from_another_replica_holds_back_google_organizations_only() {
+    use mail_dispatch_domain::ProviderKind;
+    use mail_dispatch_worker::pacing::{Admission, DeferReason, GOOGLE_PROJECT};
+    let app = TestApp::spawn().await;
+    let pacer = app.dispatcher().pacer.clone();
+    let db = app.db.client().await;
+    db.execute(
+        "INSERT INTO mailbox_pauses (organization_id, paused_until, reason)
+         VALUES ($1, now() + interval '10 minutes', 'project_throttled')",
+        &[&GOOGLE_PROJECT],
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let admission = pacer.admit("org_g", ProviderKind::Google, 1, chrono::Utc::now());
+        if let Admission::Defer { reason, .. } = admission {
+            assert_eq!(reason, DeferReason::ProjectPaused);
+            break;
+        }
+        drop(admission);
+        assert!(
+            Instant::now() < deadline,
+            "the project pause never reached the pacer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(
+        pacer.admit("org_other_g", ProviderKind::Google, 1, chrono::Utc::now()),
+        Admission::Defer {
+            reason: DeferReason::ProjectPaused,
+            ..
+        }
+    ));
+    assert!(matches!(
+        pacer.admit("org_m", ProviderKind::Microsoft, 1, chrono::Utc::now()),
+        Admission::Go(_)
+    ));
+}

@@ -1704,3 +1704,60 @@ async fn exchange_over_the_recipient_rate_limit_accepts_the_send_and_bounces_it(
     assert_eq!(s.bounced().len(), 1, "bounced (NDR 5.2.2)");
     assert_eq!(s.quota_refusals("admin@customer.com"), 1);
 }
+
+#[tokio::test]
+async fn a_used_up_google_project_quota_refuses_every_account_with_429_rate_limit_exceeded() {
+    let s = StandIns::start().await;
+    let (alice, _) = s.issue(Vendor::Google, "alice@one.example");
+    let (bob, _) = s.issue(Vendor::Google, "bob@two.example");
+    s.exhaust_gmail_project_quota(std::time::Duration::from_millis(400));
+    // Every user of the project is refused, not only the one that used it up.
+    for token in [&alice, &bob] {
+        let resp = gmail_send(&s, token).await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["errors"][0]["reason"], "rateLimitExceeded");
+        assert_eq!(body["error"]["status"], "RESOURCE_EXHAUSTED");
+        assert_eq!(body["error"]["details"][0]["reason"], "RATE_LIMIT_EXCEEDED");
+        let message = body["error"]["message"].as_str().unwrap();
+        // The project's limit, not a user's: no "per user", no time to retry at.
+        assert!(message.contains("'Queries per minute'"), "{message}");
+        assert!(!message.contains("per user") && !message.contains("Retry after"));
+    }
+    assert_eq!(s.project_throttled("alice@one.example"), 1);
+    assert_eq!(s.project_throttled("bob@two.example"), 1);
+    assert!(s.gmail_messages().is_empty());
+    // A per-user limit stays the user's: the other user still sends.
+    tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+    s.set_mailbox_limit("alice@one.example", Some(0.001));
+    assert_eq!(gmail_send(&s, &alice).await.status(), StatusCode::OK);
+    let resp = gmail_send(&s, &alice).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("User-rate limit exceeded.  Retry after ")
+    );
+    assert_eq!(gmail_send(&s, &bob).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_mailbox_blocked_from_sending_is_403_error_message_submission_blocked() {
+    let s = StandIns::start().await;
+    let (token, _) = s.issue(Vendor::Microsoft, "ops@customer.com");
+    let (other, _) = s.issue(Vendor::Microsoft, "sales@customer.com");
+    s.block_sending("ops@customer.com");
+    let (status, body) = send_mail(&s, &token, "ops@customer.com", "Ops").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(graph_code(&body), "ErrorMessageSubmissionBlocked");
+    // Only that account: the tenant's other mailboxes send.
+    let (status, _) = send_mail(&s, &other, "sales@customer.com", "Sales").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(s.graph_messages().len(), 1);
+    // Until an admin releases it.
+    s.unblock_sending("ops@customer.com");
+    let (status, _) = send_mail(&s, &token, "ops@customer.com", "Ops").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+}

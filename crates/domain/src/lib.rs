@@ -9,5 +9,7 @@ pub mod retry;
 pub use address::{EmailAddress, Mailbox};
 pub use job::{Attachment, InvalidJob, Job};
 pub use message::OutgoingMessage;
-pub use outcome::{ErrorCode, JobError, JobResult, NeedsReauthEvent, ProviderKind, ResultStatus};
+pub use outcome::{
+    ErrorCode, IntegrationEvent, JobError, JobResult, NeedsReauthEvent, ProviderKind, ResultStatus,
+};
 pub use retry::{Backoff, FailureClass, RetryPolicy};

@@ -179,10 +179,13 @@ impl JobResult {
     }
 }
 
-/// Published on the results exchange with routing key `integration.needs_reauth`
-/// when a provider refuses an organization's stored grant.
+/// An event about an organization's integration, published on the results
+/// exchange with its `event` as routing key: `integration.needs_reauth` when a
+/// provider refuses the stored grant, `integration.sending_blocked` when the
+/// provider blocks the mailbox from sending. Either way the organization's admin
+/// must act.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NeedsReauthEvent {
+pub struct IntegrationEvent {
     pub event: String,
     pub organization_id: String,
     pub provider: ProviderKind,
@@ -193,17 +196,55 @@ pub struct NeedsReauthEvent {
     pub occurred_at: DateTime<Utc>,
 }
 
-impl NeedsReauthEvent {
-    pub const ROUTING_KEY: &'static str = "integration.needs_reauth";
+/// The `integration.needs_reauth` event (the name callers have always used).
+pub type NeedsReauthEvent = IntegrationEvent;
 
+impl IntegrationEvent {
+    /// The routing key of `integration.needs_reauth`.
+    pub const ROUTING_KEY: &'static str = "integration.needs_reauth";
+    /// The routing key of `integration.sending_blocked`.
+    pub const SENDING_BLOCKED: &'static str = "integration.sending_blocked";
+
+    /// An `integration.needs_reauth` event.
     pub fn new(
         organization_id: &str,
         provider: ProviderKind,
         reason: &str,
         now: DateTime<Utc>,
     ) -> Self {
-        NeedsReauthEvent {
-            event: Self::ROUTING_KEY.to_owned(),
+        Self::named(Self::ROUTING_KEY, organization_id, provider, reason, now)
+    }
+
+    /// An `integration.sending_blocked` event.
+    pub fn sending_blocked(
+        organization_id: &str,
+        provider: ProviderKind,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self::named(
+            Self::SENDING_BLOCKED,
+            organization_id,
+            provider,
+            reason,
+            now,
+        )
+    }
+
+    /// The routing key it is published with: its `event`.
+    pub fn routing_key(&self) -> &str {
+        &self.event
+    }
+
+    fn named(
+        event: &str,
+        organization_id: &str,
+        provider: ProviderKind,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Self {
+        IntegrationEvent {
+            event: event.to_owned(),
             organization_id: organization_id.to_owned(),
             provider,
             reason: reason.to_owned(),

@@ -19,6 +19,26 @@ pub struct SendError {
     /// gateway timeout): the message may have been accepted. Still transient:
     /// a retry may send it twice (README, "paths that can send twice").
     pub maybe_sent: bool,
+    /// Whom a throttle holds back: the mailbox, or every mailbox of the
+    /// provider's project (Gmail's per-project quota). Meaningless unless the
+    /// class is a `throttled` one.
+    pub scope: ThrottleScope,
+    /// The provider blocks the account from sending at all (Exchange's
+    /// `ErrorMessageSubmissionBlocked`): only the organization's admin can
+    /// lift it, so the mailbox is paused and the host application told.
+    pub sending_blocked: bool,
+}
+
+/// What a provider's throttle applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ThrottleScope {
+    /// The sending mailbox alone (Graph's per-mailbox limits, Gmail's per-user ones).
+    #[default]
+    Mailbox,
+    /// Every mailbox sending through this deployment's OAuth client: Gmail's
+    /// per-project quota (`rateLimitExceeded`) is shared by every Google
+    /// organization, since they all use one Google Cloud project.
+    Project,
 }
 
 impl SendError {
@@ -29,6 +49,8 @@ impl SendError {
             provider_status: None,
             provider_code: None,
             maybe_sent: false,
+            scope: ThrottleScope::Mailbox,
+            sending_blocked: false,
         }
     }
 

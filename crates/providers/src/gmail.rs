@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 use url::Url;
 
-use crate::error::{get_with_token, parse_gmail_retry_after, retry_after_header};
+use crate::error::{ThrottleScope, get_with_token, parse_gmail_retry_after, retry_after_header};
 use crate::mime::{BccHeader, render};
 use crate::{Accepted, SendError};
 
@@ -393,7 +393,30 @@ pub fn classify(
         (400, _) => FailureClass::Permanent(ErrorCode::InvalidJob),
         _ => FailureClass::Permanent(ErrorCode::ProviderUnavailable),
     };
-    SendError::new(class, message).with_provider(status.as_u16(), reason)
+    let scope = throttle_scope(reason.as_deref(), &lower);
+    SendError {
+        scope,
+        ..SendError::new(class, message).with_provider(status.as_u16(), reason)
+    }
+}
+
+/// Whom a Gmail throttle holds back. `userRateLimitExceeded`, and every 429
+/// whose message names a per-user limit ("User-rate limit exceeded": mail
+/// sending, bandwidth, concurrent requests — all per user), hold back the
+/// mailbox; `rateLimitExceeded` otherwise is the Google Cloud project's quota
+/// (developers.google.com/workspace/gmail/api/reference/quota: per project and
+/// per user limits; guides/handle-errors), shared by every Google organization
+/// of this deployment since they all go through its one OAuth client.
+fn throttle_scope(reason: Option<&str>, lower_message: &str) -> ThrottleScope {
+    let per_user = lower_message.contains("user-rate")
+        || lower_message.contains("user rate")
+        || lower_message.contains("per user");
+    match reason {
+        Some("rateLimitExceeded" | "RESOURCE_EXHAUSTED" | "RATE_LIMIT_EXCEEDED") if !per_user => {
+            ThrottleScope::Project
+        }
+        _ => ThrottleScope::Mailbox,
+    }
 }
 
 #[cfg(test)]
@@ -497,6 +520,45 @@ mod tests {
             );
             assert_eq!(e.class, *expected, "{status} {reason}");
             assert_eq!(e.provider_code.as_deref(), Some(*reason));
+        }
+    }
+
+    /// Gmail's per-project quota holds back every Google organization; its
+    /// per-user limits only the mailbox (gmail/api/reference/quota).
+    #[test]
+    fn a_project_quota_is_told_apart_from_a_user_limit() {
+        let project = "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute' of service 'gmail.googleapis.com' for consumer 'project_number:123'.";
+        let per_user = "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute per user' of service 'gmail.googleapis.com' for consumer 'project_number:123'.";
+        let table: &[(u16, &str, &str, ThrottleScope)] = &[
+            (
+                403,
+                "rateLimitExceeded",
+                "Rate Limit Exceeded",
+                ThrottleScope::Project,
+            ),
+            (429, "rateLimitExceeded", project, ThrottleScope::Project),
+            (429, "rateLimitExceeded", per_user, ThrottleScope::Mailbox),
+            (
+                403,
+                "userRateLimitExceeded",
+                "User Rate Limit Exceeded",
+                ThrottleScope::Mailbox,
+            ),
+            (
+                429,
+                "rateLimitExceeded",
+                "User-rate limit exceeded.  Retry after 2026-11-28T10:00:12.500Z",
+                ThrottleScope::Mailbox,
+            ),
+            (503, "backendError", "Backend Error", ThrottleScope::Mailbox),
+        ];
+        for (status, reason, message, expected) in table {
+            let e = classify(
+                StatusCode::from_u16(*status).unwrap(),
+                &body(*status, reason, message, "RESOURCE_EXHAUSTED"),
+                None,
+            );
+            assert_eq!(e.scope, *expected, "{status} {reason} {message}");
         }
     }
 

@@ -668,8 +668,30 @@ pub fn classify(
         .as_ref()
         .and_then(|d| d.message.clone())
         .unwrap_or_else(|| format!("Microsoft Graph answered {status}"));
+    let mut message = message;
     let class = match (status.as_u16(), code.as_deref()) {
         (401, _) => FailureClass::Unauthorized,
+        // Exchange refuses every submission of this account (outbound spam
+        // policy, Restricted entities): nothing this job or the next can change
+        // until the organization's admin unblocks it.
+        (_, Some("ErrorMessageSubmissionBlocked")) => {
+            message = format!(
+                "the mailbox is blocked from sending by Exchange Online (often an outbound spam \
+                 restriction: Restricted entities in the Microsoft Defender portal); an admin of \
+                 the organization must unblock it. Graph said: {message}"
+            );
+            FailureClass::Permanent(ErrorCode::SenderNotAllowed)
+        }
+        // "Mailbox has exceeded maximum mailbox size": a storage quota, not a
+        // sending limit, and no wait lifts it; the admin must free space.
+        (_, Some("ErrorQuotaExceeded")) => {
+            message = format!(
+                "the sending mailbox is full (over its maximum mailbox size, not a sending \
+                 limit): Exchange accepts no message from it until space is freed or its quota \
+                 raised. Graph said: {message}"
+            );
+            FailureClass::Permanent(ErrorCode::SenderNotAllowed)
+        }
         (429, _) => FailureClass::throttled(retry_after),
         (
             _,
@@ -694,7 +716,7 @@ pub fn classify(
         {
             FailureClass::Permanent(ErrorCode::MessageTooLarge)
         }
-        (_, Some("ErrorQuotaExceeded" | "ErrorSubmissionQuotaExceeded")) => {
+        (_, Some("ErrorSubmissionQuotaExceeded")) => {
             FailureClass::Permanent(ErrorCode::QuotaExceeded)
         }
         (_, Some("InvalidInternetMessageHeader")) => FailureClass::Permanent(ErrorCode::InvalidJob),
@@ -704,10 +726,12 @@ pub fn classify(
         (408, _) => FailureClass::unavailable(retry_after),
         _ => FailureClass::Permanent(ErrorCode::ProviderUnavailable),
     };
+    let sending_blocked = code.as_deref() == Some("ErrorMessageSubmissionBlocked");
     SendError {
         // Graph's gateway gave up waiting for the mailbox: the message may
         // have gone (facts.md, Graph 504).
         maybe_sent: status.as_u16() == 504,
+        sending_blocked,
         ..SendError::new(class, message).with_provider(status.as_u16(), code)
     }
 }
@@ -849,7 +873,17 @@ mod tests {
             (
                 403,
                 "ErrorQuotaExceeded",
+                FailureClass::Permanent(ErrorCode::SenderNotAllowed),
+            ),
+            (
+                403,
+                "ErrorSubmissionQuotaExceeded",
                 FailureClass::Permanent(ErrorCode::QuotaExceeded),
+            ),
+            (
+                403,
+                "ErrorMessageSubmissionBlocked",
+                FailureClass::Permanent(ErrorCode::SenderNotAllowed),
             ),
             (
                 401,
@@ -880,6 +914,17 @@ mod tests {
             classify(s(400), &too_long, None).class,
             FailureClass::Permanent(ErrorCode::MessageTooLarge)
         );
+        // A blocked account pauses its mailbox; a full one says it is full.
+        let blocked = classify(s(403), &body("ErrorMessageSubmissionBlocked"), None);
+        assert!(blocked.sending_blocked);
+        assert!(
+            blocked.message.contains("blocked from sending"),
+            "{}",
+            blocked.message
+        );
+        let full = classify(s(403), &body("ErrorQuotaExceeded"), None);
+        assert!(!full.sending_blocked);
+        assert!(full.message.contains("mailbox is full"), "{}", full.message);
         let e = classify(s(403), &body("ErrorSendAsDenied"), None);
         assert_eq!(e.provider_code.as_deref(), Some("ErrorSendAsDenied"));
         assert_eq!(e.message, "ErrorSendAsDenied message");

@@ -10,7 +10,7 @@ pub mod scopes;
 
 use std::time::Duration;
 
-pub use error::{SendError, parse_gmail_retry_after, parse_retry_after};
+pub use error::{SendError, ThrottleScope, parse_gmail_retry_after, parse_retry_after};
 pub use gmail::GmailSender;
 pub use graph::GraphSender;
 pub use oauth::{OAuthApp, RefreshError, TokenGrant, TokenService};

@@ -90,10 +90,8 @@ fn classify_smtp(e: &SmtpError) -> SendError {
         FailureClass::unavailable(None)
     };
     SendError {
-        class,
-        message: format!("SMTP relay: {e}"),
         provider_status: code,
         provider_code: status,
-        maybe_sent: false,
+        ..SendError::new(class, format!("SMTP relay: {e}"))
     }
 }

@@ -326,6 +326,45 @@ pub(super) fn gmail_sending_limit(retry_in: Duration) -> ResponseTemplate {
     google_error(429, "rateLimitExceeded", &message, "RESOURCE_EXHAUSTED")
 }
 
+/// Gmail 429 for the Google Cloud project's quota, which every user of the
+/// project shares (https://developers.google.com/workspace/gmail/api/reference/quota:
+/// per-project and per-user limits). The message and the `google.rpc.ErrorInfo`
+/// detail `RATE_LIMIT_EXCEEDED` are Google Cloud's quota error
+/// (https://cloud.google.com/docs/quotas/troubleshoot); unlike the per-user
+/// limits it carries no time to retry at.
+pub fn gmail_project_rate_limited() -> ResponseTemplate {
+    let message = "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute' of service 'gmail.googleapis.com' for consumer 'project_number:1234567890'.";
+    ResponseTemplate::new(429).set_body_json(json!({"error": {
+        "code": 429,
+        "message": message,
+        "errors": [{"message": message, "domain": "global", "reason": "rateLimitExceeded"}],
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "RATE_LIMIT_EXCEEDED",
+            "domain": "googleapis.com",
+            "metadata": {
+                "service": "gmail.googleapis.com",
+                "consumer": "projects/1234567890",
+                "quota_metric": "gmail.googleapis.com/default",
+                "quota_limit": "DefaultPerMinutePerProject",
+            },
+        }],
+    }}))
+}
+
+/// Graph 403 ErrorMessageSubmissionBlocked: Exchange refuses every submission
+/// of the account (EWS `ResponseCodeType`: message submission blocked; an
+/// account on Restricted entities after an outbound spam policy tripped), until
+/// an admin unblocks it.
+pub fn graph_submission_blocked() -> ResponseTemplate {
+    graph_error(
+        403,
+        "ErrorMessageSubmissionBlocked",
+        "Cannot send mail. The account has been blocked from sending mail.",
+    )
+}
+
 /// Gmail 503 backendError.
 pub fn gmail_unavailable() -> ResponseTemplate {
     google_error(

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use wiremock::{Request, Respond, ResponseTemplate};
 
 use super::faults::{
-    gmail_insufficient_scope, gmail_rate_limited, gmail_sending_limit, gmail_unavailable,
-    google_error,
+    gmail_insufficient_scope, gmail_project_rate_limited, gmail_rate_limited, gmail_sending_limit,
+    gmail_unavailable, google_error,
 };
 use super::quota::{OverQuota, count_recipients};
 use super::{
@@ -269,6 +269,14 @@ fn send_checks(s: &mut State, request: &Request) -> Result<String, ResponseTempl
             "caribou.api.proto.MailboxService.SendMessage",
             SEND_SCOPES,
         ));
+    }
+    if s.gmail_project_exhausted_until
+        .is_some_and(|until| std::time::Instant::now() < until)
+    {
+        *s.gmail_project_throttled
+            .entry(grant.account.clone())
+            .or_default() += 1;
+        return Err(gmail_project_rate_limited());
     }
     if let Err(wait) = s.over_limit(&grant.account) {
         return Err(gmail_rate_limited(wait));

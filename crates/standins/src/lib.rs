@@ -288,6 +288,13 @@ struct State {
     /// Graph messages accepted (202) that Exchange bounced for the recipient
     /// rate limit instead of delivering.
     bounced: Vec<Received>,
+    /// Until then the Google project's per-minute quota is used up: every
+    /// Gmail send, whatever its account, is refused.
+    gmail_project_exhausted_until: Option<std::time::Instant>,
+    /// Gmail sends refused for the project's quota, per account.
+    gmail_project_throttled: HashMap<String, u64>,
+    /// Accounts Exchange blocks from sending (Restricted entities).
+    graph_blocked: HashSet<String>,
 }
 
 impl State {
@@ -1019,6 +1026,35 @@ impl StandIns {
         s.graph_in_flight
             .get(&account.to_ascii_lowercase())
             .map_or(0, |c| c.peak)
+    }
+
+    /// Uses up the Google project's per-minute quota for `d` (as other callers
+    /// of the same Google Cloud project would): meanwhile every Gmail send, of
+    /// any account, answers 429 `rateLimitExceeded` with Google Cloud's quota
+    /// message and no time to retry at.
+    pub fn exhaust_gmail_project_quota(&self, d: Duration) {
+        self.state.lock().unwrap().gmail_project_exhausted_until =
+            Some(std::time::Instant::now() + d);
+    }
+
+    /// How many Gmail sends of `account` were refused for the project's quota.
+    pub fn project_throttled(&self, account: &str) -> u64 {
+        let s = self.state.lock().unwrap();
+        s.gmail_project_throttled.get(account).copied().unwrap_or(0)
+    }
+
+    /// Blocks `account` from sending, as Exchange does to an account on
+    /// Restricted entities: its `sendMail` answers 403
+    /// `ErrorMessageSubmissionBlocked` until [`StandIns::unblock_sending`].
+    pub fn block_sending(&self, account: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.graph_blocked.insert(account.to_ascii_lowercase());
+    }
+
+    /// An admin released `account` from Restricted entities.
+    pub fn unblock_sending(&self, account: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.graph_blocked.remove(&account.to_ascii_lowercase());
     }
 
     /// Graph's concurrent requests per mailbox (default: the documented 4).

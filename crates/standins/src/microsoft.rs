@@ -9,8 +9,8 @@ use wiremock::{Request, Respond, ResponseTemplate};
 
 use super::faults::{
     CONCURRENCY_RETRY_AFTER_SECS, RefreshContext, entra_refresh_failure, graph_access_denied,
-    graph_authorization_denied, graph_error, graph_send_as_denied, graph_throttled,
-    graph_unavailable, microsoft_token_error,
+    graph_authorization_denied, graph_error, graph_send_as_denied, graph_submission_blocked,
+    graph_throttled, graph_unavailable, microsoft_token_error,
 };
 use super::quota::count_recipients;
 use super::{
@@ -733,6 +733,10 @@ fn graph_send(s: &mut State, request: &Request) -> ResponseTemplate {
         // from here on takes it).
         if s.enter_graph(&account, delay).is_err() {
             return graph_throttled(CONCURRENCY_RETRY_AFTER_SECS);
+        }
+        // Exchange refuses the submission of a blocked account whatever it is.
+        if s.graph_blocked.contains(&account.to_ascii_lowercase()) {
+            return graph_submission_blocked().set_delay(delay);
         }
         send_mail(s, request, &grant, account).set_delay(delay)
     }

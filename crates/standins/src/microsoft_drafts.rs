@@ -28,7 +28,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use wiremock::{Request, Respond, ResponseTemplate};
 
-use super::faults::{graph_access_denied, graph_error, graph_throttled};
+use super::faults::{graph_access_denied, graph_error, graph_submission_blocked, graph_throttled};
 use super::microsoft::{GRAPH, MAIL_SEND, accept_message};
 use super::{Grant, State, Vendor, has_scope};
 
@@ -306,6 +306,12 @@ fn send(s: &mut State, grant: &Grant, id: &str) -> ResponseTemplate {
         .and_then(VecDeque::pop_front)
     {
         return scripted;
+    }
+    // Exchange refuses the submission of a blocked account, by whichever path.
+    if s.graph_blocked
+        .contains(&grant.account.to_ascii_lowercase())
+    {
+        return graph_submission_blocked();
     }
     let Some(draft) = draft_of(s, grant, id) else {
         return not_found();

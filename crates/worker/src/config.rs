@@ -38,7 +38,14 @@ pub struct WorkerConfig {
     pub ledger_retention: Duration,
     /// Refreshing idle grants before providers expire them.
     pub keepalive: crate::keepalive::KeepAliveConfig,
+    /// How long a mailbox the provider blocks from sending
+    /// (`ErrorMessageSubmissionBlocked`) is paused: its jobs wait rather than
+    /// meet the same refusal, until the organization's admin had time to act.
+    pub sending_blocked_pause: Duration,
 }
+
+/// Default of [`WorkerConfig::sending_blocked_pause`].
+pub const DEFAULT_SENDING_BLOCKED_PAUSE: Duration = Duration::from_secs(3600);
 
 impl WorkerConfig {
     pub fn new(amqp_url: String, default_sender: Mailbox) -> Self {
@@ -57,6 +64,7 @@ impl WorkerConfig {
             pacing: crate::pacing::PacingConfig::default(),
             ledger_retention: Duration::from_secs(7 * 24 * 3600),
             keepalive: crate::keepalive::KeepAliveConfig::default(),
+            sending_blocked_pause: DEFAULT_SENDING_BLOCKED_PAUSE,
         }
     }
 }

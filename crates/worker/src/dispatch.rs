@@ -13,15 +13,18 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::retry::RetryDecision;
 use mail_dispatch_domain::{
-    ErrorCode, FailureClass, Job, JobError, JobResult, Mailbox, NeedsReauthEvent, OutgoingMessage,
-    ProviderKind, ResultStatus,
+    ErrorCode, FailureClass, IntegrationEvent, Job, JobError, JobResult, Mailbox, NeedsReauthEvent,
+    OutgoingMessage, ProviderKind, ResultStatus,
 };
-use mail_dispatch_providers::Accepted;
+use mail_dispatch_providers::{Accepted, ThrottleScope};
 use mail_dispatch_store::{Claim, ClaimOwner, JobKey, StoreError};
 
 use crate::config::WorkerConfig;
 use crate::in_flight::InFlight;
-use crate::pacing::{Admission, DeferReason, Demand, FleetSlot, Pacer, Permit, SendingBudget};
+use crate::pacing::{
+    Admission, DeferReason, Demand, FleetSlot, GOOGLE_PROJECT, PROJECT_PAUSE_FLOOR, Pacer, Permit,
+    SendingBudget,
+};
 use crate::ports::{JobLedger, MailboxSlots, Ports, Routes, SendMail};
 use crate::resolver::Route;
 use crate::sender::{InProcessRetry, SendFailure};
@@ -147,7 +150,7 @@ pub enum DelayReason {
 
 impl DelayReason {
     /// Every reason, for metrics initialised at zero.
-    pub const ALL: [DelayReason; 10] = [
+    pub const ALL: [DelayReason; 11] = [
         DelayReason::Throttled,
         DelayReason::ProviderUnavailable,
         DelayReason::DatabaseUnavailable,
@@ -158,6 +161,7 @@ impl DelayReason {
         DelayReason::Paced(DeferReason::MailboxRate),
         DelayReason::Paced(DeferReason::MailboxPaused),
         DelayReason::Paced(DeferReason::DailyLimit),
+        DelayReason::Paced(DeferReason::ProjectPaused),
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -482,6 +486,10 @@ impl Dispatcher {
                 self.revoked(&job, &key, owner, incoming, &route, result, error, events)
                     .await
             }
+            Err(SendFailure::Send(e)) if e.sending_blocked && provider != ProviderKind::Default => {
+                self.sending_blocked(&job, &key, owner, provider, result, &e)
+                    .await
+            }
             Err(SendFailure::Send(e)) => {
                 self.retry_or_fail(&job, &key, owner, incoming, provider, result, e, &retried)
                     .await
@@ -766,8 +774,12 @@ impl Dispatcher {
                 } = e.class
                     && provider != ProviderKind::Default
                 {
-                    self.pause_mailbox(&job.organization_id, provider, wait)
-                        .await;
+                    if e.scope == ThrottleScope::Project && provider == ProviderKind::Google {
+                        self.pause_google_project(wait).await;
+                    } else {
+                        self.pause_mailbox(&job.organization_id, provider, wait)
+                            .await;
+                    }
                 }
                 if job
                     .not_after
@@ -1001,7 +1013,10 @@ impl Dispatcher {
             until
         } else if now < budget_end {
             budget_end
-        } else if matches!(reason, DeferReason::DailyLimit | DeferReason::MailboxPaused) {
+        } else if matches!(
+            reason,
+            DeferReason::DailyLimit | DeferReason::MailboxPaused | DeferReason::ProjectPaused
+        ) {
             return Paced::OutOfBudget(reason, provider);
         } else {
             return Paced::Go(None);
@@ -1025,6 +1040,81 @@ impl Dispatcher {
         if let Err(e) = self.routes.pause_mailbox(org, until, "throttled").await {
             tracing::warn!(error = %e, "could not share the mailbox pause with other replicas");
         }
+    }
+
+    /// Gmail refused for the project's quota, which every Google organization of
+    /// this deployment shares: none of them goes to Gmail, on any replica, until
+    /// the wait (at least [`PROJECT_PAUSE_FLOOR`]) is over.
+    async fn pause_google_project(&self, wait: Duration) {
+        let until = after(Utc::now(), wait.max(PROJECT_PAUSE_FLOOR));
+        self.pacer.apply_pause(GOOGLE_PROJECT, until);
+        tracing::warn!(
+            wait_ms = (until - Utc::now()).num_milliseconds(),
+            "Gmail refused for the Google project's quota; every Google organization paused"
+        );
+        if let Err(e) = self
+            .routes
+            .pause_mailbox(GOOGLE_PROJECT, until, "project_throttled")
+            .await
+        {
+            tracing::warn!(error = %e, "could not share the project pause with other replicas");
+        }
+    }
+
+    /// The provider blocks the organization's mailbox from sending (Exchange's
+    /// `ErrorMessageSubmissionBlocked`): the job fails, the mailbox is paused for
+    /// `sending_blocked_pause` on every replica (its jobs wait instead of each
+    /// meeting the same refusal), and, when this job is the one that found it,
+    /// an `integration.sending_blocked` event tells the host application that
+    /// the organization's admin must act.
+    async fn sending_blocked(
+        &self,
+        job: &Job,
+        key: &JobKey,
+        owner: ClaimOwner,
+        provider: ProviderKind,
+        mut result: JobResult,
+        e: &mail_dispatch_providers::SendError,
+    ) -> Decision {
+        let now = Utc::now();
+        let until = after(now, self.config.sending_blocked_pause);
+        let org = &job.organization_id;
+        // Already paused for most of a block's length: another job of this
+        // mailbox found it first and its event is out.
+        let newly = self
+            .pacer
+            .pause_of(org)
+            .is_none_or(|p| p < after(now, self.config.sending_blocked_pause / 2));
+        self.pacer.apply_pause(org, until);
+        if let Err(err) = self
+            .routes
+            .pause_mailbox(org, until, "sending_blocked")
+            .await
+        {
+            tracing::warn!(error = %err, "could not share the mailbox pause with other replicas");
+        }
+        tracing::warn!(
+            provider_code = e.provider_code.as_deref(),
+            pause_secs = self.config.sending_blocked_pause.as_secs(),
+            "the provider blocks this mailbox from sending; mailbox paused, job failed"
+        );
+        let events = if newly {
+            vec![IntegrationEvent::sending_blocked(
+                org,
+                provider,
+                &format!(
+                    "{} ({}); its notifications wait until {}",
+                    e.message,
+                    e.provider_code.as_deref().unwrap_or("blocked"),
+                    until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                now,
+            )]
+        } else {
+            vec![]
+        };
+        result.error = Some(e.to_job_error(ErrorCode::SenderNotAllowed));
+        self.finish(key, Some(owner), result, None, events).await
     }
 
     /// Records the outcome in the ledger as `held`'s, then hands it to the

@@ -20,7 +20,9 @@ mod services;
 mod tokens;
 mod upkeep;
 
-pub use config::{DEFAULT_CONCURRENCY, DEFAULT_MEMORY_BUDGET_BYTES, WorkerConfig};
+pub use config::{
+    DEFAULT_CONCURRENCY, DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_SENDING_BLOCKED_PAUSE, WorkerConfig,
+};
 pub use dispatch::{DeadLetter, Decision, DelayReason, Dispatcher, Finish, Incoming};
 pub use health::{DATABASE_CHECK_TIMEOUT, Health};
 pub use ports::{JobLedger, Ports, Routes, SendMail, SendReport};

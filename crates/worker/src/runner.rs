@@ -438,7 +438,7 @@ async fn publish_finish(
         broker
             .publish(Outgoing {
                 exchange: &topology.results_exchange,
-                routing_key: mail_dispatch_domain::NeedsReauthEvent::ROUTING_KEY,
+                routing_key: event.routing_key(),
                 body: &body,
                 properties: json_properties(),
                 mandatory: false,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use backon::Retryable as _;
 use mail_dispatch_domain::{Backoff, ErrorCode, FailureClass, OutgoingMessage, ProviderKind};
 use mail_dispatch_providers::{
-    Accepted, GmailSender, GraphSender, PlatformSender, RefreshError, SendError,
+    Accepted, GmailSender, GraphSender, PlatformSender, RefreshError, SendError, ThrottleScope,
 };
 use mail_dispatch_store::StoreError;
 use tracing::Instrument as _;
@@ -305,6 +305,9 @@ impl Senders {
         .retry(backoff)
         .sleep(tokio::time::sleep)
         .when(|e: &SendFailure| match e.class() {
+            // A project-wide throttle is for the dispatcher to pause every
+            // organization of the project with, not for this job to test again.
+            _ if matches!(e, SendFailure::Send(se) if se.scope == ThrottleScope::Project && se.class.is_transient()) => false,
             Some(FailureClass::Transient { retry_after, .. }) => retry_after.is_none_or(|d| d <= retry.max_wait),
             _ => false,
         })

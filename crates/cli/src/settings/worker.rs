@@ -96,6 +96,14 @@ pub struct WorkerSettings {
     /// shorter only for tests).
     #[arg(long, env = "MAIL_DISPATCH_LIMIT_WINDOW_SECS", default_value_t = 24 * 3600)]
     pub limit_window_secs: u64,
+    /// How long a mailbox the provider blocks from sending (Graph
+    /// `ErrorMessageSubmissionBlocked`) is paused before a job tries it again.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_SENDING_BLOCKED_PAUSE_SECS",
+        default_value_t = mail_dispatch_worker::DEFAULT_SENDING_BLOCKED_PAUSE.as_secs()
+    )]
+    pub sending_blocked_pause_secs: u64,
     /// Finished idempotency-ledger entries older than this are pruned.
     #[arg(long, env = "MAIL_DISPATCH_LEDGER_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub ledger_retention_secs: u64,
@@ -145,6 +153,7 @@ impl WorkerSettings {
             google_consumer_daily_recipients: self.google_consumer_daily_recipients,
             window: Duration::from_secs(self.limit_window_secs.max(1)),
         };
+        c.sending_blocked_pause = Duration::from_secs(self.sending_blocked_pause_secs.max(1));
         c.ledger_retention = Duration::from_secs(self.ledger_retention_secs);
         c.keepalive = KeepAliveConfig {
             interval: Duration::from_secs(self.keepalive_interval_secs.max(1)),

@@ -14,7 +14,10 @@
 //!   per mailbox in this worker (a GCRA with a small burst).
 //! - **429s** pause the mailbox for every replica: the pause is stored in
 //!   PostgreSQL and announced by NOTIFY; until it ends, jobs are deferred without
-//!   calling the provider.
+//!   calling the provider. Gmail's per-project quota (`rateLimitExceeded`) is
+//!   shared by every Google organization of the deployment (one OAuth client, one
+//!   Google Cloud project): its 429 pauses them all, stored and announced the
+//!   same way under [`GOOGLE_PROJECT`].
 //! - **Sending limits over a rolling 24 hours**, as the providers count them
 //!   (Exchange Online: recipients per mailbox; Google: messages, recipients and
 //!   external recipients per user, lower for consumer accounts), scaled by the
@@ -175,6 +178,9 @@ pub enum DeferReason {
     MailboxPaused,
     /// The mailbox reached one of the provider's limits over the rolling 24 hours.
     DailyLimit,
+    /// The provider throttled the whole project (Gmail's per-project quota):
+    /// every Google organization waits.
+    ProjectPaused,
 }
 
 impl DeferReason {
@@ -185,6 +191,7 @@ impl DeferReason {
             DeferReason::MailboxRate => "mailbox_rate",
             DeferReason::MailboxPaused => "mailbox_paused",
             DeferReason::DailyLimit => "daily_limit",
+            DeferReason::ProjectPaused => "project_paused",
         }
     }
 }
@@ -295,9 +302,22 @@ impl OrgPacing {
     }
 }
 
+/// The key under which a pause of the whole Google project is shared with the
+/// other replicas, in place of an organization id. Organization ids never hold
+/// control characters (`Job` refuses them), so it names no organization.
+pub const GOOGLE_PROJECT: &str = "\u{1}google-project";
+
+/// A project-wide pause lasts at least this long: Google counts its project
+/// quota per minute and gives no time to retry at, so the project waits a
+/// little for its quota to refill rather than every organization testing it.
+pub const PROJECT_PAUSE_FLOOR: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Default)]
 struct State {
     orgs: HashMap<String, OrgPacing>,
+    /// A pause of every Google organization (Gmail's per-project quota), from
+    /// this replica or another one.
+    google_project_pause: Option<DateTime<Utc>>,
     /// Mean send time per provider over every organization (the prior of a new flow).
     send_times: SendTimes,
 }
@@ -395,6 +415,22 @@ impl Pacer {
         now: DateTime<Utc>,
     ) -> Admission {
         let mut s = self.state();
+        if provider == ProviderKind::Google {
+            match s.google_project_pause {
+                Some(until) if until > now => {
+                    return Admission::Defer {
+                        until: s.flow_mut(org, provider, now).wake_slot(
+                            &self.config,
+                            provider,
+                            until,
+                        ),
+                        reason: DeferReason::ProjectPaused,
+                    };
+                }
+                Some(_) => s.google_project_pause = None,
+                None => {}
+            }
+        }
         match s
             .org_mut(org)
             .reserve(&self.config, provider, demand, budget, now)
@@ -425,13 +461,27 @@ impl Pacer {
         }
     }
 
-    /// A pause learnt from a 429 here or from another replica.
+    /// A pause learnt from a 429 here or from another replica: of one
+    /// organization's mailbox, or (`org` is [`GOOGLE_PROJECT`]) of every Google
+    /// organization.
     pub fn apply_pause(&self, org: &str, until: DateTime<Utc>) {
         let mut s = self.state();
+        if org == GOOGLE_PROJECT {
+            let pause = s.google_project_pause.get_or_insert(until);
+            if *pause < until {
+                *pause = until;
+            }
+            return;
+        }
         let pause = s.org_mut(org).pause.get_or_insert(until);
         if *pause < until {
             *pause = until;
         }
+    }
+
+    /// The end of `org`'s mailbox pause, if it has one.
+    pub fn pause_of(&self, org: &str) -> Option<DateTime<Utc>> {
+        self.state().orgs.get(org)?.pause
     }
 
     /// Drops what carries no information any more, so memory stays bounded by the
@@ -445,6 +495,9 @@ impl Pacer {
     pub fn prune(&self, now: DateTime<Utc>, max_daily_entries: usize) {
         let c = self.config;
         let mut s = self.state();
+        if s.google_project_pause.is_some_and(|until| until <= now) {
+            s.google_project_pause = None;
+        }
         // Counted before the retain: whether to trim depends on how many window
         // counts there are over every organization.
         let current_daily = s
