@@ -996,3 +996,72 @@ async fn every_graph_call_is_logged_with_its_client_request_id_request_id_and_da
     assert_eq!(line["span"]["name"], "provider_call", "{line}");
     assert_eq!(line["span"]["org.id"], "org_ms", "{line}");
 }
+
+/// The same three replicas driving one Graph mailbox, one of them killed (SIGKILL)
+/// mid-run: its jobs come back to the other two (claims taken over once their
+/// lease ends, fleet slots freed when theirs does), and every job still gets
+/// exactly one result, without the survivors going over the mailbox's four
+/// concurrent requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_one_killed_mid_run_still_give_every_job_exactly_one_result() {
+    let app = TestApp::spawn_with(TestAppOptions {
+        in_process_worker: false,
+        concurrency: 64,
+        max_attempts: 8,
+        max_age: Duration::from_secs(6 * 3600),
+        // Short, so that the killed replica's claims are taken over quickly.
+        claim_lease: Duration::from_secs(3),
+        pacing: mail_dispatch_worker::pacing::PacingConfig::default(),
+        ..Default::default()
+    })
+    .await;
+    let account = "ops@customer.com";
+    app.connect("org_m", Vendor::Microsoft, account, account, "Ops")
+        .await;
+    app.standins.set_send_delay(Duration::from_millis(200));
+    let mut tap = app.amqp.tap_results().await;
+    let doomed = Program::start(&app, "worker").await;
+    let _survivors = [
+        Program::start(&app, "worker").await,
+        Program::start(&app, "worker").await,
+    ];
+    let n = 200;
+    let jobs = publish_jobs(&app, "org_m", n).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let done = tap
+            .settle(Duration::from_millis(10))
+            .await
+            .iter()
+            .filter(|s| s.routing_key.starts_with("result."))
+            .count();
+        if done >= 60 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jobs did not complete: {}",
+            doomed.logs()
+        );
+    }
+    doomed.kill9();
+    let at_kill = tap
+        .settle(Duration::from_millis(10))
+        .await
+        .iter()
+        .filter(|s| s.routing_key.starts_with("result."))
+        .count();
+    assert!(at_kill < n, "the kill must land mid-run");
+    let results = all_results(&mut tap, n, Duration::from_secs(180)).await;
+    assert_one_result_each(&results, &jobs);
+    let throttled = app.standins.concurrency_throttled(account);
+    println!(
+        "3 replicas, one killed after {at_kill} results: {} sent, {throttled} concurrency 429s, peak {} in flight",
+        results.iter().filter(|r| r["status"] == "sent").count(),
+        app.standins.peak_concurrency(account)
+    );
+    assert!(
+        throttled <= 5,
+        "{throttled} 429 ApplicationThrottled: the survivors went over the mailbox's 4 concurrent requests"
+    );
+}
