@@ -25,9 +25,6 @@ fn peak_rss(pid: u32) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "regressed after the rolling-limits / scoped-throttling merges: 30 of 41 results, \
-            then the consumer's connection is closed and the worker makes no progress; passed \
-            (515 MiB) up to commit 5790496. Run with `-- --ignored memory::` while fixing it."]
 async fn forty_jobs_of_30_mb_at_once_keep_the_worker_under_one_gib_and_all_get_a_result() {
     let app = TestApp::spawn_with(TestAppOptions {
         in_process_worker: false,
