@@ -437,6 +437,12 @@ pub(super) struct MailboxConcurrency {
     pub(super) throttled: u64,
     /// The most requests seen in flight at once (accepted ones only).
     pub(super) peak: usize,
+    /// Accepted requests, the time they kept the mailbox busy in all, and
+    /// from the first one's start to the last one's answer.
+    pub(super) accepted: u64,
+    pub(super) busy: Duration,
+    pub(super) first: Option<std::time::Instant>,
+    pub(super) last_answer: Option<std::time::Instant>,
 }
 
 /// Graph's documented limit of concurrent requests per app and mailbox.
@@ -452,6 +458,10 @@ impl MailboxConcurrency {
             answers_at: Vec::new(),
             throttled: 0,
             peak: 0,
+            accepted: 0,
+            busy: Duration::ZERO,
+            first: None,
+            last_answer: None,
         }
     }
 
@@ -466,6 +476,10 @@ impl MailboxConcurrency {
         }
         self.answers_at.push(now + busy);
         self.peak = self.peak.max(self.answers_at.len());
+        self.accepted += 1;
+        self.busy += busy;
+        self.first.get_or_insert(now);
+        self.last_answer = self.last_answer.max(Some(now + busy));
         Ok(())
     }
 }

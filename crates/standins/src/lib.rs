@@ -1028,6 +1028,24 @@ impl StandIns {
             .map_or(0, |c| c.peak)
     }
 
+    /// How busy `account`'s mailbox was kept: requests accepted, and their
+    /// mean concurrency from the first one's start to the last one's answer
+    /// (Graph allows 4).
+    pub fn mean_concurrency(&self, account: &str) -> (u64, f64) {
+        let s = self.state.lock().unwrap();
+        let Some(c) = s.graph_in_flight.get(&account.to_ascii_lowercase()) else {
+            return (0, 0.0);
+        };
+        let span = match (c.first, c.last_answer) {
+            (Some(first), Some(last)) => last - first,
+            _ => return (c.accepted, 0.0),
+        };
+        (
+            c.accepted,
+            c.busy.as_secs_f64() / span.as_secs_f64().max(1e-9),
+        )
+    }
+
     /// Uses up the Google project's per-minute quota for `d` (as other callers
     /// of the same Google Cloud project would): meanwhile every Gmail send, of
     /// any account, answers 429 `rateLimitExceeded` with Google Cloud's quota

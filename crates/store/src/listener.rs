@@ -11,6 +11,8 @@ use tokio_postgres::AsyncMessage;
 pub const CHANNEL: &str = "mail_dispatch_integration";
 /// The channel mailbox pauses are announced on (`<organization> <until, ms>`).
 pub const PAUSE_CHANNEL: &str = "mail_dispatch_pause";
+/// The channel a freed Graph mailbox slot is announced on (`<organization>`).
+pub const SLOT_CHANNEL: &str = "mail_dispatch_slot";
 
 /// A change to forward to caches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +26,8 @@ pub enum IntegrationChange {
         organization_id: String,
         until: chrono::DateTime<chrono::Utc>,
     },
+    /// A replica gave back one of this organization's Graph mailbox slots.
+    SlotFreed(String),
 }
 
 /// How often the listening connection is checked. A connection that only waits
@@ -92,10 +96,10 @@ async fn listen(
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) => {
-                    let change = if n.channel() == PAUSE_CHANNEL {
-                        parse_pause(n.payload())
-                    } else {
-                        Some(IntegrationChange::Organization(n.payload().to_owned()))
+                    let change = match n.channel() {
+                        PAUSE_CHANNEL => parse_pause(n.payload()),
+                        SLOT_CHANNEL => Some(IntegrationChange::SlotFreed(n.payload().to_owned())),
+                        _ => Some(IntegrationChange::Organization(n.payload().to_owned())),
                     };
                     if let Some(change) = change {
                         let _ = tx.send(Ok(change));
@@ -113,7 +117,9 @@ async fn listen(
         bounded(
             limits.statement,
             "LISTEN",
-            client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {PAUSE_CHANNEL}")),
+            client.batch_execute(&format!(
+                "LISTEN {CHANNEL}; LISTEN {PAUSE_CHANNEL}; LISTEN {SLOT_CHANNEL}"
+            )),
         )
         .await?;
         let _ = changes.send(IntegrationChange::All);

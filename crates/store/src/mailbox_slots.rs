@@ -111,17 +111,23 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Frees a held slot at once (a lease taken over meanwhile is left alone).
+    /// Frees a held slot at once (a lease taken over meanwhile is left alone),
+    /// and announces it on the `mail_dispatch_slot` channel so that a replica whose job waits
+    /// for one of the mailbox's slots tries again at once.
     pub async fn release_mailbox_slot(&self, slot: &SlotLease) -> Result<(), StoreError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "UPDATE mailbox_slots SET expires_at = '-infinity'
-                 WHERE organization_id = $1 AND slot = $2 AND holder = $3",
+                "WITH freed AS (
+                     UPDATE mailbox_slots SET expires_at = '-infinity'
+                     WHERE organization_id = $1 AND slot = $2 AND holder = $3
+                     RETURNING organization_id
+                 )
+                 SELECT pg_notify('mail_dispatch_slot', organization_id) FROM freed",
             )
             .await?;
         client
-            .execute(
+            .query(
                 &statement,
                 &[&slot.organization_id, &slot.slot, &slot.holder],
             )

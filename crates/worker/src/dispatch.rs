@@ -22,7 +22,7 @@ use mail_dispatch_store::{Claim, ClaimOwner, JobKey, StoreError};
 use crate::config::WorkerConfig;
 use crate::in_flight::InFlight;
 use crate::pacing::{
-    Admission, DeferReason, Demand, FleetSlot, GOOGLE_PROJECT, PROJECT_PAUSE_FLOOR, Pacer, Permit,
+    Admission, DeferReason, Demand, GOOGLE_PROJECT, PROJECT_PAUSE_FLOOR, Pacer, Permit,
     SendingBudget,
 };
 use crate::ports::{JobLedger, MailboxSlots, Ports, Routes, SendMail};
@@ -408,10 +408,10 @@ impl Dispatcher {
                 ),
             )
             .await;
-        // The provider answered: the mailbox's slot is free for the other
-        // replicas before the outcome is recorded and published.
+        // The provider answered: the mailbox's slots are free for the other
+        // jobs and replicas before the outcome is recorded and published.
         if let Some(permit) = permit.as_mut() {
-            permit.release_fleet_slot().await;
+            permit.release_mailbox_slots().await;
         }
         if !still_ours {
             return claim_lost();
@@ -982,12 +982,13 @@ impl Dispatcher {
         let org = &job.organization_id;
         let (until, reason) = match self.pacer.admit_message(org, provider, demand, budget, now) {
             Admission::Go(mut permit) if provider == ProviderKind::Microsoft => {
-                match FleetSlot::acquire(&self.slots, org, self.pacer.graph_mailbox_slots()).await {
-                    Ok(Some(slot)) => {
-                        permit.hold_fleet_slot(slot);
-                        return Paced::Go(Some(permit));
-                    }
-                    Ok(None) => {
+                match self
+                    .pacer
+                    .take_mailbox_slots(&mut permit, &self.slots)
+                    .await
+                {
+                    Ok(true) => return Paced::Go(Some(permit)),
+                    Ok(false) => {
                         drop(permit);
                         let now = Utc::now();
                         (

@@ -374,8 +374,14 @@ pub struct FakeSlots {
 
 impl Default for FakeSlots {
     fn default() -> Self {
+        FakeSlots::with_limit(4)
+    }
+}
+
+impl FakeSlots {
+    pub fn with_limit(limit: usize) -> Self {
         FakeSlots {
-            limit: 4,
+            limit,
             held: Mutex::default(),
         }
     }

@@ -29,5 +29,5 @@ pub use ports::{JobLedger, Ports, Routes, SendMail, SendReport};
 pub use published::PublishedMarks;
 pub use resolver::{Resolver, Route};
 pub use sender::{InProcessRetry, SendFailure, Senders};
-pub use services::{CacheConfig, OnPause, PauseEvent, ProviderEndpoints, Services};
+pub use services::{CacheConfig, OnPacingEvent, PacingEvent, ProviderEndpoints, Services};
 pub use tokens::{KeepAlive, MAX_CACHED_TOKENS, TokenError, Tokens};

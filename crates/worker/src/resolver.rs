@@ -135,7 +135,10 @@ impl Resolver {
     /// Applies a change notification.
     pub fn apply(&self, change: &IntegrationChange) {
         let mut cache = self.cache.lock().expect("poisoned");
-        if !matches!(change, IntegrationChange::Pause { .. }) {
+        if !matches!(
+            change,
+            IntegrationChange::Pause { .. } | IntegrationChange::SlotFreed(_)
+        ) {
             // Under the cache lock: a fill either sees this or comes before it.
             self.changes
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -147,7 +150,7 @@ impl Resolver {
                 }
             }
             IntegrationChange::All => cache.clear(),
-            IntegrationChange::Pause { .. } => {}
+            IntegrationChange::Pause { .. } | IntegrationChange::SlotFreed(_) => {}
         }
     }
 }

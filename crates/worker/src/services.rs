@@ -50,9 +50,9 @@ impl Default for CacheConfig {
     }
 }
 
-/// What the change listener says about mailbox pauses.
+/// What the change listener says about mailbox pauses and slots.
 #[derive(Clone, Copy, Debug)]
-pub enum PauseEvent<'a> {
+pub enum PacingEvent<'a> {
     /// A replica paused this mailbox until then.
     Paused {
         organization_id: &'a str,
@@ -60,10 +60,12 @@ pub enum PauseEvent<'a> {
     },
     /// The listener reconnected: pauses announced meanwhile were missed.
     Missed,
+    /// A replica gave back one of this organization's Graph mailbox slots.
+    SlotFreed { organization_id: &'a str },
 }
 
-/// Called with each [`PauseEvent`].
-pub type OnPause = Arc<dyn Fn(PauseEvent<'_>) + Send + Sync>;
+/// Called with each [`PacingEvent`].
+pub type OnPacingEvent = Arc<dyn Fn(PacingEvent<'_>) + Send + Sync>;
 
 /// The shared services.
 pub struct Services {
@@ -107,12 +109,12 @@ impl Services {
     }
 
     /// Keeps the route and token caches in step with PostgreSQL: every change, from
-    /// any replica or the admin API, evicts its entries. Mailbox pauses go to
-    /// `on_pause` (the worker's pacer; an admin-only process has none). Aborting the
-    /// returned task stops the listener.
+    /// any replica or the admin API, evicts its entries. Mailbox pauses and freed
+    /// mailbox slots go to `on_pacing` (the worker's pacer; an admin-only process
+    /// has none). Aborting the returned task stops the listener.
     pub fn follow_changes(
         self: &Arc<Self>,
-        on_pause: Option<OnPause>,
+        on_pacing: Option<OnPacingEvent>,
     ) -> tokio::task::JoinHandle<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let listener = spawn_change_listener(&self.store, tx);
@@ -125,20 +127,27 @@ impl Services {
                     IntegrationChange::Organization(org) => this.senders.tokens.forget(org),
                     IntegrationChange::All => {
                         this.senders.tokens.forget_all();
-                        if let Some(on_pause) = &on_pause {
-                            on_pause(PauseEvent::Missed);
+                        if let Some(on_pacing) = &on_pacing {
+                            on_pacing(PacingEvent::Missed);
                         }
                     }
                     IntegrationChange::Pause {
                         organization_id,
                         until,
                     } => {
-                        if let Some(on_pause) = &on_pause {
-                            on_pause(PauseEvent::Paused {
+                        if let Some(on_pacing) = &on_pacing {
+                            on_pacing(PacingEvent::Paused {
                                 organization_id,
                                 until: *until,
                             });
                         }
+                    }
+                    IntegrationChange::SlotFreed(organization_id) => {
+                        if let Some(on_pacing) = &on_pacing {
+                            on_pacing(PacingEvent::SlotFreed { organization_id });
+                        }
+                        // Several a second for a busy mailbox: not worth a log line.
+                        continue;
                     }
                 }
                 tracing::debug!(?change, "integration change applied to caches");

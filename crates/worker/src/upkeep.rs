@@ -1,7 +1,8 @@
 //! The worker's own background work, in one place: only a process that
 //! dispatches runs it (an admin-only process does not).
 //!
-//! - mailbox pauses of other replicas, loaded at start and then followed;
+//! - mailbox pauses of other replicas, loaded at start and then followed, and
+//!   the Graph mailbox slots they free;
 //! - the pacer's daily counts flushed to PostgreSQL every 2 s, and its state pruned;
 //! - published marks written in batches (`published.rs`);
 //! - finished ledger entries, and the Graph slots of mailboxes idle for a day,
@@ -13,7 +14,7 @@ use std::time::Duration;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::Dispatcher;
-use crate::services::{PauseEvent, Services};
+use crate::services::{PacingEvent, Services};
 
 /// Past this many mailboxes with a daily count, the pacer forgets those far below
 /// their limit (the next flush brings a sending mailbox's total back).
@@ -28,12 +29,13 @@ impl Dispatcher {
     pub fn run_upkeep(self: &Arc<Self>, services: &Arc<Services>) -> tokio::task::JoinHandle<()> {
         let (pacer, store) = (Arc::clone(&self.pacer), services.store.clone());
         let listener = services.follow_changes(Some(Arc::new(move |event| match event {
-            PauseEvent::Paused {
+            PacingEvent::Paused {
                 organization_id,
                 until,
             } => pacer.apply_pause(organization_id, until),
+            PacingEvent::SlotFreed { organization_id } => pacer.fleet_slot_freed(organization_id),
             // Pauses announced while the listener was away: read them again.
-            PauseEvent::Missed => {
+            PacingEvent::Missed => {
                 let (pacer, store) = (Arc::clone(&pacer), store.clone());
                 tokio::spawn(async move { pacer.load_pauses(&store).await });
             }

@@ -1,6 +1,7 @@
 //! `Dispatcher::handle` over in-memory fakes of its ports: each delivery is driven
-//! to its decision with no broker, no database and no provider, and nothing
-//! sleeps. The same paths against PostgreSQL and the provider stand-ins are in
+//! to its decision with no broker, no database and no provider. Nothing sleeps
+//! but the fleet-slot tests (a fraction of a second, and `FLEET_SLOT_WAIT`
+//! once). The same paths against PostgreSQL and the provider stand-ins are in
 //! `tests/e2e/dispatch.rs`; the broker side of each decision in the other e2e
 //! modules.
 
@@ -19,8 +20,9 @@ use serde_json::{Value, json};
 use super::{BACKOFF_WHEN_BLOCKED, Decision, DelayReason, Dispatcher, Finish, Incoming};
 use crate::WorkerConfig;
 use crate::fakes::{Entry, FakeLedger, FakeRoutes, FakeSenders, FakeSlots};
+use crate::pacing::FLEET_SLOT_WAIT;
 use crate::pacing::{Admission, DeferReason};
-use crate::ports::{JobLedger, Ports};
+use crate::ports::{JobLedger, MailboxSlots, Ports};
 use crate::resolver::Route;
 use crate::sender::SendFailure;
 
@@ -32,6 +34,7 @@ struct Fixture {
     ledger: Arc<FakeLedger>,
     routes: Arc<FakeRoutes>,
     senders: Arc<FakeSenders>,
+    slots: Arc<FakeSlots>,
     dispatcher: Dispatcher,
 }
 
@@ -51,17 +54,19 @@ fn fixture_with(config: WorkerConfig) -> Fixture {
     let ledger = Arc::new(FakeLedger::default());
     let routes = Arc::new(FakeRoutes::default());
     let senders = Arc::new(FakeSenders::default());
+    let slots = Arc::new(FakeSlots::default());
     let ports = Ports {
         ledger: ledger.clone(),
         routes: routes.clone(),
         senders: senders.clone(),
-        slots: Arc::new(FakeSlots::default()),
+        slots: slots.clone(),
     };
     Fixture {
         dispatcher: Dispatcher::with_ports(ports, config),
         ledger,
         routes,
         senders,
+        slots,
     }
 }
 
@@ -477,6 +482,91 @@ async fn a_throttled_send_pauses_the_mailbox_and_defers_its_next_jobs() {
     assert!(wait > Duration::from_secs(25), "{wait:?}");
     assert_eq!(f.ledger.get(&key(&next)), None, "deferred before its claim");
     assert_eq!(f.sent(), 1);
+}
+
+/// Takes every one of `org`'s fleet-wide slots, as other replicas' sends would.
+async fn hold_every_slot(slots: &FakeSlots, org: &str) -> Vec<mail_dispatch_store::SlotLease> {
+    let mut held = Vec::new();
+    while let Some(lease) = slots
+        .acquire_mailbox_slot(org, 4, Duration::from_secs(30))
+        .await
+        .unwrap()
+    {
+        held.push(lease);
+    }
+    assert_eq!(held.len(), 4);
+    held
+}
+
+/// Issue #13 point 3: with every slot of the mailbox held by other replicas, a
+/// job waits for the release they announce instead of going to a delay queue
+/// (from which it came back a second later at best, which kept a mailbox shared
+/// by three replicas at half its rate).
+#[tokio::test]
+async fn a_job_finding_its_mailbox_full_goes_as_soon_as_another_replica_frees_a_slot() {
+    let f = Arc::new(fixture());
+    f.routes.set("org_ms", microsoft(Fallback::None));
+    let held = hold_every_slot(&f.slots, "org_ms").await;
+    let j = job("org_ms");
+    let started = std::time::Instant::now();
+    let handling = tokio::spawn({
+        let (f, j) = (Arc::clone(&f), j.clone());
+        async move { f.handle(&j).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.sent(), 0, "no slot, no send");
+    // Another replica's send is over: its release is announced (NOTIFY).
+    f.slots.release_mailbox_slot(&held[0]).await.unwrap();
+    f.dispatcher.pacer.fleet_slot_freed("org_ms");
+
+    let decision = handling.await.unwrap();
+    assert_eq!(finished(decision).result.status, ResultStatus::Sent);
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "sent at the release, not after a poll or a deferral: {:?}",
+        started.elapsed()
+    );
+}
+
+/// A slot freed without a notification (a crashed replica's lease expired, or
+/// the listener was reconnecting) is found by the waiting job's own poll.
+#[tokio::test]
+async fn a_slot_freed_without_notice_is_found_by_the_waiting_job() {
+    let f = Arc::new(fixture());
+    f.routes.set("org_ms", microsoft(Fallback::None));
+    let held = hold_every_slot(&f.slots, "org_ms").await;
+    let j = job("org_ms");
+    let handling = tokio::spawn({
+        let (f, j) = (Arc::clone(&f), j.clone());
+        async move { f.handle(&j).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.slots.release_mailbox_slot(&held[1]).await.unwrap();
+    let decision = handling.await.unwrap();
+    assert_eq!(finished(decision).result.status, ResultStatus::Sent);
+}
+
+/// A mailbox that stays full: after the wait the job is deferred (before its
+/// claim, not an attempt), so it holds no consumer slot meanwhile.
+#[tokio::test]
+async fn a_job_whose_mailbox_stays_full_is_deferred_after_the_wait() {
+    let f = fixture();
+    f.routes.set("org_ms", microsoft(Fallback::None));
+    let _held = hold_every_slot(&f.slots, "org_ms").await;
+    let j = job("org_ms");
+    let started = std::time::Instant::now();
+
+    let (wait, attempts, reason) = delayed(f.handle(&j).await);
+    assert_eq!(reason, DelayReason::Paced(DeferReason::MailboxBusy));
+    assert_eq!(attempts, 0);
+    assert!(wait > Duration::ZERO);
+    assert!(
+        started.elapsed() >= FLEET_SLOT_WAIT,
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.ledger.get(&key(&j)), None, "deferred before its claim");
+    assert_eq!(f.sent(), 0);
 }
 
 #[tokio::test]

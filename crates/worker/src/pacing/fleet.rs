@@ -2,33 +2,99 @@
 //!
 //! Outlook allows 4 concurrent requests per app and mailbox, whatever the number
 //! of processes sending (https://learn.microsoft.com/graph/throttling-limits#outlook-service-limits).
-//! The in-process semaphore of `limits` keeps one worker within that number;
-//! this keeps all of them within it together: before a Graph send, the worker
-//! takes one of the mailbox's slots in PostgreSQL (a lease), and gives it back
-//! as soon as the provider answered. A worker that finds every slot held defers
-//! the job (it goes to a delay queue, holding no consumer slot) instead of
-//! polling.
+//! The mailbox's semaphore (created by `limits`) keeps one worker within that
+//! number; this keeps all of them within it together: before a Graph send, the
+//! worker takes one of the mailbox's slots in PostgreSQL (a lease), and gives it
+//! back as soon as the provider answered.
 //!
-//! Cost: one statement before the send and one after it; a send that outlives
-//! a third of the lease adds one extension per third. A crashed worker's slot is
-//! free again when its lease expires.
+//! An admitted job that finds the mailbox full waits here, up to
+//! [`FLEET_SLOT_WAIT`] in all, first for the semaphore, then for a fleet-wide
+//! slot: a release is announced by NOTIFY (and, within this worker, directly),
+//! so a waiting job tries again at once, and a slot freed by an expired lease
+//! is found by a slow poll. Deferring it instead brought it back after a second
+//! at the earliest, which kept a mailbox shared by three replicas at about half
+//! its rate. Past the wait, the job is deferred (it goes to a delay queue,
+//! holding no consumer slot). What waits is bounded: an admitted job counts in
+//! its organization's in-flight cap (`org_max_in_flight` per worker), and only
+//! `graph_mailbox_concurrency` of them per worker get as far as the database.
+//!
+//! Cost: one statement before the send and one after it, plus one more per
+//! wake-up while waiting; a send that outlives a third of the lease adds one
+//! extension per third. A crashed worker's slot is free again when its lease
+//! expires.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
-use std::sync::Arc;
-
 use mail_dispatch_store::{SlotLease, StoreError};
+use rand::Rng as _;
+use tokio::sync::Notify;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::Pacer;
 use super::limits::BUSY_RETRY;
+use super::{Pacer, Permit};
 use crate::ports::MailboxSlots;
 
 /// How long a slot is held without an extension: what a crashed worker costs
 /// its mailbox (one slot for this long).
 pub const SLOT_LEASE: Duration = Duration::from_secs(30);
+
+/// How long a job that finds every slot of its mailbox held waits for one
+/// before it is deferred: a few sends' time, so that a busy mailbox is kept
+/// busy, and short beside the shutdown grace.
+pub const FLEET_SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a waiting job looks again without being told of a release (a
+/// lease that expired, a notification missed while the listener reconnected):
+/// this, plus up to as much again at random so that waiters do not all ask at once.
+const FLEET_SLOT_POLL: Duration = Duration::from_millis(100);
+
+/// The jobs of this worker waiting for a mailbox's slot, per organization:
+/// woken when one of its slots is freed, here or (through NOTIFY) elsewhere.
+#[derive(Default)]
+pub(super) struct SlotWaiters(Mutex<HashMap<String, Weak<Notify>>>);
+
+impl SlotWaiters {
+    /// What the waiters for `org`'s slots wait on; kept alive by them.
+    fn signal(&self, org: &str) -> Arc<Notify> {
+        let mut waiters = self.0.lock().expect("poisoned");
+        if let Some(signal) = waiters.get(org).and_then(Weak::upgrade) {
+            return signal;
+        }
+        let signal = Arc::new(Notify::new());
+        waiters.insert(org.to_owned(), Arc::downgrade(&signal));
+        signal
+    }
+
+    /// One of `org`'s slots was freed: every job waiting for one tries again.
+    fn wake(&self, org: &str) {
+        let signal = self
+            .0
+            .lock()
+            .expect("poisoned")
+            .get(org)
+            .and_then(Weak::upgrade);
+        if let Some(signal) = signal {
+            signal.notify_waiters();
+        }
+    }
+
+    /// Forgets the organizations nobody waits for any more.
+    pub(super) fn prune(&self) {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .retain(|_, signal| signal.strong_count() > 0);
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.0.lock().expect("poisoned").len()
+    }
+}
 
 /// One of a mailbox's fleet-wide Graph slots, held for one send. Give it back
 /// with [`FleetSlot::release`] once the provider answered; dropped without
@@ -116,8 +182,77 @@ impl Pacer {
         self.config.graph_mailbox_concurrency.max(1)
     }
 
-    /// Every fleet-wide slot of `org`'s mailbox is held by other sends: when to
-    /// try again. Its deferred jobs come back one expected send time apart, as
+    /// The slots an admitted Graph send needs before it goes: one of its
+    /// mailbox's slots in this worker, then one of its fleet-wide slots, both
+    /// held by `permit` until the send is over. Waits up to [`FLEET_SLOT_WAIT`]
+    /// in all for them; `false` when the mailbox stayed full that long (the job
+    /// is then deferred). A permit that needs no slot passes at once.
+    pub async fn take_mailbox_slots(
+        &self,
+        permit: &mut Permit,
+        store: &Arc<dyn MailboxSlots>,
+    ) -> Result<bool, StoreError> {
+        let Some(local) = permit.graph_mailbox.clone() else {
+            return Ok(true);
+        };
+        let deadline = tokio::time::Instant::now() + FLEET_SLOT_WAIT;
+        if permit.mailbox_slot.is_none() {
+            match tokio::time::timeout_at(deadline, local.acquire_owned()).await {
+                Ok(Ok(slot)) => permit.mailbox_slot = Some(slot),
+                // Closed never happens: the semaphore is never closed.
+                Ok(Err(_)) | Err(_) => return Ok(false),
+            }
+        }
+        let Some(slot) = self
+            .fleet_slot_before(store, &permit.organization_id, deadline)
+            .await?
+        else {
+            return Ok(false);
+        };
+        permit.fleet_slot = Some(Box::new(slot));
+        // What the schedule learns is the send's time, not the wait's.
+        permit.admitted_at = std::time::Instant::now();
+        Ok(true)
+    }
+
+    /// One of `org`'s fleet-wide slots, waiting until `deadline` for one to be
+    /// freed when all are held; `None` if none was.
+    async fn fleet_slot_before(
+        &self,
+        store: &Arc<dyn MailboxSlots>,
+        org: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<FleetSlot>, StoreError> {
+        let signal = self.slot_waiters.signal(org);
+        loop {
+            // Listening before asking: a slot freed between the answer and the
+            // wait still wakes this job.
+            let freed = signal.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = FleetSlot::acquire(store, org, self.graph_mailbox_slots()).await? {
+                return Ok(Some(slot));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let poll = FLEET_SLOT_POLL.mul_f64(1.0 + rand::rng().random::<f64>());
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep_until((now + poll).min(deadline)) => {}
+            }
+        }
+    }
+
+    /// One of `org`'s fleet-wide slots was freed (by this worker or another):
+    /// its waiting jobs try again.
+    pub fn fleet_slot_freed(&self, org: &str) {
+        self.slot_waiters.wake(org);
+    }
+
+    /// `org`'s mailbox stayed full through [`FLEET_SLOT_WAIT`]: when to try
+    /// again. Its deferred jobs come back one expected send time apart, as
     /// those the local limits defer do.
     pub fn fleet_busy(
         &self,

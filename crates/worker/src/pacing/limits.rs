@@ -2,7 +2,10 @@
 //! in-flight cap, a 429 pause, the provider's rolling 24-hour limits, then the mailbox's own
 //! cap (Graph's concurrent sends or Gmail's rate). They are plain checks on the
 //! organization's state, with no lock or clock of their own, so that `admit` is
-//! their composition and each can be read (and pruned) on its own.
+//! their composition and each can be read (and pruned) on its own. Graph's cap
+//! is the exception: its permits are waited for after admission
+//! (`Pacer::take_mailbox_slots`), since a mailbox that is merely busy frees a
+//! slot within one send's time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
 use mail_dispatch_store::window_bucket;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::{DeferReason, Demand, OrgPacing, PacingConfig, SendingBudget};
 
@@ -159,7 +162,9 @@ pub(super) struct Refusal {
 
 /// The room an admitted job took, given back when its permit drops.
 pub(super) struct Room {
-    pub(super) mailbox_slot: Option<OwnedSemaphorePermit>,
+    /// For Graph: the mailbox's semaphore in this worker, one of whose permits
+    /// the job must take before its send (see `Pacer::take_mailbox_slots`).
+    pub(super) graph_mailbox: Option<Arc<Semaphore>>,
     /// Units of the rolling-window limits reserved, per counter.
     pub(super) window_units: [u32; 3],
 }
@@ -193,8 +198,8 @@ impl OrgPacing {
             let limits = window_limits(c, provider, budget);
             self.check_window(c, &limits, &window_units, now)?;
         }
-        let mailbox_slot = match provider {
-            ProviderKind::Microsoft => Some(self.take_graph_slot(c, now)?),
+        let graph_mailbox = match provider {
+            ProviderKind::Microsoft => Some(self.graph_mailbox(c)),
             ProviderKind::Google => {
                 self.take_gmail_turn(c, now)?;
                 None
@@ -210,7 +215,7 @@ impl OrgPacing {
             }
         }
         Ok(Room {
-            mailbox_slot,
+            graph_mailbox,
             window_units,
         })
     }
@@ -274,18 +279,15 @@ impl OrgPacing {
         }
     }
 
-    /// One of the mailbox's concurrent Graph sends, if one is free.
-    fn take_graph_slot(
-        &mut self,
-        c: &PacingConfig,
-        now: DateTime<Utc>,
-    ) -> Result<OwnedSemaphorePermit, Refusal> {
-        let slots = self
-            .graph_slots
-            .get_or_insert_with(|| Arc::new(Semaphore::new(c.graph_mailbox_concurrency.max(1))));
-        Arc::clone(slots)
-            .try_acquire_owned()
-            .map_err(|_| busy(now, DeferReason::MailboxBusy))
+    /// The mailbox's Graph semaphore in this worker: `graph_mailbox_concurrency`
+    /// sends at once. Its permits are waited for, not refused: the job already
+    /// counts in the organization's in-flight cap, which bounds how many wait.
+    fn graph_mailbox(&mut self, c: &PacingConfig) -> Arc<Semaphore> {
+        Arc::clone(
+            self.graph_slots.get_or_insert_with(|| {
+                Arc::new(Semaphore::new(c.graph_mailbox_concurrency.max(1)))
+            }),
+        )
     }
 
     /// Gmail's rate as a GCRA: the theoretical arrival time moves one interval per

@@ -8,8 +8,10 @@
 //! - **Microsoft Graph** allows 4 concurrent requests per app and mailbox,
 //!   whatever the number of replicas: at most `graph_mailbox_concurrency` sends
 //!   per mailbox at once over all replicas, through slot leases in PostgreSQL
-//!   (`fleet`), and never more than that in this worker (a semaphore, checked
-//!   first so that a busy worker does not ask the database).
+//!   (`fleet`), and never more than that in this worker (a semaphore, taken
+//!   first so that a busy worker does not ask the database). An admitted Graph
+//!   job waits a moment for those slots (a freed fleet-wide slot is announced by
+//!   NOTIFY) and is deferred only if the mailbox stays full.
 //! - **Gmail** meters sends per user and minute: at most `gmail_mailbox_per_minute`
 //!   per mailbox in this worker (a GCRA with a small burst).
 //! - **429s** pause the mailbox for every replica: the pause is stored in
@@ -68,7 +70,8 @@ use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use fleet::{FleetSlot, SLOT_LEASE};
+use fleet::SlotWaiters;
+pub use fleet::{FLEET_SLOT_WAIT, FleetSlot, SLOT_LEASE};
 pub use limits::Counter;
 use limits::WindowCounts;
 use schedule::{Flow, SendTimes};
@@ -213,7 +216,10 @@ pub enum Admission {
 pub struct Permit {
     pacer: Arc<Pacer>,
     organization_id: String,
-    _mailbox_slot: Option<OwnedSemaphorePermit>,
+    /// For Graph: the mailbox's semaphore in this worker, until one of its
+    /// permits is taken (`mailbox_slot`).
+    graph_mailbox: Option<Arc<Semaphore>>,
+    mailbox_slot: Option<OwnedSemaphorePermit>,
     /// The mailbox's fleet-wide Graph slot, while the send runs (boxed: it
     /// carries a store handle, and most permits have none).
     fleet_slot: Option<Box<FleetSlot>>,
@@ -230,16 +236,15 @@ impl Permit {
         self.sent = true;
     }
 
-    /// Holds `slot` (the mailbox's fleet-wide slot) with the rest of the room.
-    pub fn hold_fleet_slot(&mut self, slot: FleetSlot) {
-        self.fleet_slot = Some(Box::new(slot));
-    }
-
-    /// The send is over: its fleet-wide slot goes back at once, for the other
-    /// replicas, before the outcome is recorded and published.
-    pub async fn release_fleet_slot(&mut self) {
+    /// The send is over: its mailbox's slots go back at once, for the other
+    /// jobs of this worker and the other replicas, before the outcome is
+    /// recorded and published.
+    pub async fn release_mailbox_slots(&mut self) {
+        self.mailbox_slot = None;
         if let Some(slot) = self.fleet_slot.take() {
             slot.release().await;
+            // This worker's waiters need not wait for the NOTIFY's round trip.
+            self.pacer.fleet_slot_freed(&self.organization_id);
         }
     }
 }
@@ -366,6 +371,8 @@ impl Held {
 pub struct Pacer {
     config: PacingConfig,
     state: Mutex<State>,
+    /// Jobs waiting for one of their mailbox's fleet-wide slots.
+    slot_waiters: SlotWaiters,
 }
 
 impl std::fmt::Debug for Pacer {
@@ -381,6 +388,7 @@ impl Pacer {
         Arc::new(Pacer {
             config,
             state: Mutex::new(State::default()),
+            slot_waiters: SlotWaiters::default(),
         })
     }
 
@@ -442,7 +450,8 @@ impl Pacer {
                 Admission::Go(Permit {
                     pacer: Arc::clone(self),
                     organization_id: org.to_owned(),
-                    _mailbox_slot: room.mailbox_slot,
+                    graph_mailbox: room.graph_mailbox,
+                    mailbox_slot: None,
                     fleet_slot: None,
                     provider,
                     window_units: room.window_units,
@@ -511,6 +520,8 @@ impl Pacer {
             o.prune(now, daily_floor);
             !o.holds_nothing()
         });
+        drop(s);
+        self.slot_waiters.prune();
     }
 
     /// How many entries the pacer holds (for tests and the memory bound).

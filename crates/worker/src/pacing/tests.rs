@@ -64,17 +64,58 @@ fn an_organization_gets_at_most_its_share_and_others_are_unaffected() {
     go(p.admit("a", ProviderKind::Default, 1, now()));
 }
 
-#[test]
-fn graph_sends_per_mailbox_are_capped() {
+fn fleet(limit: usize) -> Arc<dyn crate::ports::MailboxSlots> {
+    Arc::new(crate::fakes::FakeSlots::with_limit(limit))
+}
+
+/// Graph's cap in this worker: admitted jobs past it wait for a slot of the
+/// mailbox, and get one as soon as a send is over.
+#[tokio::test]
+async fn graph_sends_per_mailbox_are_capped_and_the_next_one_waits_for_a_slot() {
     let p = Pacer::new(config());
-    let a = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
-    let _b = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
-    assert_eq!(
-        reason(p.admit("m", ProviderKind::Microsoft, 1, now())),
-        DeferReason::MailboxBusy
+    let fleet = fleet(100);
+    let mut a = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    let mut b = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    assert!(p.take_mailbox_slots(&mut a, &fleet).await.unwrap());
+    assert!(p.take_mailbox_slots(&mut b, &fleet).await.unwrap());
+    let mut c = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    let waiting = tokio::spawn({
+        let (p, fleet) = (Arc::clone(&p), Arc::clone(&fleet));
+        async move {
+            let started = std::time::Instant::now();
+            let got = p.take_mailbox_slots(&mut c, &fleet).await.unwrap();
+            (got, started.elapsed())
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "two sends at once at most");
+    a.release_mailbox_slots().await;
+    let (got, waited) = waiting.await.unwrap();
+    assert!(got, "the slot went to the waiting job");
+    assert!(waited < FLEET_SLOT_WAIT, "{waited:?}");
+    drop((a, b));
+}
+
+/// A mailbox that stays full: after the wait the job is told to defer, and
+/// what it waited with goes back.
+#[tokio::test]
+async fn a_graph_job_waits_at_most_the_fleet_slot_wait() {
+    let p = Pacer::new(config());
+    let fleet = fleet(1);
+    let mut a = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    assert!(p.take_mailbox_slots(&mut a, &fleet).await.unwrap());
+    let mut b = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    let started = std::time::Instant::now();
+    assert!(
+        !p.take_mailbox_slots(&mut b, &fleet).await.unwrap(),
+        "the fleet's only slot is held"
     );
-    drop(a);
-    go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    assert!(started.elapsed() >= FLEET_SLOT_WAIT);
+    drop(b);
+    // `b`'s local slot went back with it: `c` has one, and the fleet's once `a` is done.
+    a.release_mailbox_slots().await;
+    let mut c = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    assert!(p.take_mailbox_slots(&mut c, &fleet).await.unwrap());
 }
 
 #[test]
@@ -429,4 +470,17 @@ fn a_failed_flush_keeps_its_counts_for_the_next_one() {
     p.end_daily_flush(&pending, None);
     let again = p.begin_daily_flush();
     assert_eq!(again, pending, "written again next time");
+}
+
+#[tokio::test]
+async fn the_slot_waiters_of_a_mailbox_nobody_waits_for_are_forgotten() {
+    let p = Pacer::new(config());
+    let mut a = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    assert!(p.take_mailbox_slots(&mut a, &fleet(4)).await.unwrap());
+    assert_eq!(p.slot_waiters.len(), 1, "the job that asked registered");
+    p.prune(now(), usize::MAX);
+    assert_eq!(p.slot_waiters.len(), 0, "nobody waits any more");
+    // Waking an organization nobody waits for is a no-op.
+    p.fleet_slot_freed("m");
+    assert_eq!(p.slot_waiters.len(), 0);
 }
