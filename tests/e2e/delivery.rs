@@ -755,3 +755,60 @@ async fn a_mailbox_blocked_from_sending_is_paused_and_announced_once() {
         "one event per block, not one per job"
     );
 }
+
+/// The admin clears the block (Microsoft 365's Restricted entities) and saves
+/// and tests: the test going out lifts the mailbox's pause on every replica at
+/// once, so its notifications flow again instead of waiting out the hour. The
+/// integration view shows the pause while it runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_successful_save_and_test_lifts_a_blocked_mailboxs_pause_on_every_replica() {
+    let app = TestApp::spawn().await;
+    let _second = app.start_worker().await;
+    let account = "a@customer.com";
+    app.connect("org_ms", Vendor::Microsoft, account, account, "A")
+        .await;
+    app.standins.block_sending(account);
+    let mut tap = app.amqp.tap_results().await;
+    let first = app.job("org_ms");
+    app.amqp.publish_job(&first).await;
+    let r = tap.result(first["id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["error"]["provider_code"], "ErrorMessageSubmissionBlocked");
+
+    let api = crate::admin::Api::new(&app);
+    let view = api.integration("org_ms").await;
+    assert_eq!(
+        view["sending_paused"]["reason"], "sending_blocked",
+        "{view:#}"
+    );
+    let until =
+        chrono::DateTime::parse_from_rfc3339(view["sending_paused"]["until"].as_str().unwrap())
+            .unwrap();
+    assert!(
+        until > chrono::Utc::now() + chrono::Duration::minutes(50),
+        "{until}"
+    );
+
+    // Both workers know the pause (announced), so neither sends meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.standins.unblock_sending(account);
+    let outcome = api
+        .save_sender_ok("org_ms", json!({"email": account, "name": "A"}))
+        .await;
+    assert_eq!(outcome["status"], "sent", "{outcome:#}");
+    assert!(
+        outcome["integration"]["sending_paused"].is_null(),
+        "{outcome:#}"
+    );
+    assert!(api.integration("org_ms").await["sending_paused"].is_null());
+
+    let jobs: Vec<_> = (0..6).map(|_| app.job("org_ms")).collect();
+    for job in &jobs {
+        app.amqp.publish_job(job).await;
+    }
+    for job in &jobs {
+        let r = tap.result(job["id"].as_str().unwrap(), WAIT).await;
+        assert_eq!(r["status"], "sent", "{r:#}");
+    }
+    // The blocked job's send, the test, and the six.
+    assert_eq!(app.standins.send_attempts(Vendor::Microsoft), 8);
+}

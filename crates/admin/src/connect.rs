@@ -37,7 +37,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::AdminState;
 use crate::error::{ApiError, ApiErrorCode, ErrorBody};
 use crate::extract::{ApiJson, OrgId};
-use crate::integration::{IntegrationView, view};
+use crate::integration::{IntegrationView, view_with_pause};
 use crate::sender::TestOutcome;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -632,7 +632,7 @@ pub(crate) async fn confirm_connection(
         status,
         account_changed,
         test,
-        integration: view(&org, integration.as_ref()),
+        integration: view_with_pause(store, &org, integration.as_ref()).await?,
     })
 }
 

@@ -52,6 +52,35 @@ pub struct IntegrationView {
     #[schema(value_type = Option<Object>)]
     pub last_test: Option<serde_json::Value>,
     pub last_error: Option<String>,
+    /// The mailbox's jobs are held back until `until` on every replica; null
+    /// when they are not. A successful save and test lifts it.
+    pub sending_paused: Option<SendingPause>,
+}
+
+/// Why and until when an organization's notifications wait.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SendingPause {
+    pub until: DateTime<Utc>,
+    /// `sending_blocked`: the provider blocks the account from sending (the
+    /// organization's admin must act, then save and test); `throttled`: the
+    /// provider asked to slow down (it ends on its own).
+    pub reason: String,
+}
+
+/// `view` with the mailbox's running pause, if any, read from the store.
+pub async fn view_with_pause(
+    store: &mail_dispatch_store::Store,
+    org: &str,
+    i: Option<&Integration>,
+) -> Result<IntegrationView, mail_dispatch_store::StoreError> {
+    let mut v = view(org, i);
+    if i.is_some() {
+        v.sending_paused = store
+            .mailbox_pause(org)
+            .await?
+            .map(|(until, reason)| SendingPause { until, reason });
+    }
+    Ok(v)
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -82,6 +111,7 @@ pub fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
             last_test_at: None,
             last_test: None,
             last_error: None,
+            sending_paused: None,
         },
         Some(i) => IntegrationView {
             organization_id: i.organization_id.clone(),
@@ -112,6 +142,7 @@ pub fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
             last_test_at: i.last_test_at,
             last_test: i.last_test.clone(),
             last_error: i.last_error.clone(),
+            sending_paused: None,
         },
     }
 }
@@ -125,8 +156,9 @@ pub async fn get_integration(
     State(state): State<AdminState>,
     OrgId(org): OrgId,
 ) -> Result<Json<IntegrationView>, ApiError> {
-    let i = state.services.store.integration(&org).await?;
-    Ok(Json(view(&org, i.as_ref())))
+    let store = &state.services.store;
+    let i = store.integration(&org).await?;
+    Ok(Json(view_with_pause(store, &org, i.as_ref()).await?))
 }
 
 /// Disconnects: revokes what the provider lets revoke, deletes the tokens.

@@ -28,7 +28,10 @@ use utoipa::OpenApi as _;
 
 pub use connect::{expire_pending_connections, run_upkeep};
 pub use error::{ApiError, ApiErrorCode, ErrorBody};
-pub use integration::{IntegrationView, view as integration_view};
+pub use integration::{
+    IntegrationView, SendingPause, view as integration_view,
+    view_with_pause as integration_view_with_pause,
+};
 pub use listener::{ConnectionLimits, GuardedListener, GuardedStream};
 pub use openapi::ApiDoc;
 pub use portal::{PORTAL_LINK_TTL, PORTAL_SESSION_TTL, TEST_SEND_WINDOW, TEST_SENDS_PER_WINDOW};

@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 use crate::AdminState;
 use crate::error::{ApiError, ApiErrorCode, ErrorBody};
 use crate::extract::{ApiJson, OrgId};
-use crate::integration::{IntegrationView, view};
+use crate::integration::{IntegrationView, view_with_pause};
 use crate::recipients::{self, RecipientsSee};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -232,6 +232,22 @@ async fn test_send(
         store
             .save_sender_delivery(org, save_to_sent_items, json.as_ref())
             .await?;
+        // The provider just took a message from this mailbox: a pause for a
+        // block (which the admin was asked to clear) or a throttle is over, on
+        // every replica, rather than at its planned end (an hour for a block).
+        match store.lift_mailbox_pause(org).await {
+            Ok(Some(reason)) => {
+                tracing::info!(
+                    org.id = org,
+                    reason,
+                    "test send went out: the mailbox's pause is lifted"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(org.id = org, error = %e, "could not lift the mailbox's pause")
+            }
+        }
         seen
     } else {
         None
@@ -323,7 +339,7 @@ async fn record_test(
             provider_code: e.provider_code,
         }),
         recipients_see,
-        integration: view(org, integration.as_ref()),
+        integration: view_with_pause(store, org, integration.as_ref()).await?,
     })
 }
 

@@ -36,6 +36,43 @@ impl Store {
         Ok(())
     }
 
+    /// The mailbox's pause still running, if any: its end and its reason
+    /// (`throttled`, `sending_blocked`, …).
+    pub async fn mailbox_pause(
+        &self,
+        organization_id: &str,
+    ) -> Result<Option<(DateTime<Utc>, String)>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT paused_until, reason FROM mailbox_pauses
+                 WHERE organization_id = $1 AND paused_until > now()",
+                &[&organization_id],
+            )
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Ends the mailbox's pause now: the provider has just taken a message of
+    /// it (the admin's test send), so whatever paused it is over. Announced as
+    /// a pause ending now, which every replica's pacer takes as a lift. Returns
+    /// the reason of the pause lifted, if one was running.
+    pub async fn lift_mailbox_pause(
+        &self,
+        organization_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "UPDATE mailbox_pauses SET paused_until = now(), updated_at = now()
+                 WHERE organization_id = $1 AND paused_until > now()
+                 RETURNING reason",
+                &[&organization_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     /// Pauses still running (loaded at start, when notifications may have been missed).
     pub async fn active_pauses(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
         let client = self.client().await?;

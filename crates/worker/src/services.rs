@@ -58,6 +58,9 @@ pub enum PacingEvent<'a> {
         organization_id: &'a str,
         until: DateTime<Utc>,
     },
+    /// This mailbox's pause was lifted (announced as a pause ending now or
+    /// earlier: a real pause always ends later than its announcement).
+    Lifted { organization_id: &'a str },
     /// The listener reconnected: pauses announced meanwhile were missed.
     Missed,
     /// A replica gave back one of this organization's Graph mailbox slots.
@@ -136,9 +139,13 @@ impl Services {
                         until,
                     } => {
                         if let Some(on_pacing) = &on_pacing {
-                            on_pacing(PacingEvent::Paused {
-                                organization_id,
-                                until: *until,
+                            on_pacing(if *until <= Utc::now() {
+                                PacingEvent::Lifted { organization_id }
+                            } else {
+                                PacingEvent::Paused {
+                                    organization_id,
+                                    until: *until,
+                                }
                             });
                         }
                     }

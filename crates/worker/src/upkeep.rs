@@ -33,6 +33,7 @@ impl Dispatcher {
                 organization_id,
                 until,
             } => pacer.apply_pause(organization_id, until),
+            PacingEvent::Lifted { organization_id } => pacer.lift_pause(organization_id),
             PacingEvent::SlotFreed { organization_id } => pacer.fleet_slot_freed(organization_id),
             // Pauses announced while the listener was away: read them again.
             PacingEvent::Missed => {

@@ -53,7 +53,9 @@ pub async fn integrations(
                 return Ok(());
             };
             // The same view as the admin API's GET …/integration.
-            let view = mail_dispatch_admin::integration_view(org, Some(&i));
+            let view = mail_dispatch_admin::integration_view_with_pause(&store, org, Some(&i))
+                .await
+                .context("reading the mailbox's pause")?;
             println!("{}", serde_json::to_string_pretty(&view)?);
         }
     }

@@ -472,19 +472,27 @@ impl Pacer {
 
     /// A pause learnt from a 429 here or from another replica: of one
     /// organization's mailbox, or (`org` is [`GOOGLE_PROJECT`]) of every Google
-    /// organization.
+    /// organization. Pauses only grow; see [`Pacer::lift_pause`].
     pub fn apply_pause(&self, org: &str, until: DateTime<Utc>) {
         let mut s = self.state();
-        if org == GOOGLE_PROJECT {
-            let pause = s.google_project_pause.get_or_insert(until);
-            if *pause < until {
-                *pause = until;
-            }
-            return;
+        let pause = if org == GOOGLE_PROJECT {
+            &mut s.google_project_pause
+        } else {
+            &mut s.org_mut(org).pause
+        };
+        if pause.is_none_or(|p| p < until) {
+            *pause = Some(until);
         }
-        let pause = s.org_mut(org).pause.get_or_insert(until);
-        if *pause < until {
-            *pause = until;
+    }
+
+    /// Ends `org`'s pause now (the admin's test send went out, see
+    /// `Store::lift_mailbox_pause`).
+    pub fn lift_pause(&self, org: &str) {
+        let mut s = self.state();
+        if org == GOOGLE_PROJECT {
+            s.google_project_pause = None;
+        } else if let Some(o) = s.orgs.get_mut(org) {
+            o.pause = None;
         }
     }
 

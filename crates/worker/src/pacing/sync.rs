@@ -6,7 +6,7 @@
 
 use mail_dispatch_store::{Store, WindowTotal};
 
-use super::{Counter, Pacer};
+use super::{Counter, GOOGLE_PROJECT, Pacer};
 
 /// One counter to write (units, possibly 0 to only read the total back).
 type Pending = (String, Counter, u32);
@@ -89,6 +89,21 @@ impl Pacer {
     /// Loads the pauses still running (at start: notifications sent before were missed).
     pub async fn load_pauses(&self, store: &Store) {
         if let Ok(pauses) = store.active_pauses().await {
+            // Lifts announced while the listener was away were missed too: a
+            // pause the store no longer holds is over.
+            {
+                let active: std::collections::HashSet<&str> =
+                    pauses.iter().map(|(org, _)| org.as_str()).collect();
+                let mut s = self.state();
+                for (org, o) in s.orgs.iter_mut() {
+                    if !active.contains(org.as_str()) {
+                        o.pause = None;
+                    }
+                }
+                if !active.contains(GOOGLE_PROJECT) {
+                    s.google_project_pause = None;
+                }
+            }
             for (org, until) in pauses {
                 self.apply_pause(&org, until);
             }

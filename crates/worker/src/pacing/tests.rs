@@ -484,3 +484,18 @@ async fn the_slot_waiters_of_a_mailbox_nobody_waits_for_are_forgotten() {
     p.fleet_slot_freed("m");
     assert_eq!(p.slot_waiters.len(), 0);
 }
+
+#[test]
+fn a_lifted_pause_lets_the_mailbox_send_at_once() {
+    let p = Pacer::new(config());
+    p.apply_pause("m", now() + chrono::Duration::hours(1));
+    assert_eq!(
+        reason(p.admit("m", ProviderKind::Microsoft, 1, now())),
+        DeferReason::MailboxPaused
+    );
+    p.lift_pause("m");
+    go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    // Lifting the pause of a mailbox the pacer does not know is a no-op.
+    p.lift_pause("unknown");
+    assert_eq!(p.pause_of("unknown"), None);
+}
