@@ -179,3 +179,89 @@ async fn a_consumer_google_account_gets_the_lower_limit() {
     assert_eq!((sent, over), (2, 2));
     assert_eq!(app.standins.quota_refusals("someone@gmail.com"), 0);
 }
+
+/// Nothing Google gives us tells a trial Workspace account from a paid one (both
+/// have `hd`): the organization says so in its sender settings, and Google's
+/// trial limits apply to its mailbox from then on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workspace_trial_declared_by_its_organization_gets_the_trial_limits() {
+    let app = TestApp::spawn_with(options(PacingConfig {
+        google_daily_messages: 1_000,
+        google_trial_daily_messages: 2,
+        window: Duration::from_secs(3600),
+        ..permissive()
+    }))
+    .await;
+    let account = "ops@customer.com";
+    app.connect("org_g", Vendor::Google, account, account, "Ops")
+        .await;
+    // Google's trial: the save-and-test message below counts too.
+    app.standins.set_sending_quota(
+        account,
+        Some(SendingQuota {
+            messages: Some(3),
+            ..SendingQuota::google_trial(Duration::from_secs(3600))
+        }),
+    );
+    let api = crate::admin::Api::new(&app);
+    let before = api.integration("org_g").await;
+    assert_eq!(before["google_account"], "workspace", "{before:#}");
+    let outcome = api
+        .save_sender_ok(
+            "org_g",
+            json!({"email": account, "name": "Ops", "google_trial": true}),
+        )
+        .await;
+    assert_eq!(outcome["status"], "sent", "{outcome:#}");
+    assert_eq!(outcome["integration"]["google_account"], "trial");
+
+    let burst = jobs(&app, "org_g", 4, chrono::Duration::seconds(4));
+    let (sent, over) = run(&app, &burst).await;
+    assert_eq!((sent, over), (2, 2));
+    assert_eq!(
+        app.standins.quota_refusals(account),
+        0,
+        "Google refused nothing"
+    );
+}
+
+/// `google_trial` means something for a Google Workspace account only.
+#[tokio::test(flavor = "multi_thread")]
+async fn google_trial_is_refused_where_it_means_nothing() {
+    let app = TestApp::spawn().await;
+    app.connect(
+        "org_ms",
+        Vendor::Microsoft,
+        "a@customer.com",
+        "a@customer.com",
+        "A",
+    )
+    .await;
+    app.connect(
+        "org_c",
+        Vendor::Google,
+        "someone@gmail.com",
+        "someone@gmail.com",
+        "S",
+    )
+    .await;
+    let api = crate::admin::Api::new(&app);
+    for (org, account, says) in [
+        ("org_ms", "a@customer.com", "Google Workspace accounts only"),
+        ("org_c", "someone@gmail.com", "consumer Google account"),
+    ] {
+        let (status, body) = api
+            .save_sender(org, json!({"email": account, "google_trial": true}))
+            .await;
+        assert_eq!(
+            status,
+            reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+            "{body:#}"
+        );
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(says),
+            "{body:#}"
+        );
+    }
+    assert_eq!(api.integration("org_c").await["google_account"], "consumer");
+}

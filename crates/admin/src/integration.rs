@@ -44,8 +44,10 @@ pub struct IntegrationView {
     /// that mail-dispatch uses from this mailbox (`limit_percent` of the sender
     /// settings); null when not configured.
     pub limit_percent: Option<u8>,
-    /// Google only: `workspace` (the id token named a Workspace domain) or
-    /// `consumer` (none: a gmail.com account, with lower sending limits).
+    /// Google only: `workspace` (the id token named a Workspace domain),
+    /// `trial` (a Workspace account its organization says is on a trial:
+    /// lower sending limits) or `consumer` (no Workspace domain: a gmail.com
+    /// account, with lower sending limits).
     pub google_account: Option<String>,
     pub connected_at: Option<DateTime<Utc>>,
     pub last_test_at: Option<DateTime<Utc>>,
@@ -131,10 +133,10 @@ pub fn view(org: &str, i: Option<&Integration>) -> IntegrationView {
                 .and_then(|v| serde_json::from_value(v.clone()).ok()),
             limit_percent: Some(i.limit_percent),
             google_account: (i.provider == ProviderKind::Google).then(|| {
-                if i.account_tenant.is_some() {
-                    "workspace"
-                } else {
-                    "consumer"
+                match (i.account_tenant.is_some(), i.google_trial) {
+                    (true, false) => "workspace",
+                    (true, true) => "trial",
+                    (false, _) => "consumer",
                 }
                 .to_owned()
             }),

@@ -40,6 +40,11 @@ pub struct SenderRequest {
     /// integration). Saved even when the test fails.
     #[schema(minimum = 1, maximum = 100)]
     pub limit_percent: Option<u8>,
+    /// Google Workspace only: the account is on a trial, whose lower sending
+    /// limits (500 messages and 500 external recipients per 24 h) then apply;
+    /// nothing Google tells us reveals it. Absent: unchanged (`false` at
+    /// first). Saved even when the test fails.
+    pub google_trial: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -446,11 +451,28 @@ pub async fn put_sender(
         Some(raw) => Fallback::parse(raw)
             .ok_or_else(|| ApiError::invalid("fallback must be `none` or `platform_sender`"))?,
     };
+    let google_trial = match (req.google_trial, integration.provider) {
+        (Some(trial), ProviderKind::Google) if integration.account_tenant.is_some() => Some(trial),
+        (Some(true), ProviderKind::Google) => {
+            return Err(ApiError::invalid(
+                "google_trial: the connected account is a consumer Google account (no Workspace domain), whose limits are already the lower ones",
+            ));
+        }
+        (Some(true), _) => {
+            return Err(ApiError::invalid(
+                "google_trial applies to Google Workspace accounts only",
+            ));
+        }
+        _ => None,
+    };
     if let Some(percent) = req.limit_percent {
         if !(1..=100).contains(&percent) {
             return Err(ApiError::invalid("limit_percent must be between 1 and 100"));
         }
         store.save_limit_percent(&org, percent).await?;
+    }
+    if let Some(trial) = google_trial {
+        store.save_google_trial(&org, trial).await?;
     }
     let recipient = match req.test_recipient.as_deref() {
         Some(raw) => EmailAddress::parse(raw.trim())

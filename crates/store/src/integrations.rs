@@ -85,6 +85,9 @@ pub struct Integration {
     /// may use from this mailbox; the rest is left to the people who also send
     /// from it.
     pub limit_percent: u8,
+    /// Google: the organization says its Workspace account is on a trial
+    /// (lower limits, which the id token does not reveal).
+    pub google_trial: bool,
     pub ever_active: bool,
     /// When the grant was last refreshed or obtained (the keep-alive's clock).
     pub last_refreshed_at: Option<DateTime<Utc>>,
@@ -111,6 +114,7 @@ impl Integration {
             save_to_sent_items: row.get("save_to_sent_items"),
             recipients_see: row.get("recipients_see"),
             limit_percent: u8::try_from(row.get::<_, i16>("limit_percent")).unwrap_or(100),
+            google_trial: row.get("google_trial"),
             ever_active: row.get("ever_active"),
             last_refreshed_at: row.get("last_refreshed_at"),
             connected_at: row.get("connected_at"),
@@ -123,7 +127,7 @@ impl Integration {
 }
 
 const INTEGRATION_COLUMNS: &str = "organization_id, provider, status, account_email, account_id, \
-     account_tenant, sender_email, sender_name, fallback, save_to_sent_items, recipients_see, limit_percent, ever_active, last_refreshed_at, connected_at, \
+     account_tenant, sender_email, sender_name, fallback, save_to_sent_items, recipients_see, limit_percent, google_trial, ever_active, last_refreshed_at, connected_at, \
      last_test_at, last_test, last_error, updated_at";
 
 /// The outcome of an OAuth connection, to be stored.
@@ -321,6 +325,26 @@ impl Store {
                      WHERE organization_id = $1 RETURNING {INTEGRATION_COLUMNS}"
                 ),
                 &[&organization_id, &i16::from(limit_percent)],
+            )
+            .await?;
+        Ok(row.as_ref().map(Integration::from_row))
+    }
+
+    /// Records whether the organization's Google Workspace account is on a
+    /// trial (Google's lower trial limits then apply).
+    pub async fn save_google_trial(
+        &self,
+        organization_id: &str,
+        google_trial: bool,
+    ) -> Result<Option<Integration>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE integrations SET google_trial = $2, updated_at = now()
+                     WHERE organization_id = $1 RETURNING {INTEGRATION_COLUMNS}"
+                ),
+                &[&organization_id, &google_trial],
             )
             .await?;
         Ok(row.as_ref().map(Integration::from_row))

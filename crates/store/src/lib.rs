@@ -287,6 +287,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rolling_limits",
         include_str!("../migrations/0012_rolling_limits.sql"),
     ),
+    (
+        13,
+        "google_trial",
+        include_str!("../migrations/0013_google_trial.sql"),
+    ),
 ];
 /// Arbitrary constant taken with `pg_advisory_lock` while migrating.
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6469_7370;

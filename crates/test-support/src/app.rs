@@ -91,6 +91,8 @@ impl Default for TestAppOptions {
                 google_daily_external_recipients: 1_000_000,
                 google_consumer_daily_messages: 1_000_000,
                 google_consumer_daily_recipients: 1_000_000,
+                google_trial_daily_messages: 1_000_000,
+                google_trial_daily_external_recipients: 1_000_000,
                 window: mail_dispatch_worker::pacing::LIMIT_WINDOW,
             },
             platform_transport: None,

@@ -59,6 +59,7 @@ impl Route {
                 budget: SendingBudget {
                     // Google's id token carries `hd` for Workspace accounts only.
                     consumer: i.provider == ProviderKind::Google && i.account_tenant.is_none(),
+                    trial: i.provider == ProviderKind::Google && i.google_trial,
                     limit_percent: i.limit_percent,
                 },
             },
@@ -179,6 +180,7 @@ mod tests {
             save_to_sent_items: false,
             recipients_see: None,
             limit_percent: 100,
+            google_trial: false,
             ever_active,
             connected_at: Utc::now(),
             last_test_at: None,

@@ -92,6 +92,21 @@ pub struct WorkerSettings {
         default_value_t = 500
     )]
     pub google_consumer_daily_recipients: u32,
+    /// Google Workspace trial accounts (as their organization declares them):
+    /// messages per rolling 24 h.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GOOGLE_TRIAL_DAILY_MESSAGES",
+        default_value_t = 500
+    )]
+    pub google_trial_daily_messages: u32,
+    /// Google Workspace trial accounts: external recipients per rolling 24 h.
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GOOGLE_TRIAL_DAILY_EXTERNAL_RECIPIENTS",
+        default_value_t = 500
+    )]
+    pub google_trial_daily_external_recipients: u32,
     /// The window the daily limits are counted over (the providers': 24 h;
     /// shorter only for tests).
     #[arg(long, env = "MAIL_DISPATCH_LIMIT_WINDOW_SECS", default_value_t = 24 * 3600)]
@@ -151,6 +166,8 @@ impl WorkerSettings {
             google_daily_external_recipients: self.google_daily_external_recipients,
             google_consumer_daily_messages: self.google_consumer_daily_messages,
             google_consumer_daily_recipients: self.google_consumer_daily_recipients,
+            google_trial_daily_messages: self.google_trial_daily_messages,
+            google_trial_daily_external_recipients: self.google_trial_daily_external_recipients,
             window: Duration::from_secs(self.limit_window_secs.max(1)),
         };
         c.sending_blocked_pause = Duration::from_secs(self.sending_blocked_pause_secs.max(1));

@@ -131,6 +131,11 @@ pub(super) fn window_limits(
             Some(c.google_consumer_daily_messages),
             Some(c.google_consumer_daily_recipients),
         ],
+        ProviderKind::Google if budget.trial => [
+            Some(c.google_daily_recipients),
+            Some(c.google_trial_daily_messages),
+            Some(c.google_trial_daily_external_recipients),
+        ],
         ProviderKind::Google => [
             Some(c.google_daily_recipients),
             Some(c.google_daily_messages),

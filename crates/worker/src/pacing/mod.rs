@@ -99,6 +99,10 @@ pub struct PacingConfig {
     pub google_consumer_daily_messages: u32,
     /// Consumer Google accounts: 500 recipients (and external recipients) per 24 h.
     pub google_consumer_daily_recipients: u32,
+    /// Google Workspace trial accounts: 500 messages per 24 h.
+    pub google_trial_daily_messages: u32,
+    /// Google Workspace trial accounts: 500 (unique) external recipients per 24 h.
+    pub google_trial_daily_external_recipients: u32,
     /// The providers' window: 24 hours (shorter only in tests).
     pub window: Duration,
 }
@@ -115,6 +119,8 @@ impl Default for PacingConfig {
             google_daily_external_recipients: 2_000,
             google_consumer_daily_messages: 500,
             google_consumer_daily_recipients: 500,
+            google_trial_daily_messages: 500,
+            google_trial_daily_external_recipients: 500,
             window: LIMIT_WINDOW,
         }
     }
@@ -129,6 +135,9 @@ pub const LIMIT_WINDOW: Duration = Duration::from_secs(24 * 3600);
 pub struct SendingBudget {
     /// A consumer Google account (no Workspace domain, `hd`): lower limits.
     pub consumer: bool,
+    /// A Google Workspace account on a trial, as its organization says: lower
+    /// limits.
+    pub trial: bool,
     /// The share (percent, 1–100) of the limits the organization lets us use.
     pub limit_percent: u8,
 }
@@ -137,6 +146,7 @@ impl Default for SendingBudget {
     fn default() -> Self {
         SendingBudget {
             consumer: false,
+            trial: false,
             limit_percent: 100,
         }
     }

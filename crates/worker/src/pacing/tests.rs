@@ -239,11 +239,15 @@ fn google_counts_recipients_and_external_recipients_as_well_as_messages() {
 }
 
 #[test]
-fn consumer_accounts_and_an_organization_share_lower_the_limits() {
+fn consumer_and_trial_accounts_and_an_organization_share_lower_the_limits() {
     let c = PacingConfig::default();
     let workspace = SendingBudget::default();
     let consumer = SendingBudget {
         consumer: true,
+        ..workspace
+    };
+    let trial = SendingBudget {
+        trial: true,
         ..workspace
     };
     let half = SendingBudget {
@@ -258,6 +262,11 @@ fn consumer_accounts_and_an_organization_share_lower_the_limits() {
     assert_eq!(
         window_limits(&c, ProviderKind::Google, consumer),
         [Some(500), Some(500), Some(500)]
+    );
+    // Google's trial figures: 500 messages, 500 external recipients.
+    assert_eq!(
+        window_limits(&c, ProviderKind::Google, trial),
+        [Some(10_000), Some(500), Some(500)]
     );
     assert_eq!(
         window_limits(&c, ProviderKind::Google, half),
