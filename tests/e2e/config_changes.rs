@@ -51,14 +51,8 @@ async fn connecting_and_disconnecting_an_organization_reaches_a_running_worker_w
         "default"
     );
 
-    app.connect(
-        "org_1",
-        Vendor::Microsoft,
-        "admin@customer.com",
-        "admin@customer.com",
-        "Customer",
-    )
-    .await;
+    app.connect_mailbox("org_1", Vendor::Microsoft, "admin@customer.com", "Customer")
+        .await;
     eventually_provider(
         &app,
         &mut results,
@@ -82,14 +76,8 @@ async fn connecting_and_disconnecting_an_organization_reaches_a_running_worker_w
 #[tokio::test(flavor = "multi_thread")]
 async fn a_steady_stream_of_jobs_reads_configuration_and_tokens_from_memory() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_1",
-        Vendor::Google,
-        "ops@customer.com",
-        "ops@customer.com",
-        "Ops",
-    )
-    .await;
+    app.connect_mailbox("org_1", Vendor::Google, "ops@customer.com", "Ops")
+        .await;
     let mut results = app.amqp.tap_results().await;
     // Warm up, and let the connection's own change notifications arrive first.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -283,30 +283,12 @@ async fn the_keep_alive_refreshes_an_idle_grant_once_and_flags_a_dead_one_before
     })
     .await;
     let second = app.start_worker().await; // another replica sweeping too
-    app.connect(
-        "org_idle",
-        Vendor::Microsoft,
-        "quarterly@customer.com",
-        "quarterly@customer.com",
-        "Q",
-    )
-    .await;
-    app.connect(
-        "org_dead",
-        Vendor::Google,
-        "gone@customer.com",
-        "gone@customer.com",
-        "G",
-    )
-    .await;
-    app.connect(
-        "org_busy",
-        Vendor::Microsoft,
-        "busy@customer.com",
-        "busy@customer.com",
-        "B",
-    )
-    .await;
+    app.connect_mailbox("org_idle", Vendor::Microsoft, "quarterly@customer.com", "Q")
+        .await;
+    app.connect_mailbox("org_dead", Vendor::Google, "gone@customer.com", "G")
+        .await;
+    app.connect_mailbox("org_busy", Vendor::Microsoft, "busy@customer.com", "B")
+        .await;
     let mut tap = app.amqp.tap_results().await;
     app.standins.revoke_account("gone@customer.com");
     // org_idle and org_dead were last refreshed 60 days ago; org_busy just now.

@@ -20,14 +20,8 @@ fn gap(times: &[Instant]) -> Duration {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_graph_429_with_retry_after_seconds_is_waited_out_then_sent() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "a@customer.com",
-        "a@customer.com",
-        "A",
-    )
-    .await;
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "a@customer.com", "A")
+        .await;
     app.standins
         .script(Vendor::Microsoft, [standins::graph_throttled(1)]);
     let mut results = app.amqp.tap_results().await;
@@ -51,14 +45,8 @@ async fn a_graph_429_with_retry_after_seconds_is_waited_out_then_sent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_graph_retry_after_goes_through_a_delay_queue() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "a@customer.com",
-        "a@customer.com",
-        "A",
-    )
-    .await;
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "a@customer.com", "A")
+        .await;
     app.standins
         .script(Vendor::Microsoft, [standins::graph_throttled(3)]);
     let mut results = app.amqp.tap_results().await;
@@ -81,14 +69,8 @@ async fn a_long_graph_retry_after_goes_through_a_delay_queue() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gmail_429_is_retried_after_the_time_in_its_message() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     app.standins.script(
         Vendor::Google,
         [standins::gmail_rate_limited(Duration::from_secs(3))],
@@ -149,14 +131,8 @@ async fn a_persistent_503_ends_as_provider_unavailable_in_the_dead_letter_queue(
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     app.standins.script(
         Vendor::Google,
         (0..10).map(|_| standins::gmail_unavailable()),
@@ -209,14 +185,8 @@ async fn jobs_waiting_in_delay_queues_do_not_slow_fresh_jobs() {
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_busy",
-        Vendor::Microsoft,
-        "a@customer.com",
-        "a@customer.com",
-        "A",
-    )
-    .await;
+    app.connect_mailbox("org_busy", Vendor::Microsoft, "a@customer.com", "A")
+        .await;
     // Every send of the busy organization is throttled for a minute.
     app.standins.script(
         Vendor::Microsoft,
@@ -276,14 +246,8 @@ async fn jobs_waiting_in_delay_queues_do_not_slow_fresh_jobs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_job_id_published_twice_is_sent_once_with_one_result() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     let mut results = app.amqp.tap_results().await;
     let job = app.job("org_g");
     app.amqp.publish_job(&job).await;
@@ -511,14 +475,8 @@ async fn a_job_redelivered_up_to_near_the_brokers_limit_gets_a_result_and_a_dead
 #[tokio::test(flavor = "multi_thread")]
 async fn a_producers_own_copy_of_the_workers_headers_is_ignored() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "a@customer.com",
-        "a@customer.com",
-        "A",
-    )
-    .await;
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "a@customer.com", "A")
+        .await;
     let mut results = app.amqp.tap_results().await;
     // Paused for a moment: every job is deferred once by the pacer first.
     app.dispatcher().pacer.apply_pause(
@@ -587,14 +545,8 @@ async fn a_send_longer_than_the_claim_lease_is_not_taken_over_by_a_copy() {
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     app.standins.set_send_delay(Duration::from_secs(5));
     let mut results = app.amqp.tap_results().await;
     let job = app.job("org_g");
@@ -637,14 +589,8 @@ async fn a_send_dropped_at_the_end_of_the_shutdown_grace_is_recorded_ambiguous_a
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     app.standins.set_send_delay(Duration::from_secs(30));
     let mut results = app.amqp.tap_results().await;
     let job = app.job("org_g");
@@ -692,14 +638,8 @@ async fn a_send_dropped_at_the_end_of_the_shutdown_grace_is_recorded_ambiguous_a
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mailbox_blocked_from_sending_is_paused_and_announced_once() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "a@customer.com",
-        "a@customer.com",
-        "A",
-    )
-    .await;
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "a@customer.com", "A")
+        .await;
     app.standins.block_sending("a@customer.com");
     let mut tap = app.amqp.tap_results().await;
     let first = app.job("org_ms");
@@ -765,7 +705,7 @@ async fn a_successful_save_and_test_lifts_a_blocked_mailboxs_pause_on_every_repl
     let app = TestApp::spawn().await;
     let _second = app.start_worker().await;
     let account = "a@customer.com";
-    app.connect("org_ms", Vendor::Microsoft, account, account, "A")
+    app.connect_mailbox("org_ms", Vendor::Microsoft, account, "A")
         .await;
     app.standins.block_sending(account);
     let mut tap = app.amqp.tap_results().await;

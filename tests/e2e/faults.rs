@@ -106,14 +106,8 @@ async fn a_blackholed_database_is_reported_down_within_seconds_and_no_job_is_los
     }
     // Change notifications reach the worker again: org_flow's cached route (the
     // platform sender) gives way to its new Google integration.
-    app.connect(
-        "org_flow",
-        Vendor::Google,
-        "ops@customer.com",
-        "ops@customer.com",
-        "Ops",
-    )
-    .await;
+    app.connect_mailbox("org_flow", Vendor::Google, "ops@customer.com", "Ops")
+        .await;
     let job = app.job("org_flow");
     app.amqp.publish_job(&job).await;
     let r = results.result(job["id"].as_str().unwrap(), WAIT).await;
@@ -208,14 +202,8 @@ async fn stale_claim(restore: Restore) {
         ..Default::default()
     };
     let app = TestApp::spawn_with(options).await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     let proxy = mail_dispatch_test_support::FaultProxy::start(app.db.server_addr()).await;
     // One job at a time: while A holds the first delivery, the copy goes to B.
     // A short statement timeout: A's failed tries come quickly, well within the

@@ -123,22 +123,15 @@ async fn a_gmail_sender_refused_says_what_gmail_would_have_shown() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_jobs_message_id_reaches_recipients_through_graph_gmail_and_the_platform_sender() {
     let app = TestApp::spawn().await;
-    app.connect(
+    app.connect_mailbox(
         "org_ms",
         Vendor::Microsoft,
-        "admin@customer.com",
         "admin@customer.com",
         "Customer",
     )
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "ops@customer.com",
-        "ops@customer.com",
-        "Ops",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "ops@customer.com", "Ops")
+        .await;
     let mut tap = app.amqp.tap_results().await;
     // Graph's first answer is a 503: the retry must carry the same Message-ID.
     app.standins

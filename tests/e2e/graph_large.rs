@@ -100,7 +100,7 @@ async fn a_20_mb_attachment_reaches_graph_byte_for_byte_through_a_draft_and_uplo
 async fn without_the_option_a_message_over_graphs_request_limit_fails_message_too_large_naming_it()
 {
     let app = TestApp::spawn().await;
-    app.connect("org_m", Vendor::Microsoft, ACCOUNT, ACCOUNT, "Ops")
+    app.connect_mailbox("org_m", Vendor::Microsoft, ACCOUNT, "Ops")
         .await;
     let mut results = app.amqp.tap_results().await;
     let job = with_attachment(&app, "org_m", &content(5 * 1000 * 1000));
@@ -150,7 +150,7 @@ async fn a_failed_fragment_deletes_the_draft_and_the_retry_sends_the_message_onc
 async fn a_grant_without_mail_read_write_fails_a_large_message_asking_for_a_reconnect() {
     let app = large_app().await;
     // Connected before the operator turned the option on.
-    app.connect("org_m", Vendor::Microsoft, ACCOUNT, ACCOUNT, "Ops")
+    app.connect_mailbox("org_m", Vendor::Microsoft, ACCOUNT, "Ops")
         .await;
     let mut results = app.amqp.tap_results().await;
     let job = with_attachment(&app, "org_m", &content(5 * 1000 * 1000));

@@ -67,14 +67,8 @@ async fn a_burst_that_reaches_the_rolling_limit_is_deferred_then_sent_when_the_w
         ..permissive()
     }))
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     app.standins.set_sending_quota(
         "g@customer.com",
         Some(SendingQuota {
@@ -117,14 +111,8 @@ async fn an_organizations_lowered_share_of_the_limit_is_honoured() {
         ..permissive()
     }))
     .await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "ops@customer.com",
-        "ops@customer.com",
-        "Ops",
-    )
-    .await;
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "ops@customer.com", "Ops")
+        .await;
     // The people of the organization send from that mailbox too: it keeps 60 %
     // of the 10 recipients for them, and Exchange bounces past what is left.
     app.db
@@ -156,14 +144,8 @@ async fn a_consumer_google_account_gets_the_lower_limit() {
     }))
     .await;
     // A gmail.com account: Google's id token carries no `hd`.
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "someone@gmail.com",
-        "someone@gmail.com",
-        "Someone",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "someone@gmail.com", "Someone")
+        .await;
     app.standins.set_sending_quota(
         "someone@gmail.com",
         Some(SendingQuota {
@@ -193,7 +175,7 @@ async fn a_workspace_trial_declared_by_its_organization_gets_the_trial_limits() 
     }))
     .await;
     let account = "ops@customer.com";
-    app.connect("org_g", Vendor::Google, account, account, "Ops")
+    app.connect_mailbox("org_g", Vendor::Google, account, "Ops")
         .await;
     // Google's trial: the save-and-test message below counts too.
     app.standins.set_sending_quota(
@@ -229,22 +211,10 @@ async fn a_workspace_trial_declared_by_its_organization_gets_the_trial_limits() 
 #[tokio::test(flavor = "multi_thread")]
 async fn google_trial_is_refused_where_it_means_nothing() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "a@customer.com",
-        "a@customer.com",
-        "A",
-    )
-    .await;
-    app.connect(
-        "org_c",
-        Vendor::Google,
-        "someone@gmail.com",
-        "someone@gmail.com",
-        "S",
-    )
-    .await;
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "a@customer.com", "A")
+        .await;
+    app.connect_mailbox("org_c", Vendor::Google, "someone@gmail.com", "S")
+        .await;
     let api = crate::admin::Api::new(&app);
     for (org, account, says) in [
         ("org_ms", "a@customer.com", "Google Workspace accounts only"),

@@ -34,14 +34,8 @@ async fn forty_jobs_of_30_mb_at_once_keep_the_worker_under_one_gib_and_all_get_a
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     let mut tap = app.amqp.tap_results().await;
     let published = Instant::now();
     let attachment = base64::engine::general_purpose::STANDARD.encode(
@@ -131,14 +125,8 @@ async fn deliveries_wait_at_the_broker_while_the_jobs_in_hand_fill_the_memory_bu
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     app.standins.set_send_delay(Duration::from_millis(600));
     let mut tap = app.amqp.tap_results().await;
     // Bodies of about 270 KB, charged 4x: two do not fit in 1 MiB.

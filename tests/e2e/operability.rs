@@ -47,22 +47,10 @@ async fn metrics_pass_promtool_and_cover_every_metric_of_the_dashboard_and_alert
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "m@customer.com",
-        "m@customer.com",
-        "M",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "m@customer.com", "M")
+        .await;
     // A refresh (the access token stops working) and a throttled attempt that waits in a delay queue.
     app.standins.invalidate_all_access(Vendor::Google);
     app.standins

@@ -24,14 +24,8 @@ fn permissive() -> PacingConfig {
 async fn a_429_pauses_the_mailbox_for_every_replica() {
     let mut app = TestApp::spawn().await;
     let second = app.start_worker().await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "a@customer.com",
-        "a@customer.com",
-        "A",
-    )
-    .await;
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "a@customer.com", "A")
+        .await;
     app.standins
         .script(Vendor::Microsoft, [standins::graph_throttled(3)]);
     let mut tap = app.amqp.tap_results().await;
@@ -78,14 +72,8 @@ async fn graph_sends_per_mailbox_never_exceed_the_cap() {
         ..permissive()
     }))
     .await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "a@customer.com",
-        "a@customer.com",
-        "A",
-    )
-    .await;
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "a@customer.com", "A")
+        .await;
     let latency = Duration::from_millis(400);
     app.standins.set_send_delay(latency);
     let mut tap = app.amqp.tap_results().await;
@@ -118,14 +106,8 @@ async fn gmail_sends_per_mailbox_follow_the_configured_rate() {
         ..permissive()
     }))
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     let mut tap = app.amqp.tap_results().await;
     for _ in 0..14 {
         app.amqp.publish_job(&app.job("org_g")).await;
@@ -151,14 +133,8 @@ async fn past_the_daily_limit_jobs_are_deferred_then_fail_as_quota_exceeded_when
         ..permissive()
     }))
     .await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     let mut tap = app.amqp.tap_results().await;
     let not_after = chrono::Utc::now() + chrono::Duration::seconds(4);
     let jobs: Vec<_> = (0..5)
@@ -216,22 +192,10 @@ async fn one_organization_flooding_does_not_delay_another() {
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_flood",
-        Vendor::Microsoft,
-        "a@flood.example",
-        "a@flood.example",
-        "Flood",
-    )
-    .await;
-    app.connect(
-        "org_quiet",
-        Vendor::Google,
-        "b@quiet.example",
-        "b@quiet.example",
-        "Quiet",
-    )
-    .await;
+    app.connect_mailbox("org_flood", Vendor::Microsoft, "a@flood.example", "Flood")
+        .await;
+    app.connect_mailbox("org_quiet", Vendor::Google, "b@quiet.example", "Quiet")
+        .await;
     app.standins.set_send_delay(Duration::from_millis(300));
     let mut tap = app.amqp.tap_results().await;
     for _ in 0..200 {
@@ -274,14 +238,8 @@ async fn a_flood_against_a_throttled_mailbox_is_scheduled_at_the_rate_it_accepts
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_flood",
-        Vendor::Microsoft,
-        "a@flood.example",
-        "a@flood.example",
-        "Flood",
-    )
-    .await;
+    app.connect_mailbox("org_flood", Vendor::Microsoft, "a@flood.example", "Flood")
+        .await;
     // The provider takes 2 messages a second from this mailbox and answers 429 beyond.
     app.standins.set_mailbox_limit("a@flood.example", Some(2.0));
     let mut tap = app.amqp.tap_results().await;
@@ -388,22 +346,10 @@ async fn pauses_missed_while_the_listener_was_away_are_reloaded_when_it_reconnec
 async fn a_project_wide_gmail_429_slows_every_google_organization() {
     use mail_dispatch_worker::pacing::{GOOGLE_PROJECT, PROJECT_PAUSE_FLOOR};
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_a",
-        Vendor::Google,
-        "a@one.example",
-        "a@one.example",
-        "A",
-    )
-    .await;
-    app.connect(
-        "org_b",
-        Vendor::Google,
-        "b@two.example",
-        "b@two.example",
-        "B",
-    )
-    .await;
+    app.connect_mailbox("org_a", Vendor::Google, "a@one.example", "A")
+        .await;
+    app.connect_mailbox("org_b", Vendor::Google, "b@two.example", "B")
+        .await;
     // Other callers of the project used up its quota for the next 2 s.
     app.standins
         .exhaust_gmail_project_quota(Duration::from_secs(2));

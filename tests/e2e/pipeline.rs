@@ -122,10 +122,9 @@ async fn a_microsoft_job_reaches_graph_with_sender_recipients_body_attachment_an
 #[tokio::test(flavor = "multi_thread")]
 async fn a_graph_message_without_custom_headers_omits_internet_message_headers() {
     let app = TestApp::spawn().await;
-    app.connect(
+    app.connect_mailbox(
         "org_ms",
         Vendor::Microsoft,
-        "admin@customer.com",
         "admin@customer.com",
         "Customer",
     )
@@ -146,10 +145,9 @@ async fn a_graph_message_without_custom_headers_omits_internet_message_headers()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_google_job_reaches_gmail_as_a_well_formed_mime_message() {
     let app = TestApp::spawn().await;
-    app.connect(
+    app.connect_mailbox(
         "org_g",
         Vendor::Google,
-        "ops@customer.com",
         "ops@customer.com",
         "Équipe Conformité",
     )
@@ -277,15 +275,9 @@ async fn an_organization_without_integration_goes_out_from_the_platform_sender_a
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_of_several_organizations_each_go_through_their_own_provider() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_ms",
-        Vendor::Microsoft,
-        "a@ms.example",
-        "a@ms.example",
-        "MS",
-    )
-    .await;
-    app.connect("org_g", Vendor::Google, "b@g.example", "b@g.example", "G")
+    app.connect_mailbox("org_ms", Vendor::Microsoft, "a@ms.example", "MS")
+        .await;
+    app.connect_mailbox("org_g", Vendor::Google, "b@g.example", "G")
         .await;
     app.standins
         .set_send_delay(std::time::Duration::from_millis(200));
@@ -405,14 +397,8 @@ async fn the_platform_sender_delivers_over_smtp_with_bcc_in_the_envelope_only() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_google_job_over_100_recipients_fails_as_recipient_rejected_without_calling_gmail() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "g@customer.com",
-        "g@customer.com",
-        "G",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "g@customer.com", "G")
+        .await;
     let mut results = app.amqp.tap_results().await;
     let with_recipients = |n: usize| {
         let mut job = app.job("org_g");
@@ -451,14 +437,8 @@ async fn a_google_job_over_100_recipients_fails_as_recipient_rejected_without_ca
 #[tokio::test(flavor = "multi_thread")]
 async fn a_20_mb_attachment_reaches_gmail_byte_for_byte_through_a_resumable_upload() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_g",
-        Vendor::Google,
-        "ops@customer.com",
-        "ops@customer.com",
-        "Ops",
-    )
-    .await;
+    app.connect_mailbox("org_g", Vendor::Google, "ops@customer.com", "Ops")
+        .await;
     let mut results = app.amqp.tap_results().await;
     // Not compressible, not repetitive: any shift or loss of a chunk shows.
     let content: Vec<u8> = (0..20 * 1000 * 1000u32)

@@ -467,14 +467,8 @@ async fn a_slow_token_endpoint_for_twenty_organizations_holds_no_connection_and_
         )
         .await;
     }
-    app.connect(
-        "org_google",
-        Vendor::Google,
-        "ops@other.com",
-        "ops@other.com",
-        "Ops",
-    )
-    .await;
+    app.connect_mailbox("org_google", Vendor::Google, "ops@other.com", "Ops")
+        .await;
     app.standins.set_token_delay(TOKEN_DELAY);
     let mut results = app.amqp.tap_results().await;
     let slow_jobs: Vec<_> = slow_orgs.iter().map(|org| app.job(org)).collect();
@@ -548,14 +542,8 @@ async fn a_slow_token_endpoint_for_twenty_organizations_holds_no_connection_and_
 #[tokio::test(flavor = "multi_thread")]
 async fn an_undecryptable_stored_token_turns_the_integration_needs_reauth_with_one_event() {
     let app = TestApp::spawn().await;
-    app.connect(
-        "org_bad",
-        Vendor::Google,
-        "ops@customer.com",
-        "ops@customer.com",
-        "Ops",
-    )
-    .await;
+    app.connect_mailbox("org_bad", Vendor::Google, "ops@customer.com", "Ops")
+        .await;
     // One bit flipped in the last byte of each ciphertext: AES-GCM refuses them.
     let client = app.db.client().await;
     client
@@ -620,14 +608,8 @@ async fn a_token_under_a_key_that_is_not_configured_blocks_its_jobs_within_their
         ..Default::default()
     })
     .await;
-    app.connect(
-        "org_key",
-        Vendor::Google,
-        "ops@customer.com",
-        "ops@customer.com",
-        "Ops",
-    )
-    .await;
+    app.connect_mailbox("org_key", Vendor::Google, "ops@customer.com", "Ops")
+        .await;
     // Another key id in the stored form (after its length byte): a key this
     // deployment does not have, as after a key was removed too early.
     let client = app.db.client().await;

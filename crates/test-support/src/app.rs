@@ -333,6 +333,19 @@ impl TestApp {
         .await
     }
 
+    /// Connects `org` to `account`'s own mailbox, sending as the account
+    /// itself under `sender_name` (what most tests need; see [`TestApp::connect`]).
+    pub async fn connect_mailbox(
+        &self,
+        org: &str,
+        vendor: Vendor,
+        account: &str,
+        sender_name: &str,
+    ) -> (String, String) {
+        self.connect(org, vendor, account, account, sender_name)
+            .await
+    }
+
     /// Like [`TestApp::connect`] with the account as sender, the grant carrying
     /// exactly `scopes` (e.g. `Mail.ReadWrite` for Graph's large messages).
     pub async fn connect_with_scopes(

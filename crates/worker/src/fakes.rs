@@ -370,6 +370,8 @@ impl SendMail for FakeSenders {
 pub struct FakeSlots {
     pub limit: usize,
     held: Mutex<HashMap<String, Vec<i32>>>,
+    /// Slots given back (released), over every mailbox.
+    pub releases: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for FakeSlots {
@@ -383,6 +385,7 @@ impl FakeSlots {
         FakeSlots {
             limit,
             held: Mutex::default(),
+            releases: Default::default(),
         }
     }
 }
@@ -411,6 +414,8 @@ impl MailboxSlots for FakeSlots {
         Ok(true)
     }
     async fn release_mailbox_slot(&self, slot: &SlotLease) -> Result<(), StoreError> {
+        self.releases
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(taken) = self.held.lock().unwrap().get_mut(&slot.organization_id) {
             taken.retain(|s| *s != slot.slot);
         }

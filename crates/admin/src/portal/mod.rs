@@ -27,7 +27,8 @@ mod texts;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Form, Query, Request, State};
+use axum::extract::{Form, FromRequest, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -37,6 +38,7 @@ use mail_dispatch_store::{
     Fallback, Integration, IntegrationStatus, LinkLookup, PortalSettings, SessionLookup,
 };
 use minijinja::value::Serde;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 use utoipa::ToSchema;
@@ -479,7 +481,7 @@ fn failure(state: &AdminState, look: &Look, e: &dyn std::fmt::Display) -> Respon
 }
 
 /// A live session, found by its cookie.
-struct Session {
+pub(crate) struct Session {
     settings: PortalSettings,
     csrf: String,
     hash: Vec<u8>,
@@ -507,6 +509,48 @@ fn cookie_value(headers: &HeaderMap) -> Option<&str> {
             let (name, value) = pair.trim().split_once('=')?;
             (name == COOKIE && !value.is_empty() && value.len() <= 200).then_some(value)
         })
+}
+
+/// The session of this browser; rejected with the page that says there is none.
+impl FromRequestParts<AdminState> for Session {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AdminState,
+    ) -> Result<Self, Self::Rejection> {
+        session(state, &parts.headers).await
+    }
+}
+
+/// The forms of the page: each carries the session's CSRF token.
+pub(crate) trait SessionForm: DeserializeOwned + Send {
+    fn csrf(&self) -> &str;
+}
+
+/// A form posted from this session's page: its session, and the form once its
+/// CSRF token was checked. Rejected with the "no session" page, the form's own
+/// rejection, or (a token that is not the session's) the page again with
+/// nothing done.
+pub(crate) struct Posted<T> {
+    session: Session,
+    form: T,
+}
+
+impl<T: SessionForm> FromRequest<AdminState> for Posted<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &AdminState) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let session = session(state, &parts.headers).await?;
+        let Form(form) = Form::<T>::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        if !session.csrf_ok(form.csrf()) {
+            return Err(forged(state, &session).await);
+        }
+        Ok(Posted { session, form })
+    }
 }
 
 /// The session of this browser, or the page that says there is none.
@@ -783,13 +827,9 @@ pub(crate) struct PageQuery {
 /// `GET /portal`.
 pub(crate) async fn show(
     State(state): State<AdminState>,
-    headers: HeaderMap,
+    session: Session,
     Query(q): Query<PageQuery>,
 ) -> Response {
-    let session = match session(&state, &headers).await {
-        Ok(s) => s,
-        Err(page) => return page,
-    };
     let notice = match (q.notice.as_deref(), q.error.as_deref()) {
         (_, Some(code)) => Some(Notice::error(error_text(&session.look, code))),
         (Some(kind), None) => notice_text(&state, &session, kind).await,
@@ -875,20 +915,18 @@ pub(crate) struct ConnectForm {
     provider: String,
 }
 
+impl SessionForm for ConnectForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// `POST /portal/connect`: to the provider's consent page, with a state bound
 /// to this session.
 pub(crate) async fn connect(
     State(state): State<AdminState>,
-    headers: HeaderMap,
-    Form(form): Form<ConnectForm>,
+    Posted { session, form }: Posted<ConnectForm>,
 ) -> Response {
-    let session = match session(&state, &headers).await {
-        Ok(s) => s,
-        Err(page) => return page,
-    };
-    if !session.csrf_ok(&form.csrf) {
-        return forged(&state, &session).await;
-    }
     let provider = match ProviderKind::parse(&form.provider) {
         Some(p @ (ProviderKind::Microsoft | ProviderKind::Google)) => p,
         _ => return (StatusCode::BAD_REQUEST, "unknown provider").into_response(),
@@ -1028,19 +1066,20 @@ pub(crate) struct SenderFormInput {
     fallback: Option<String>,
 }
 
+impl SessionForm for SenderFormInput {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// `POST /portal/sender`: save and test, with the API's rules and code.
 pub(crate) async fn save_sender(
     State(state): State<AdminState>,
-    headers: HeaderMap,
-    Form(input): Form<SenderFormInput>,
+    Posted {
+        session,
+        form: input,
+    }: Posted<SenderFormInput>,
 ) -> Response {
-    let session = match session(&state, &headers).await {
-        Ok(s) => s,
-        Err(page) => return page,
-    };
-    if !session.csrf_ok(&input.csrf) {
-        return forged(&state, &session).await;
-    }
     let look = &session.look;
     let org = session.org().to_owned();
     let store = &state.services.store;
@@ -1174,19 +1213,17 @@ pub(crate) struct DisconnectForm {
     confirm: Option<String>,
 }
 
+impl SessionForm for DisconnectForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// `POST /portal/disconnect`, once the admin ticked what happens next.
 pub(crate) async fn disconnect(
     State(state): State<AdminState>,
-    headers: HeaderMap,
-    Form(form): Form<DisconnectForm>,
+    Posted { session, form }: Posted<DisconnectForm>,
 ) -> Response {
-    let session = match session(&state, &headers).await {
-        Ok(s) => s,
-        Err(page) => return page,
-    };
-    if !session.csrf_ok(&form.csrf) {
-        return forged(&state, &session).await;
-    }
     if form.confirm.as_deref() != Some("yes") {
         let text = session.look.say("disconnect_confirm", &[]);
         return page(

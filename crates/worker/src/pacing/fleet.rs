@@ -9,9 +9,11 @@
 //!
 //! An admitted job that finds the mailbox full waits here, up to
 //! [`FLEET_SLOT_WAIT`] in all, first for the semaphore, then for a fleet-wide
-//! slot: a release is announced by NOTIFY (and, within this worker, directly),
-//! so a waiting job tries again at once, and a slot freed by an expired lease
-//! is found by a slow poll. Deferring it instead brought it back after a second
+//! slot. A job done with its slot hands it to the next job of the same worker
+//! waiting for one (in memory: the lease simply goes on); with none waiting
+//! here it releases the slot, which is announced by NOTIFY, so a waiting job of
+//! another replica tries again at once. A slot freed by an expired lease is
+//! found by a slow poll. Deferring it instead brought it back after a second
 //! at the earliest, which kept a mailbox shared by three replicas at about half
 //! its rate. Past the wait, the job is deferred (it goes to a delay queue,
 //! holding no consumer slot). What waits is bounded: an admitted job counts in
@@ -19,11 +21,11 @@
 //! `graph_mailbox_concurrency` of them per worker get as far as the database.
 //!
 //! Cost: one statement before the send and one after it, plus one more per
-//! wake-up while waiting; a send that outlives a third of the lease adds one
+//! wake-up while waiting; none for a slot handed over in memory; a send that outlives a third of the lease adds one
 //! extension per third. A crashed worker's slot is free again when its lease
 //! expires.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -31,7 +33,7 @@ use chrono::{DateTime, Utc};
 use mail_dispatch_domain::ProviderKind;
 use mail_dispatch_store::{SlotLease, StoreError};
 use rand::Rng as _;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::limits::BUSY_RETRY;
@@ -52,34 +54,63 @@ pub const FLEET_SLOT_WAIT: Duration = Duration::from_secs(2);
 /// this, plus up to as much again at random so that waiters do not all ask at once.
 const FLEET_SLOT_POLL: Duration = Duration::from_millis(100);
 
-/// The jobs of this worker waiting for a mailbox's slot, per organization:
-/// woken when one of its slots is freed, here or (through NOTIFY) elsewhere.
+/// The jobs of this worker waiting for one of a mailbox's slots.
 #[derive(Default)]
-pub(super) struct SlotWaiters(Mutex<HashMap<String, Weak<Notify>>>);
+struct MailboxWaiters {
+    /// Woken when one of the mailbox's slots is freed, here or (through
+    /// NOTIFY) elsewhere.
+    freed: Notify,
+    /// Where a slot this worker is done with goes next, oldest waiter first:
+    /// handed over in memory, with no round trip to PostgreSQL. A waiter that
+    /// gave up leaves a closed channel, skipped.
+    handover: Mutex<VecDeque<oneshot::Sender<FleetSlot>>>,
+}
+
+/// The jobs of this worker waiting for a mailbox's slot, per organization.
+#[derive(Default)]
+pub(super) struct SlotWaiters(Mutex<HashMap<String, Weak<MailboxWaiters>>>);
 
 impl SlotWaiters {
-    /// What the waiters for `org`'s slots wait on; kept alive by them.
-    fn signal(&self, org: &str) -> Arc<Notify> {
+    /// The waiters of `org`'s mailbox; kept alive by them.
+    fn of(&self, org: &str) -> Arc<MailboxWaiters> {
         let mut waiters = self.0.lock().expect("poisoned");
-        if let Some(signal) = waiters.get(org).and_then(Weak::upgrade) {
-            return signal;
+        if let Some(w) = waiters.get(org).and_then(Weak::upgrade) {
+            return w;
         }
-        let signal = Arc::new(Notify::new());
-        waiters.insert(org.to_owned(), Arc::downgrade(&signal));
-        signal
+        let w = Arc::new(MailboxWaiters::default());
+        waiters.insert(org.to_owned(), Arc::downgrade(&w));
+        w
+    }
+
+    fn get(&self, org: &str) -> Option<Arc<MailboxWaiters>> {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .get(org)
+            .and_then(Weak::upgrade)
     }
 
     /// One of `org`'s slots was freed: every job waiting for one tries again.
     fn wake(&self, org: &str) {
-        let signal = self
-            .0
-            .lock()
-            .expect("poisoned")
-            .get(org)
-            .and_then(Weak::upgrade);
-        if let Some(signal) = signal {
-            signal.notify_waiters();
+        if let Some(w) = self.get(org) {
+            w.freed.notify_waiters();
         }
+    }
+
+    /// Gives `slot` to the longest-waiting job of this worker for `org`'s
+    /// mailbox; back if none waits.
+    fn hand_over(&self, org: &str, mut slot: FleetSlot) -> Option<FleetSlot> {
+        let Some(w) = self.get(org) else {
+            return Some(slot);
+        };
+        let mut queue = w.handover.lock().expect("poisoned");
+        while let Some(waiter) = queue.pop_front() {
+            match waiter.send(slot) {
+                Ok(()) => return None,
+                Err(back) => slot = back,
+            }
+        }
+        Some(slot)
     }
 
     /// Forgets the organizations nobody waits for any more.
@@ -87,7 +118,7 @@ impl SlotWaiters {
         self.0
             .lock()
             .expect("poisoned")
-            .retain(|_, signal| signal.strong_count() > 0);
+            .retain(|_, w| w.strong_count() > 0);
     }
 
     #[cfg(test)]
@@ -196,6 +227,8 @@ impl Pacer {
             return Ok(true);
         };
         let deadline = tokio::time::Instant::now() + FLEET_SLOT_WAIT;
+        // Until the slots are taken, its time is a wait's, not a send's.
+        permit.timed_a_send = false;
         if permit.mailbox_slot.is_none() {
             match tokio::time::timeout_at(deadline, local.acquire_owned()).await {
                 Ok(Ok(slot)) => permit.mailbox_slot = Some(slot),
@@ -212,24 +245,37 @@ impl Pacer {
         permit.fleet_slot = Some(Box::new(slot));
         // What the schedule learns is the send's time, not the wait's.
         permit.admitted_at = std::time::Instant::now();
+        permit.timed_a_send = true;
         Ok(true)
     }
 
     /// One of `org`'s fleet-wide slots, waiting until `deadline` for one to be
-    /// freed when all are held; `None` if none was.
+    /// freed when all are held (or handed over by a job of this worker that
+    /// is done with it); `None` if none was.
     async fn fleet_slot_before(
         &self,
         store: &Arc<dyn MailboxSlots>,
         org: &str,
         deadline: tokio::time::Instant,
     ) -> Result<Option<FleetSlot>, StoreError> {
-        let signal = self.slot_waiters.signal(org);
+        let waiters = self.slot_waiters.of(org);
+        // In line for a handover from the first ask: a slot handed over while
+        // this job asks PostgreSQL is not lost (it is released if unused).
+        let (in_line, mut handed) = oneshot::channel();
+        waiters
+            .handover
+            .lock()
+            .expect("poisoned")
+            .push_back(in_line);
         loop {
             // Listening before asking: a slot freed between the answer and the
             // wait still wakes this job.
-            let freed = signal.notified();
+            let freed = waiters.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
+            if let Ok(slot) = handed.try_recv() {
+                return Ok(Some(slot));
+            }
             if let Some(slot) = FleetSlot::acquire(store, org, self.graph_mailbox_slots()).await? {
                 return Ok(Some(slot));
             }
@@ -239,6 +285,11 @@ impl Pacer {
             }
             let poll = FLEET_SLOT_POLL.mul_f64(1.0 + rand::rng().random::<f64>());
             tokio::select! {
+                slot = &mut handed => {
+                    if let Ok(slot) = slot {
+                        return Ok(Some(slot));
+                    }
+                }
                 () = freed => {}
                 () = tokio::time::sleep_until((now + poll).min(deadline)) => {}
             }
@@ -249,6 +300,17 @@ impl Pacer {
     /// its waiting jobs try again.
     pub fn fleet_slot_freed(&self, org: &str) {
         self.slot_waiters.wake(org);
+    }
+
+    /// A send of `org` is over: its fleet-wide slot goes to the next job of
+    /// this worker waiting for one (no PostgreSQL round trip, and the lease
+    /// goes on), else back to the fleet, announced.
+    pub(super) async fn give_back_fleet_slot(&self, org: &str, slot: FleetSlot) {
+        if let Some(slot) = self.slot_waiters.hand_over(org, slot) {
+            slot.release().await;
+            // This worker's waiters need not wait for the NOTIFY's round trip.
+            self.fleet_slot_freed(org);
+        }
     }
 
     /// `org`'s mailbox stayed full through [`FLEET_SLOT_WAIT`]: when to try

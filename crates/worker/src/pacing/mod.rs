@@ -238,6 +238,9 @@ pub struct Permit {
     window_units: [u32; 3],
     sent: bool,
     admitted_at: Instant,
+    /// Whether its time is a send's, for the schedule to learn from (not when
+    /// it only waited for a mailbox that stayed full).
+    timed_a_send: bool,
 }
 
 impl Permit {
@@ -252,9 +255,9 @@ impl Permit {
     pub async fn release_mailbox_slots(&mut self) {
         self.mailbox_slot = None;
         if let Some(slot) = self.fleet_slot.take() {
-            slot.release().await;
-            // This worker's waiters need not wait for the NOTIFY's round trip.
-            self.pacer.fleet_slot_freed(&self.organization_id);
+            self.pacer
+                .give_back_fleet_slot(&self.organization_id, *slot)
+                .await;
         }
     }
 }
@@ -263,11 +266,15 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let send_secs = self.admitted_at.elapsed().as_secs_f64();
         let mut s = self.pacer.state();
-        s.send_times.learn(self.provider, send_secs);
+        if self.timed_a_send {
+            s.send_times.learn(self.provider, send_secs);
+        }
         let org = &self.organization_id;
         // Present: an organization with a job in flight is never pruned.
         if let Some(o) = s.orgs.get_mut(org) {
-            if let Some(flow) = o.flow.as_mut() {
+            if let Some(flow) = o.flow.as_mut()
+                && self.timed_a_send
+            {
                 flow.learn_send(send_secs, self.sent);
             }
             o.release(self.window_units, self.sent);
@@ -467,6 +474,7 @@ impl Pacer {
                     window_units: room.window_units,
                     sent: false,
                     admitted_at: Instant::now(),
+                    timed_a_send: true,
                 })
             }
             Err(refusal) => Admission::Defer {

@@ -96,6 +96,39 @@ async fn graph_sends_per_mailbox_are_capped_and_the_next_one_waits_for_a_slot() 
     drop((a, b));
 }
 
+/// A send that is over hands its fleet-wide slot to the next job of the same
+/// worker waiting for one, in memory: no release to PostgreSQL, no new lease.
+#[tokio::test]
+async fn a_fleet_slot_is_handed_over_to_a_waiting_job_of_the_same_worker() {
+    let p = Pacer::new(config());
+    let slots = Arc::new(crate::fakes::FakeSlots::with_limit(1));
+    let fleet: Arc<dyn crate::ports::MailboxSlots> = slots.clone();
+    let mut a = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    assert!(p.take_mailbox_slots(&mut a, &fleet).await.unwrap());
+    let mut b = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    let waiting = tokio::spawn({
+        let (p, fleet) = (Arc::clone(&p), Arc::clone(&fleet));
+        async move {
+            let started = std::time::Instant::now();
+            let got = p.take_mailbox_slots(&mut b, &fleet).await.unwrap();
+            (got, started.elapsed(), b)
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    a.release_mailbox_slots().await;
+    let (got, waited, mut b) = waiting.await.unwrap();
+    assert!(got);
+    assert!(waited < std::time::Duration::from_millis(500), "{waited:?}");
+    assert_eq!(
+        slots.releases.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "handed over, not released and taken again"
+    );
+    // With nobody waiting, the slot goes back to the fleet.
+    b.release_mailbox_slots().await;
+    assert_eq!(slots.releases.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
 /// A mailbox that stays full: after the wait the job is told to defer, and
 /// what it waited with goes back.
 #[tokio::test]
@@ -112,6 +145,13 @@ async fn a_graph_job_waits_at_most_the_fleet_slot_wait() {
     );
     assert!(started.elapsed() >= FLEET_SLOT_WAIT);
     drop(b);
+    // Its 2 s were a wait, not a send: the schedule still expects 0.25 s per
+    // send (2 at once: 8 a second, deferred jobs 125 ms apart).
+    p.apply_pause("m", now() + chrono::Duration::seconds(10));
+    let first = wake(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    let second = wake(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    assert_eq!((second - first).num_milliseconds(), 125);
+    p.lift_pause("m");
     // `b`'s local slot went back with it: `c` has one, and the fleet's once `a` is done.
     a.release_mailbox_slots().await;
     let mut c = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
