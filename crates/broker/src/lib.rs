@@ -29,9 +29,21 @@ pub enum BrokerError {
     Returned(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The message went to the broker, but its confirm never came back (the
+    /// connection or channel closed first): it may or may not have been routed.
+    #[error("no confirm for a published message: {0}")]
+    Unconfirmed(lapin::Error),
     /// The consumer's in-process relay could not be set up.
     #[error("AMQP relay: {0}")]
     Relay(String),
+}
+
+impl BrokerError {
+    /// Whether the message may have reached its queues although the publish
+    /// failed: it was handed to the broker and its confirm did not come back.
+    pub fn maybe_delivered(&self) -> bool {
+        matches!(self, BrokerError::Unconfirmed(_) | BrokerError::Timeout(_))
+    }
 }
 
 /// An open connection with a confirm-mode channel for publishing.
@@ -215,7 +227,8 @@ impl Broker {
             .await?;
         let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
             .await
-            .map_err(|_| BrokerError::Timeout(self.confirm_timeout))??;
+            .map_err(|_| BrokerError::Timeout(self.confirm_timeout))?
+            .map_err(BrokerError::Unconfirmed)?;
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => {

@@ -10,6 +10,9 @@
 //!   are held, not dropped, so when traffic passes again a connection resumes
 //!   where it stopped (as TCP retransmission would make it).
 //! - [`FaultProxy::slow`]: every chunk of bytes is forwarded after a delay.
+//! - [`FaultProxy::deaf`]: what the client sends still reaches the server, but
+//!   nothing comes back (held, as for a blackhole): a request the server
+//!   carried out whose answer is lost.
 //! - [`FaultProxy::reset`]: every open connection is closed at once, and new ones
 //!   are closed as soon as they are accepted (a restarted server, a failover).
 //!
@@ -37,6 +40,8 @@ pub enum Mode {
     Pass,
     Blackhole,
     Slow(Duration),
+    /// Client to server passes; server to client is held.
+    Deaf,
     Reset,
 }
 
@@ -101,6 +106,10 @@ impl FaultProxy {
         self.mode.send_replace(Mode::Slow(delay));
     }
 
+    pub fn deaf(&self) {
+        self.mode.send_replace(Mode::Deaf);
+    }
+
     pub fn reset(&self) {
         self.mode.send_replace(Mode::Reset);
     }
@@ -144,26 +153,36 @@ async fn connection(
     // succeeds (the proxy accepted it) but the upstream hears nothing until
     // traffic passes again.
     let mut waiting = mode.clone();
-    wait_until_open(&mut waiting).await?;
+    wait_until_open(&mut waiting, Direction::ToServer).await?;
     let server = TcpStream::connect(upstream).await?;
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     tokio::select! {
-        r = pump(client_read, server_write, mode.clone()) => r,
-        r = pump(server_read, client_write, mode.clone()) => r,
+        r = pump(client_read, server_write, mode.clone(), Direction::ToServer) => r,
+        r = pump(server_read, client_write, mode.clone(), Direction::ToClient) => r,
     }
 }
 
-/// Waits while the proxy blackholes; `Err` once it resets.
-async fn wait_until_open(mode: &mut watch::Receiver<Mode>) -> std::io::Result<()> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    ToServer,
+    ToClient,
+}
+
+/// Waits while the proxy holds traffic going `toward`; `Err` once it resets.
+async fn wait_until_open(
+    mode: &mut watch::Receiver<Mode>,
+    toward: Direction,
+) -> std::io::Result<()> {
     loop {
         let current = *mode.borrow_and_update();
         match current {
             Mode::Reset => return Err(std::io::ErrorKind::ConnectionReset.into()),
             Mode::Blackhole => {}
-            Mode::Pass | Mode::Slow(_) => return Ok(()),
+            Mode::Deaf if toward == Direction::ToClient => {}
+            Mode::Pass | Mode::Slow(_) | Mode::Deaf => return Ok(()),
         }
         if mode.changed().await.is_err() {
             return Err(std::io::ErrorKind::ConnectionAborted.into());
@@ -176,12 +195,13 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
+    toward: Direction,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // Not reading while blackholed leaves the bytes with the sender's socket:
         // nothing is lost, nothing arrives.
-        wait_until_open(&mut mode).await?;
+        wait_until_open(&mut mode, toward).await?;
         let n = tokio::select! {
             n = from.read(&mut buf) => n?,
             changed = mode.changed() => {
@@ -204,7 +224,10 @@ async fn pump(
                     break;
                 }
                 Mode::Pass => break,
-                Mode::Blackhole | Mode::Reset => wait_until_open(&mut mode).await?,
+                Mode::Deaf if toward == Direction::ToServer => break,
+                Mode::Blackhole | Mode::Deaf | Mode::Reset => {
+                    wait_until_open(&mut mode, toward).await?
+                }
             }
         }
         to.write_all(&buf[..n]).await?;

@@ -216,6 +216,9 @@ pub struct Dispatcher {
     senders: Arc<dyn SendMail>,
     slots: Arc<dyn MailboxSlots>,
     pub pacer: Arc<Pacer>,
+    /// Results whose publish confirm never came back, since start (see
+    /// `mail_dispatch_results_unconfirmed_total`).
+    pub results_unconfirmed: std::sync::atomic::AtomicU64,
     pub published: crate::published::PublishedMarks,
     pub config: WorkerConfig,
 }
@@ -235,6 +238,7 @@ impl Dispatcher {
             slots: ports.slots,
             pacer: Pacer::new(config.pacing),
             published: Default::default(),
+            results_unconfirmed: Default::default(),
             config,
         }
     }

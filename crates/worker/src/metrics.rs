@@ -26,6 +26,7 @@ pub const CONFIG_CACHE_EVICTIONS: &str = "mail_dispatch_config_cache_evictions_t
 pub const DB_STATEMENTS: &str = "mail_dispatch_db_statements_total";
 pub const AMBIGUOUS_SENDS: &str = "mail_dispatch_ambiguous_sends_total";
 pub const CLAIMS_LOST: &str = "mail_dispatch_claims_lost_total";
+pub const RESULTS_UNCONFIRMED: &str = "mail_dispatch_results_unconfirmed_total";
 pub const GRANT_KEEPALIVE: &str = "mail_dispatch_grant_keepalive_total";
 pub const GRANT_KEEPALIVE_LAST_SWEEP: &str =
     "mail_dispatch_grant_keepalive_last_sweep_timestamp_seconds";
@@ -41,6 +42,10 @@ pub const JOB_LATENCY_BUCKETS: &[f64] = &[
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(JOBS_RECEIVED, "Job deliveries taken from the jobs queue.");
+    describe_counter!(
+        RESULTS_UNCONFIRMED,
+        "Results whose publish confirm never came back (broker connection lost): published again by the job's next delivery, so consumers may see that job id twice."
+    );
     describe_gauge!(
         MEMORY_HELD_BYTES,
         "Memory charged to the jobs in hand (4x their bodies); deliveries wait at the broker beyond the budget."

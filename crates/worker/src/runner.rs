@@ -479,7 +479,7 @@ async fn publish_finish(
     if let Some(id) = &finish.result.job_id {
         properties = properties.with_message_id(ShortString::from(id.as_str()));
     }
-    broker
+    let published = broker
         .publish(Outgoing {
             exchange: &topology.results_exchange,
             routing_key: finish.result.routing_key(),
@@ -487,7 +487,19 @@ async fn publish_finish(
             properties,
             mandatory: false,
         })
-        .await?;
+        .await;
+    if let Err(e) = &published
+        && e.maybe_delivered()
+    {
+        // At least once: the next delivery publishes the recorded result again
+        // rather than risk none (its message_id, the job id, tells the two apart).
+        tracing::warn!(error = %e, "result publish unconfirmed; the job's next delivery publishes it again, so consumers may see it twice");
+        metrics::counter!(crate::metrics::RESULTS_UNCONFIRMED).increment(1);
+        dispatcher
+            .results_unconfirmed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    published?;
     if let Some(key) = finish.ledger_key {
         dispatcher.published.push(key);
     }
