@@ -235,3 +235,41 @@ async fn google_trial_is_refused_where_it_means_nothing() {
     }
     assert_eq!(api.integration("org_c").await["google_account"], "consumer");
 }
+
+/// Google's 3,000 unique recipients per day hold whatever the other limits:
+/// a mailbox that writes to new people all day is held at that number of
+/// recipients (each counted, repeated or not: never fewer than Google), where
+/// Google would otherwise suspend the user.
+#[tokio::test(flavor = "multi_thread")]
+async fn google_unique_recipients_are_never_exceeded() {
+    let app = TestApp::spawn_with(options(PacingConfig {
+        google_daily_messages: 1_000,
+        google_daily_recipients: 1_000,
+        google_daily_unique_recipients: 3,
+        window: Duration::from_secs(3600),
+        ..permissive()
+    }))
+    .await;
+    let account = "ops@customer.com";
+    app.connect_mailbox("org_g", Vendor::Google, account, "Ops")
+        .await;
+    app.standins.set_sending_quota(
+        account,
+        Some(SendingQuota {
+            unique_recipients: Some(3),
+            ..SendingQuota::google_workspace(Duration::from_secs(3600))
+        }),
+    );
+    // Five jobs, each to a new colleague (internal: only the unique limit holds).
+    let mut burst = jobs(&app, "org_g", 5, chrono::Duration::seconds(4));
+    for (i, job) in burst.iter_mut().enumerate() {
+        job["to"] = json!([{"email": format!("colleague{i}@customer.com")}]);
+    }
+    let (sent, over) = run(&app, &burst).await;
+    assert_eq!((sent, over), (3, 2));
+    assert_eq!(
+        app.standins.quota_refusals(account),
+        0,
+        "Google refused nothing"
+    );
+}

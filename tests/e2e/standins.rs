@@ -159,8 +159,13 @@ async fn send_mail(s: &StandIns, token: &str, from: &str, name: &str) -> (Status
 }
 
 async fn gmail_send(s: &StandIns, token: &str) -> reqwest::Response {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode("From: ops@customer.com\r\nTo: a@example.org\r\nSubject: Hi\r\n\r\nHello\r\n");
+    gmail_send_to(s, token, "a@example.org").await
+}
+
+async fn gmail_send_to(s: &StandIns, token: &str, to: &str) -> reqwest::Response {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+        "From: ops@customer.com\r\nTo: {to}\r\nSubject: Hi\r\n\r\nHello\r\n"
+    ));
     http()
         .post(format!("{}/gmail/v1/users/me/messages/send", s.gmail.uri()))
         .bearer_auth(token)
@@ -1680,6 +1685,62 @@ async fn gmail_counts_external_recipients_against_the_users_external_limit() {
     assert_eq!(gmail_send(&s, &token).await.status(), StatusCode::OK);
     assert_eq!(
         gmail_send(&s, &token).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+/// Google's unique recipients per day: "individual addresses count once a
+/// day" (3,000, of which 2,000 external): a repeated address adds nothing, a
+/// new one past the limit is refused like the other limits.
+#[tokio::test]
+async fn gmail_counts_each_address_once_against_the_users_unique_recipient_limits() {
+    let s = StandIns::start().await;
+    s.set_sending_quota(
+        "ops@customer.com",
+        Some(SendingQuota {
+            unique_recipients: Some(3),
+            unique_external_recipients: Some(2),
+            ..SendingQuota::google_workspace(std::time::Duration::from_secs(60))
+        }),
+    );
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    for to in [
+        "a@example.org",
+        "b@example.org",
+        "A@example.org",
+        "b@example.org",
+    ] {
+        assert_eq!(
+            gmail_send_to(&s, &token, to).await.status(),
+            StatusCode::OK,
+            "{to}"
+        );
+    }
+    // A third external address: over the 2 unique external.
+    let resp = gmail_send_to(&s, &token, "c@example.org").await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["errors"][0]["reason"], "rateLimitExceeded");
+
+    // And the total of unique addresses, internal ones included.
+    let s = StandIns::start().await;
+    s.set_sending_quota(
+        "ops@customer.com",
+        Some(SendingQuota {
+            unique_recipients: Some(2),
+            ..SendingQuota::google_workspace(std::time::Duration::from_secs(60))
+        }),
+    );
+    let (token, _) = s.issue(Vendor::Google, "ops@customer.com");
+    for to in ["x@customer.com", "y@customer.com", "x@customer.com"] {
+        assert_eq!(
+            gmail_send_to(&s, &token, to).await.status(),
+            StatusCode::OK,
+            "{to}"
+        );
+    }
+    assert_eq!(
+        gmail_send_to(&s, &token, "z@customer.com").await.status(),
         StatusCode::TOO_MANY_REQUESTS
     );
 }

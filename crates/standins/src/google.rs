@@ -12,7 +12,7 @@ use super::faults::{
     gmail_insufficient_scope, gmail_project_rate_limited, gmail_rate_limited, gmail_sending_limit,
     gmail_unavailable, google_error,
 };
-use super::quota::{OverQuota, count_recipients};
+use super::quota::OverQuota;
 use super::{
     AccountInfo, Consent, Grant, Received, State, Vendor, exchange_code, form, has_scope,
     normalize_scopes, redirect_back, unsigned_jwt,
@@ -337,8 +337,7 @@ fn accept(s: &mut State, account: &str, raw: Vec<u8>) -> ResponseTemplate {
                 .into_iter()
                 .flat_map(addresses)
                 .collect();
-            let (recipients, external) = count_recipients(account, all.iter().map(String::as_str));
-            if let Err(OverQuota(wait)) = quota.take(recipients, external, true) {
+            if let Err(OverQuota(wait)) = quota.take(account, &all, true) {
                 return gmail_sending_limit(wait);
             }
         }

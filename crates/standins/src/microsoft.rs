@@ -12,7 +12,6 @@ use super::faults::{
     graph_authorization_denied, graph_error, graph_send_as_denied, graph_submission_blocked,
     graph_throttled, graph_unavailable, microsoft_token_error,
 };
-use super::quota::count_recipients;
 use super::{
     AccountInfo, Consent, Grant, Received, State, Vendor, domain_of, error_page, exchange_code,
     form, has_scope, normalize_scopes, query, redirect_back, unsigned_jwt, uuid_from,
@@ -883,10 +882,9 @@ pub(super) fn accept_message(
                 .flat_map(|k| m[*k].as_array().cloned().unwrap_or_default())
                 .map(|r| address(&r))
                 .collect();
-            let (recipients, external) = count_recipients(&account, all.iter().map(String::as_str));
             // Exchange applies its recipient rate limit after the 202: the
             // message is accepted and bounces back to the sender (NDR 5.2.2).
-            if quota.take(recipients, external, false).is_err() {
+            if quota.take(&account, &all, false).is_err() {
                 s.bounced.push(Received {
                     provider: "microsoft",
                     received_at: chrono::Utc::now(),

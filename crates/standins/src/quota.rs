@@ -2,7 +2,9 @@
 //!
 //! - **Google Workspace** (https://support.google.com/a/answer/166852): per user
 //!   and rolling 24 hours, 2,000 messages (500 for trial accounts), 10,000
-//!   recipients, 3,000 external recipients. Going over answers 429 "User-rate
+//!   recipients, 3,000 external recipients, 3,000 unique recipients of which
+//!   2,000 external (500 for trial accounts): "individual addresses count once
+//!   a day". Going over answers 429 "User-rate
 //!   limit exceeded … (Mail sending)" with the time to retry at
 //!   (https://developers.google.com/workspace/gmail/api/guides/handle-errors),
 //!   and the user "can't send new messages for up to 24 hours": the stand-in
@@ -24,6 +26,10 @@ pub struct SendingQuota {
     pub recipients: Option<u32>,
     /// Recipients whose domain is not the sender's.
     pub external_recipients: Option<u32>,
+    /// Distinct addresses sent to within the window.
+    pub unique_recipients: Option<u32>,
+    /// Distinct addresses of another domain sent to within the window.
+    pub unique_external_recipients: Option<u32>,
 }
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -36,6 +42,8 @@ impl SendingQuota {
             messages: Some(2_000),
             recipients: Some(10_000),
             external_recipients: Some(3_000),
+            unique_recipients: Some(3_000),
+            unique_external_recipients: Some(2_000),
         }
     }
 
@@ -43,7 +51,7 @@ impl SendingQuota {
     pub fn google_trial(window: Duration) -> Self {
         SendingQuota {
             messages: Some(500),
-            external_recipients: Some(500),
+            unique_external_recipients: Some(500),
             ..Self::google_workspace(window)
         }
     }
@@ -55,6 +63,8 @@ impl SendingQuota {
             messages: None,
             recipients: Some(10_000),
             external_recipients: None,
+            unique_recipients: None,
+            unique_external_recipients: None,
         }
     }
 
@@ -70,11 +80,18 @@ impl SendingQuota {
 /// What a mailbox sent within its window, and its refusals.
 pub(super) struct QuotaState {
     quota: SendingQuota,
-    /// (when, recipients, external recipients) of each accepted send, oldest first.
-    sends: VecDeque<(Instant, u32, u32)>,
+    /// Each accepted send, oldest first.
+    sends: VecDeque<Sent>,
     /// Google: the user went over, and sends nothing until then.
     suspended_until: Option<Instant>,
     pub(super) refused: u64,
+}
+
+/// One accepted send: when, and its recipients (lower-cased) with whether
+/// each is external.
+struct Sent {
+    at: Instant,
+    recipients: Vec<(String, bool)>,
 }
 
 /// The answer to a send over the quota: how long until it could go.
@@ -90,13 +107,13 @@ impl QuotaState {
         }
     }
 
-    /// Counts one message to `recipients` (of which `external`) if the window
-    /// allows it; `suspend` (Google) keeps the user from sending for a whole
-    /// window once over.
+    /// Counts one message from `from` to `recipients` if the window allows
+    /// it; `suspend` (Google) keeps the user from sending for a whole window
+    /// once over.
     pub(super) fn take(
         &mut self,
-        recipients: u32,
-        external: u32,
+        from: &str,
+        recipients: &[String],
         suspend: bool,
     ) -> Result<(), OverQuota> {
         let now = Instant::now();
@@ -104,7 +121,7 @@ impl QuotaState {
         while self
             .sends
             .front()
-            .is_some_and(|(at, _, _)| now.duration_since(*at) >= q.window)
+            .is_some_and(|s| now.duration_since(s.at) >= q.window)
         {
             self.sends.pop_front();
         }
@@ -115,15 +132,43 @@ impl QuotaState {
             }
             self.suspended_until = None;
         }
-        let messages = self.sends.len() as u32;
-        let sent_recipients: u32 = self.sends.iter().map(|s| s.1).sum();
-        let sent_external: u32 = self.sends.iter().map(|s| s.2).sum();
-        let over = |limit: Option<u32>, sent: u32, adding: u32| {
-            limit.is_some_and(|l| adding > 0 && sent + adding > l)
+        let adding = classify(from, recipients);
+        let sent = || self.sends.iter().flat_map(|s| s.recipients.iter());
+        let count = |all: &mut dyn Iterator<Item = &(String, bool)>| {
+            all.fold((0u32, 0u32), |(n, ext), (_, e)| {
+                (n + 1, ext + u32::from(*e))
+            })
         };
-        if over(q.messages, messages, 1)
-            || over(q.recipients, sent_recipients, recipients)
-            || over(q.external_recipients, sent_external, external)
+        let (sent_all, sent_external) = count(&mut sent());
+        let (add_all, add_external) = count(&mut adding.iter());
+        let unique = |with_new: bool| {
+            let mut seen: std::collections::HashSet<&(String, bool)> = sent().collect();
+            if with_new {
+                seen.extend(adding.iter());
+            }
+            count(&mut seen.into_iter())
+        };
+        let (unique_before, unique_external_before) = unique(false);
+        let (unique_after, unique_external_after) = unique(true);
+        let over = |limit: Option<u32>, before: u32, after: u32| {
+            limit.is_some_and(|l| after > before && after > l)
+        };
+        if over(
+            q.messages,
+            self.sends.len() as u32,
+            self.sends.len() as u32 + 1,
+        ) || over(q.recipients, sent_all, sent_all + add_all)
+            || over(
+                q.external_recipients,
+                sent_external,
+                sent_external + add_external,
+            )
+            || over(q.unique_recipients, unique_before, unique_after)
+            || over(
+                q.unique_external_recipients,
+                unique_external_before,
+                unique_external_after,
+            )
         {
             self.refused += 1;
             let wait = if suspend {
@@ -132,23 +177,25 @@ impl QuotaState {
             } else {
                 self.sends
                     .front()
-                    .map_or(q.window, |(at, _, _)| q.window - now.duration_since(*at))
+                    .map_or(q.window, |s| q.window - now.duration_since(s.at))
             };
             return Err(OverQuota(wait));
         }
-        self.sends.push_back((now, recipients, external));
+        self.sends.push_back(Sent {
+            at: now,
+            recipients: adding,
+        });
         Ok(())
     }
 }
 
-/// Recipients of a message from `from`, and how many are in another domain.
-pub(super) fn count_recipients<'a>(
-    from: &str,
-    recipients: impl Iterator<Item = &'a str>,
-) -> (u32, u32) {
+/// The recipients of a message from `from`, lower-cased, each with whether it
+/// is in another domain.
+fn classify(from: &str, recipients: &[String]) -> Vec<(String, bool)> {
     let domain = |a: &str| a.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
     let own = domain(from);
-    recipients.fold((0, 0), |(all, external), r| {
-        (all + 1, external + u32::from(domain(r) != own))
-    })
+    recipients
+        .iter()
+        .map(|r| (r.to_ascii_lowercase(), domain(r) != own))
+        .collect()
 }

@@ -88,6 +88,7 @@ impl Default for TestAppOptions {
                 microsoft_daily_recipients: 1_000_000,
                 google_daily_messages: 1_000_000,
                 google_daily_recipients: 1_000_000,
+                google_daily_unique_recipients: 1_000_000,
                 google_daily_external_recipients: 1_000_000,
                 google_consumer_daily_messages: 1_000_000,
                 google_consumer_daily_recipients: 1_000_000,
@@ -458,6 +459,18 @@ impl TestApp {
             v(
                 "GOOGLE_DAILY_EXTERNAL_RECIPIENTS",
                 o.pacing.google_daily_external_recipients.to_string(),
+            ),
+            v(
+                "GOOGLE_DAILY_UNIQUE_RECIPIENTS",
+                o.pacing.google_daily_unique_recipients.to_string(),
+            ),
+            v(
+                "GOOGLE_TRIAL_DAILY_MESSAGES",
+                o.pacing.google_trial_daily_messages.to_string(),
+            ),
+            v(
+                "GOOGLE_TRIAL_DAILY_EXTERNAL_RECIPIENTS",
+                o.pacing.google_trial_daily_external_recipients.to_string(),
             ),
             v(
                 "GOOGLE_CONSUMER_DAILY_MESSAGES",

@@ -71,6 +71,14 @@ pub struct WorkerSettings {
         default_value_t = 10_000
     )]
     pub google_daily_recipients: u32,
+    /// Google Workspace unique recipients per user and rolling 24 h (every
+    /// recipient is counted as unique: never fewer than Google counts).
+    #[arg(
+        long,
+        env = "MAIL_DISPATCH_GOOGLE_DAILY_UNIQUE_RECIPIENTS",
+        default_value_t = 3_000
+    )]
+    pub google_daily_unique_recipients: u32,
     /// Google Workspace external recipients per user and rolling 24 h.
     #[arg(
         long,
@@ -163,6 +171,7 @@ impl WorkerSettings {
             microsoft_daily_recipients: self.microsoft_daily_recipients,
             google_daily_messages: self.google_daily_messages,
             google_daily_recipients: self.google_daily_recipients,
+            google_daily_unique_recipients: self.google_daily_unique_recipients,
             google_daily_external_recipients: self.google_daily_external_recipients,
             google_consumer_daily_messages: self.google_consumer_daily_messages,
             google_consumer_daily_recipients: self.google_consumer_daily_recipients,

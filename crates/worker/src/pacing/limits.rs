@@ -124,6 +124,11 @@ pub(super) fn window_limits(
     provider: ProviderKind,
     budget: SendingBudget,
 ) -> [Option<u32>; 3] {
+    // Every recipient is counted, so staying under the unique limit keeps
+    // Google's unique count (never more than ours) under it too.
+    let google_recipients = c
+        .google_daily_recipients
+        .min(c.google_daily_unique_recipients);
     let mut limits = match provider {
         ProviderKind::Microsoft => [Some(c.microsoft_daily_recipients), None, None],
         ProviderKind::Google if budget.consumer => [
@@ -132,12 +137,12 @@ pub(super) fn window_limits(
             Some(c.google_consumer_daily_recipients),
         ],
         ProviderKind::Google if budget.trial => [
-            Some(c.google_daily_recipients),
+            Some(google_recipients),
             Some(c.google_trial_daily_messages),
             Some(c.google_trial_daily_external_recipients),
         ],
         ProviderKind::Google => [
-            Some(c.google_daily_recipients),
+            Some(google_recipients),
             Some(c.google_daily_messages),
             Some(c.google_daily_external_recipients),
         ],

@@ -91,6 +91,11 @@ pub struct PacingConfig {
     pub google_daily_messages: u32,
     /// Google Workspace: 10,000 recipients per user per rolling 24 h.
     pub google_daily_recipients: u32,
+    /// Google Workspace: 3,000 unique recipients per user per rolling 24 h.
+    /// Each recipient of each message is counted (unique or not: never fewer
+    /// than Google counts), so the recipients counter holds the lower of this
+    /// and `google_daily_recipients`.
+    pub google_daily_unique_recipients: u32,
     /// Google Workspace: external recipients per user per rolling 24 h: 2,000,
     /// the lower of Google's 3,000 external and 2,000 unique external (each
     /// external recipient is counted, unique or not: never fewer than Google).
@@ -116,6 +121,7 @@ impl Default for PacingConfig {
             microsoft_daily_recipients: 10_000,
             google_daily_messages: 2_000,
             google_daily_recipients: 10_000,
+            google_daily_unique_recipients: 3_000,
             google_daily_external_recipients: 2_000,
             google_consumer_daily_messages: 500,
             google_consumer_daily_recipients: 500,

@@ -295,9 +295,10 @@ fn consumer_and_trial_accounts_and_an_organization_share_lower_the_limits() {
         ..workspace
     };
     use limits::window_limits;
+    // Recipients: Google's 3,000 unique per 24 h, each recipient counted.
     assert_eq!(
         window_limits(&c, ProviderKind::Google, workspace),
-        [Some(10_000), Some(2_000), Some(2_000)]
+        [Some(3_000), Some(2_000), Some(2_000)]
     );
     assert_eq!(
         window_limits(&c, ProviderKind::Google, consumer),
@@ -306,11 +307,11 @@ fn consumer_and_trial_accounts_and_an_organization_share_lower_the_limits() {
     // Google's trial figures: 500 messages, 500 external recipients.
     assert_eq!(
         window_limits(&c, ProviderKind::Google, trial),
-        [Some(10_000), Some(500), Some(500)]
+        [Some(3_000), Some(500), Some(500)]
     );
     assert_eq!(
         window_limits(&c, ProviderKind::Google, half),
-        [Some(5_000), Some(1_000), Some(1_000)]
+        [Some(1_500), Some(1_000), Some(1_000)]
     );
     assert_eq!(
         window_limits(&c, ProviderKind::Microsoft, half),
