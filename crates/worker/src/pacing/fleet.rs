@@ -21,9 +21,9 @@
 //! `graph_mailbox_concurrency` of them per worker get as far as the database.
 //!
 //! Cost: one statement before the send and one after it, plus one more per
-//! wake-up while waiting; none for a slot handed over in memory; a send that outlives a third of the lease adds one
-//! extension per third. A crashed worker's slot is free again when its lease
-//! expires.
+//! wake-up while waiting; none for a slot handed over in memory. A send that
+//! outlives a third of the lease adds one extension per third. A crashed
+//! worker's slot is free again when its lease expires.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -267,14 +267,17 @@ impl Pacer {
             .lock()
             .expect("poisoned")
             .push_back(in_line);
+        let mut in_line = true;
         loop {
             // Listening before asking: a slot freed between the answer and the
             // wait still wakes this job.
             let freed = waiters.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Ok(slot) = handed.try_recv() {
-                return Ok(Some(slot));
+            match handed.try_recv() {
+                Ok(slot) => return Ok(Some(slot)),
+                Err(oneshot::error::TryRecvError::Closed) => in_line = false,
+                Err(oneshot::error::TryRecvError::Empty) => {}
             }
             if let Some(slot) = FleetSlot::acquire(store, org, self.graph_mailbox_slots()).await? {
                 return Ok(Some(slot));
@@ -285,11 +288,10 @@ impl Pacer {
             }
             let poll = FLEET_SLOT_POLL.mul_f64(1.0 + rand::rng().random::<f64>());
             tokio::select! {
-                slot = &mut handed => {
-                    if let Ok(slot) = slot {
-                        return Ok(Some(slot));
-                    }
-                }
+                slot = &mut handed, if in_line => match slot {
+                    Ok(slot) => return Ok(Some(slot)),
+                    Err(_) => in_line = false,
+                },
                 () = freed => {}
                 () = tokio::time::sleep_until((now + poll).min(deadline)) => {}
             }
