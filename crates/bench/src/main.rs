@@ -63,8 +63,9 @@ enum Scenario {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Pacing {
-    /// Provider pacing limits raised out of the way (the sandbox has none): the
-    /// worker's own throughput.
+    /// Provider pacing limits raised out of the way, in the worker and in the
+    /// sandbox (whose Graph mailboxes then take `--concurrency` requests at
+    /// once instead of Graph's 4): the worker's own throughput.
     Lifted,
     /// The worker's default pacing (per-organization in-flight cap, Graph
     /// per-mailbox concurrency, Gmail per-mailbox rate).

@@ -100,7 +100,16 @@ pub async fn spawn(
                 "MAIL_DISPATCH_GOOGLE_CONSUMER_DAILY_RECIPIENTS",
                 "2000000000",
             ),
+            ("MAIL_DISPATCH_GOOGLE_DAILY_UNIQUE_RECIPIENTS", "2000000000"),
+            ("MAIL_DISPATCH_GOOGLE_TRIAL_DAILY_MESSAGES", "2000000000"),
+            (
+                "MAIL_DISPATCH_GOOGLE_TRIAL_DAILY_EXTERNAL_RECIPIENTS",
+                "2000000000",
+            ),
         ]);
+        // The sandbox enforces Graph's 4 concurrent requests per mailbox, as
+        // Graph does: lifted, the worker would meet 429s it was told to ignore.
+        standins.set_graph_concurrency(args.concurrency);
     }
     let mut worker = Proc::spawn("worker", cmd, &ctx.tmp.join("worker.log"))?;
     worker

@@ -415,7 +415,7 @@ impl Dispatcher {
         // The provider answered: the mailbox's slots are free for the other
         // jobs and replicas before the outcome is recorded and published.
         if let Some(permit) = permit.as_mut() {
-            permit.release_mailbox_slots().await;
+            permit.release_mailbox_slots();
         }
         if !still_ours {
             return claim_lost();

@@ -11,7 +11,8 @@
 //! [`FLEET_SLOT_WAIT`] in all, first for the semaphore, then for a fleet-wide
 //! slot. A job done with its slot hands it to the next job of the same worker
 //! waiting for one (in memory: the lease simply goes on); with none waiting
-//! here it releases the slot, which is announced by NOTIFY, so a waiting job of
+//! here it keeps the slot a moment (20 ms) for this worker's next send of the
+//! mailbox, then releases it, which is announced by NOTIFY, so a waiting job of
 //! another replica tries again at once. A slot freed by an expired lease is
 //! found by a slow poll. Deferring it instead brought it back after a second
 //! at the earliest, which kept a mailbox shared by three replicas at about half
@@ -21,7 +22,7 @@
 //! `graph_mailbox_concurrency` of them per worker get as far as the database.
 //!
 //! Cost: one statement before the send and one after it, plus one more per
-//! wake-up while waiting; none for a slot handed over in memory. A send that
+//! wake-up while waiting; none for a slot handed over in memory or kept idle. A send that
 //! outlives a third of the lease adds one extension per third. A crashed
 //! worker's slot is free again when its lease expires.
 
@@ -49,6 +50,12 @@ pub const SLOT_LEASE: Duration = Duration::from_secs(30);
 /// busy, and short beside the shutdown grace.
 pub const FLEET_SLOT_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a slot nobody here waits for is kept before it goes back to the
+/// fleet: the next send of the mailbox from this worker, if it comes by then,
+/// takes it without a statement. Short beside a send, so that another
+/// replica's waiting job loses little.
+const IDLE_HOLD: Duration = Duration::from_millis(20);
+
 /// How often a waiting job looks again without being told of a release (a
 /// lease that expired, a notification missed while the listener reconnected):
 /// this, plus up to as much again at random so that waiters do not all ask at once.
@@ -64,6 +71,20 @@ struct MailboxWaiters {
     /// handed over in memory, with no round trip to PostgreSQL. A waiter that
     /// gave up leaves a closed channel, skipped.
     handover: Mutex<VecDeque<oneshot::Sender<FleetSlot>>>,
+    /// Slots a send was done with and nobody waited for, kept for
+    /// [`IDLE_HOLD`] (tagged, so that their release finds them).
+    idle: Mutex<Vec<(u64, FleetSlot)>>,
+    next_tag: std::sync::atomic::AtomicU64,
+}
+
+impl MailboxWaiters {
+    fn take_idle(&self) -> Option<FleetSlot> {
+        self.idle
+            .lock()
+            .expect("poisoned")
+            .pop()
+            .map(|(_, slot)| slot)
+    }
 }
 
 /// The jobs of this worker waiting for a mailbox's slot, per organization.
@@ -279,6 +300,9 @@ impl Pacer {
                 Err(oneshot::error::TryRecvError::Closed) => in_line = false,
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
+            if let Some(slot) = waiters.take_idle() {
+                return Ok(Some(slot));
+            }
             if let Some(slot) = FleetSlot::acquire(store, org, self.graph_mailbox_slots()).await? {
                 return Ok(Some(slot));
             }
@@ -306,13 +330,31 @@ impl Pacer {
 
     /// A send of `org` is over: its fleet-wide slot goes to the next job of
     /// this worker waiting for one (no PostgreSQL round trip, and the lease
-    /// goes on), else back to the fleet, announced.
-    pub(super) async fn give_back_fleet_slot(&self, org: &str, slot: FleetSlot) {
-        if let Some(slot) = self.slot_waiters.hand_over(org, slot) {
-            slot.release().await;
-            // This worker's waiters need not wait for the NOTIFY's round trip.
-            self.fleet_slot_freed(org);
-        }
+    /// goes on); else it is kept for [`IDLE_HOLD`] for this worker's next send
+    /// of the mailbox, and then goes back to the fleet, announced.
+    pub(super) fn give_back_fleet_slot(&self, org: &str, slot: FleetSlot) {
+        let Some(slot) = self.slot_waiters.hand_over(org, slot) else {
+            return;
+        };
+        let waiters = self.slot_waiters.of(org);
+        let tag = waiters
+            .next_tag
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        waiters.idle.lock().expect("poisoned").push((tag, slot));
+        tokio::spawn(async move {
+            tokio::time::sleep(IDLE_HOLD).await;
+            let unused = {
+                let mut idle = waiters.idle.lock().expect("poisoned");
+                idle.iter()
+                    .position(|(t, _)| *t == tag)
+                    .map(|i| idle.swap_remove(i).1)
+            };
+            if let Some(slot) = unused {
+                slot.release().await;
+                // This worker's waiters need not wait for the NOTIFY's round trip.
+                waiters.freed.notify_waiters();
+            }
+        });
     }
 
     /// `org`'s mailbox stayed full through [`FLEET_SLOT_WAIT`]: when to try

@@ -258,12 +258,11 @@ impl Permit {
     /// The send is over: its mailbox's slots go back at once, for the other
     /// jobs of this worker and the other replicas, before the outcome is
     /// recorded and published.
-    pub async fn release_mailbox_slots(&mut self) {
+    pub fn release_mailbox_slots(&mut self) {
         self.mailbox_slot = None;
         if let Some(slot) = self.fleet_slot.take() {
             self.pacer
-                .give_back_fleet_slot(&self.organization_id, *slot)
-                .await;
+                .give_back_fleet_slot(&self.organization_id, *slot);
         }
     }
 }

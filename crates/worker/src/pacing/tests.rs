@@ -89,7 +89,7 @@ async fn graph_sends_per_mailbox_are_capped_and_the_next_one_waits_for_a_slot() 
     });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(!waiting.is_finished(), "two sends at once at most");
-    a.release_mailbox_slots().await;
+    a.release_mailbox_slots();
     let (got, waited) = waiting.await.unwrap();
     assert!(got, "the slot went to the waiting job");
     assert!(waited < FLEET_SLOT_WAIT, "{waited:?}");
@@ -115,7 +115,7 @@ async fn a_fleet_slot_is_handed_over_to_a_waiting_job_of_the_same_worker() {
         }
     });
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    a.release_mailbox_slots().await;
+    a.release_mailbox_slots();
     let (got, waited, mut b) = waiting.await.unwrap();
     assert!(got);
     assert!(waited < std::time::Duration::from_millis(500), "{waited:?}");
@@ -124,8 +124,18 @@ async fn a_fleet_slot_is_handed_over_to_a_waiting_job_of_the_same_worker() {
         0,
         "handed over, not released and taken again"
     );
-    // With nobody waiting, the slot goes back to the fleet.
-    b.release_mailbox_slots().await;
+    // With nobody waiting, the slot is kept a moment for this worker's next
+    // send, then goes back to the fleet.
+    b.release_mailbox_slots();
+    assert_eq!(slots.releases.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let mut c = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
+    assert!(
+        p.take_mailbox_slots(&mut c, &fleet).await.unwrap(),
+        "the kept slot"
+    );
+    assert_eq!(slots.releases.load(std::sync::atomic::Ordering::Relaxed), 0);
+    c.release_mailbox_slots();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(slots.releases.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
@@ -153,7 +163,7 @@ async fn a_graph_job_waits_at_most_the_fleet_slot_wait() {
     assert_eq!((second - first).num_milliseconds(), 125);
     p.lift_pause("m");
     // `b`'s local slot went back with it: `c` has one, and the fleet's once `a` is done.
-    a.release_mailbox_slots().await;
+    a.release_mailbox_slots();
     let mut c = go(p.admit("m", ProviderKind::Microsoft, 1, now()));
     assert!(p.take_mailbox_slots(&mut c, &fleet).await.unwrap());
 }
