@@ -346,6 +346,28 @@ async fn an_admin_connects_microsoft_is_told_what_is_wrong_saves_a_tested_sender
         browser.screenshot("active-narrow").await;
         browser.client.set_window_size(1280, 900).await.unwrap();
 
+        // Exchange blocks the mailbox (a worker met ErrorMessageSubmissionBlocked
+        // and paused it): the page says so and what to do; a save and test
+        // that goes out, once the account is released, lifts the pause.
+        assert!(!browser.exists("#paused").await);
+        let until = chrono::Utc::now() + chrono::Duration::hours(1);
+        app.db
+            .store
+            .pause_mailbox("org_ms", until, "sending_blocked")
+            .await
+            .unwrap();
+        browser.goto(&format!("{}/portal", app.admin_url)).await;
+        let paused = browser.text("#paused").await;
+        assert!(
+            paused.contains("Microsoft 365 is blocking this mailbox from sending"),
+            "{paused}"
+        );
+        assert!(paused.contains("save and test below"), "{paused}");
+        browser.click_to("#save", "/portal").await;
+        assert!(browser.text("#notice").await.contains("Recipients will see"));
+        assert!(!browser.exists("#paused").await, "lifted by the test send");
+        assert!(app.db.store.mailbox_pause("org_ms").await.unwrap().is_none());
+
         // Disconnect: what happens is said before; then the platform sender.
         assert!(
             browser

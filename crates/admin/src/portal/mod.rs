@@ -686,6 +686,25 @@ async fn page(
         })
         .collect();
     let (status, status_label, status_text, provider) = status_lines(look, integration.as_ref());
+    let paused = match &integration {
+        Some(i) => match state.services.store.mailbox_pause(session.org()).await {
+            Ok(pause) => pause.map(|(until, reason)| {
+                let key = if reason == "sending_blocked" {
+                    "paused_sending_blocked"
+                } else {
+                    "paused_throttled"
+                };
+                let provider = provider_label(look, i.provider);
+                let until = format_at(until);
+                minijinja::context! {
+                    reason => reason,
+                    text => look.say(key, &[("provider", &provider), ("until", &until)]),
+                }
+            }),
+            Err(e) => return failure(state, &session.look, &e),
+        },
+        None => None,
+    };
     let last_test = integration.as_ref().and_then(|i| last_test_line(look, i));
     let account = integration
         .as_ref()
@@ -723,6 +742,7 @@ async fn page(
         status_label => status_label,
         status_text => status_text,
         last_test => last_test,
+        paused => paused,
         providers => providers,
         connect_help => look.say("connect_help", &[]),
         form => minijinja::Value::from(Serde(form)),

@@ -139,6 +139,16 @@ const TEXTS: &[(&str, &str, &str)] = &[
         "En attendant, les notifications ne peuvent pas être envoyées.",
     ),
     (
+        "paused_sending_blocked",
+        "{provider} is blocking this mailbox from sending (often after an outbound spam alert): notifications wait until {until}. Once your administrator has released the account, save and test below to resume at once.",
+        "{provider} bloque l'envoi depuis cette boîte (souvent après une alerte de spam sortant) : les notifications attendent jusqu'au {until}. Une fois le compte débloqué par votre administrateur, enregistrez et testez ci-dessous pour reprendre aussitôt.",
+    ),
+    (
+        "paused_throttled",
+        "{provider} asked to slow down: notifications wait until {until}.",
+        "{provider} a demandé de ralentir : les notifications attendent jusqu'au {until}.",
+    ),
+    (
         "last_test_sent",
         "Last test: sent on {at} from {from}.",
         "Dernier test : envoyé le {at} depuis {from}.",
