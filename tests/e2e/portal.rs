@@ -365,9 +365,21 @@ async fn an_admin_connects_microsoft_is_told_what_is_wrong_saves_a_tested_sender
         assert!(paused.contains("save and test below"), "{paused}");
         browser.screenshot("paused").await;
         browser.click_to("#save", "/portal").await;
-        assert!(browser.text("#notice").await.contains("Recipients will see"));
+        assert!(
+            browser
+                .text("#notice")
+                .await
+                .contains("Recipients will see")
+        );
         assert!(!browser.exists("#paused").await, "lifted by the test send");
-        assert!(app.db.store.mailbox_pause("org_ms").await.unwrap().is_none());
+        assert!(
+            app.db
+                .store
+                .mailbox_pause("org_ms")
+                .await
+                .unwrap()
+                .is_none()
+        );
 
         // Disconnect: what happens is said before; then the platform sender.
         assert!(
