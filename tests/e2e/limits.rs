@@ -117,7 +117,7 @@ async fn an_organizations_lowered_share_of_the_limit_is_honoured() {
     // of the 10 recipients for them, and Exchange bounces past what is left.
     app.db
         .store
-        .save_limit_percent("org_ms", 40)
+        .save_sending_budget("org_ms", Some(40), None)
         .await
         .unwrap()
         .unwrap();

@@ -465,14 +465,13 @@ pub async fn put_sender(
         }
         _ => None,
     };
-    if let Some(percent) = req.limit_percent {
-        if !(1..=100).contains(&percent) {
-            return Err(ApiError::invalid("limit_percent must be between 1 and 100"));
-        }
-        store.save_limit_percent(&org, percent).await?;
+    if req.limit_percent.is_some_and(|p| !(1..=100).contains(&p)) {
+        return Err(ApiError::invalid("limit_percent must be between 1 and 100"));
     }
-    if let Some(trial) = google_trial {
-        store.save_google_trial(&org, trial).await?;
+    if req.limit_percent.is_some() || google_trial.is_some() {
+        store
+            .save_sending_budget(&org, req.limit_percent, google_trial)
+            .await?;
     }
     let recipient = match req.test_recipient.as_deref() {
         Some(raw) => EmailAddress::parse(raw.trim())

@@ -310,41 +310,29 @@ impl Store {
         Ok(Integration::from_row(&row))
     }
 
-    /// Sets the share (percent, 1–100) of the provider's sending limits the
-    /// organization lets mail-dispatch use from its mailbox.
-    pub async fn save_limit_percent(
+    /// Sets what the organization says of its mailbox's sending limits, each
+    /// left as it is when `None`: the share (percent, 1–100) of the provider's
+    /// limits mail-dispatch may use, and whether its Google Workspace account is
+    /// on a trial (Google's lower trial limits then apply). One statement.
+    pub async fn save_sending_budget(
         &self,
         organization_id: &str,
-        limit_percent: u8,
+        limit_percent: Option<u8>,
+        google_trial: Option<bool>,
     ) -> Result<Option<Integration>, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_opt(
                 &format!(
-                    "UPDATE integrations SET limit_percent = $2, updated_at = now()
+                    "UPDATE integrations SET limit_percent = coalesce($2, limit_percent),
+                         google_trial = coalesce($3, google_trial), updated_at = now()
                      WHERE organization_id = $1 RETURNING {INTEGRATION_COLUMNS}"
                 ),
-                &[&organization_id, &i16::from(limit_percent)],
-            )
-            .await?;
-        Ok(row.as_ref().map(Integration::from_row))
-    }
-
-    /// Records whether the organization's Google Workspace account is on a
-    /// trial (Google's lower trial limits then apply).
-    pub async fn save_google_trial(
-        &self,
-        organization_id: &str,
-        google_trial: bool,
-    ) -> Result<Option<Integration>, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE integrations SET google_trial = $2, updated_at = now()
-                     WHERE organization_id = $1 RETURNING {INTEGRATION_COLUMNS}"
-                ),
-                &[&organization_id, &google_trial],
+                &[
+                    &organization_id,
+                    &limit_percent.map(i16::from),
+                    &google_trial,
+                ],
             )
             .await?;
         Ok(row.as_ref().map(Integration::from_row))
